@@ -1,0 +1,31 @@
+"""Per-family code generation backends, looked up by the TVM target kind of a TargetSpec.
+
+A backend says how kernels get their default schedules, which Relax passes finish the VM
+program, how codegen is set up (e.g. nvcc ahead of time), and how the module is exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import TargetError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    default_schedule: Callable  # (tvm Target) -> tvm.transform.Pass
+    finalize_pipeline: Callable  # (tvm Target) -> tvm.transform.Pass
+    codegen_context: Callable  # (TargetSpec) -> context manager around tvm.compile
+    export: Callable  # (Executable, Path, TargetSpec) -> None
+
+
+def get_backend(spec) -> Backend:
+    if spec.kind == "llvm":
+        from .cpu import BACKEND
+    elif spec.kind == "cuda":
+        from .cuda import BACKEND
+    else:
+        raise TargetError(f"{spec.path or spec.name}: [tvm].kind: no backend for '{spec.kind}' (llvm, cuda)")
+    return BACKEND

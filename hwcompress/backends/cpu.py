@@ -1,0 +1,38 @@
+"""CPU (LLVM) backend: x86 and ARM, native or cross-compiled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import Backend
+from .common import no_context, vm_finalize_pipeline
+
+
+def _default_schedule(target):
+    from .cpu_schedule import default_cpu_schedule
+
+    return default_cpu_schedule(target)
+
+
+def _finalize(target):
+    from tvm.relax.backend.cpu_generic import pipeline
+
+    return vm_finalize_pipeline(pipeline)(target)
+
+
+def _export(executable, path: Path, spec) -> None:
+    if spec.toolchain.cc:
+        from tvm.support import cc
+
+        executable.export_library(str(path), fcompile=cc.cross_compiler(spec.toolchain.cc))
+    else:
+        executable.export_library(str(path))
+
+
+BACKEND = Backend(
+    name="cpu",
+    default_schedule=_default_schedule,
+    finalize_pipeline=_finalize,
+    codegen_context=no_context,
+    export=_export,
+)

@@ -1,0 +1,58 @@
+"""Graph normalization before TVM's importer: shape inference and constant folding at the
+fixed input shapes, done by ONNX Runtime's basic graph optimizations (which keep the graph in
+standard ONNX ops), then onnx shape inference so every value has a static shape."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import onnx
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime refuses models whose IR version is newer than it knows; nothing in the IR
+# versions after this one changes how a plain inference graph is stored.
+_ORT_MAX_IR_VERSION = 10
+
+
+def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold ``proto`` with ONNX Runtime's basic level (no contrib ops are introduced).
+
+    Returns the input unchanged (with a logged reason) when ONNX Runtime cannot load it, so
+    that models using ops ORT lacks still reach the importer's own error reporting.
+    """
+    import onnxruntime as ort
+
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(proto)
+    candidate.ir_version = min(candidate.ir_version, _ORT_MAX_IR_VERSION)
+    with tempfile.TemporaryDirectory(prefix="hwc-fold-") as tmp:
+        out_path = Path(tmp) / "folded.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(out_path)
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            folded = onnx.load(str(out_path))
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            log.info("constant folding skipped (ONNX Runtime cannot load the model): %s", e)
+            return proto
+    # ORT may drop the opset of ai.onnx.ml etc. but never changes the default opset.
+    return folded
+
+
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference with data propagation (shape subgraphs become known)."""
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:  # inference is an aid, not a requirement
+        log.info("onnx shape inference failed: %s", e)
+        return proto
+
+
+def normalize(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The normalization stage: fold, then infer shapes."""
+    return infer_shapes(fold_constants(proto))
