@@ -294,6 +294,12 @@ def _check_tvm_target(spec: TargetSpec, where: str) -> None:
     except Exception as e:  # TVM raises several types; the message is what matters
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TargetError(f"{where}: [tvm]: TVM rejects this target: {first}") from None
+    # LLVM silently emits generic code for a CPU name it does not know: refuse it instead
+    for table, label in ((spec.tvm, "[tvm]"), (spec.tvm.get("host"), "[tvm].host")):
+        if isinstance(table, dict) and table.get("kind") == "llvm" and "mcpu" in table:
+            triple = table.get("mtriple", f"{host_arch()}-linux-gnu")
+            if not tvm.target.codegen.llvm_is_valid_cpu(table["mcpu"], triple):
+                raise TargetError(f"{where}: {label}.mcpu: LLVM does not know CPU {table['mcpu']!r} for {triple}")
 
 
 # ---------------------------------------------------------------------------- host facts
@@ -351,3 +357,27 @@ def runnable_here(spec: TargetSpec) -> tuple[bool, str]:
     if missing:
         return False, f"this CPU lacks {', '.join(missing)}"
     return True, ""
+
+
+def spec_from_dict(data: dict[str, Any]) -> TargetSpec:
+    """Rebuild a resolved TargetSpec from ``TargetSpec.to_dict()`` (e.g. an artifact's manifest)."""
+    try:
+        hardware = dict(data.get("hardware", {}))
+        hardware["int8"] = Int8Kind(hardware.get("int8", "none"))
+        hardware["cpu_features"] = tuple(hardware.get("cpu_features", ()))
+        npu = data.get("npu")
+        if npu is not None:
+            npu = Npu(**{**npu, "supported_ops": tuple(npu.get("supported_ops", ()))})
+        return TargetSpec(
+            name=data["name"],
+            description=data.get("description", ""),
+            tvm=dict(data["tvm"]),
+            toolchain=Toolchain(**data.get("toolchain", {})),
+            hardware=Hardware(**hardware),
+            runtime=Runtime(**data.get("runtime", {})),
+            tuning=Tuning(**data.get("tuning", {})),
+            npu=npu,
+            path=data.get("path"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise TargetError(f"target description is malformed: {e}") from None

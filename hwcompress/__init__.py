@@ -1,0 +1,52 @@
+"""hwcompress: a hardware-aware compiler frontend on Apache TVM.
+
+ONNX model in; compressed, tuned, verified module for one device out. ``import hwcompress``
+stays light: TVM, ONNX Runtime and XGBoost are imported only when a function needs them.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import HwcError  # noqa: E402
+from .recipe import Recipe  # noqa: E402
+from .targets import TargetSpec, list_targets, load_target  # noqa: E402
+
+__all__ = [
+    "Artifact",
+    "HwcError",
+    "Recipe",
+    "TargetSpec",
+    "compile",
+    "import_onnx",
+    "list_targets",
+    "load",
+    "load_target",
+]
+
+
+def compile(model, target="host", out="artifact", input_shapes=None, recipe=None, **options):  # noqa: A001
+    """Compile an ONNX model into a verified artifact; see ``hwcompress.api.compile``."""
+    from .api import compile as _compile
+
+    return _compile(model, target, out, input_shapes, recipe, **options)
+
+
+def load(path):
+    """Open an artifact directory; see ``hwcompress.runtime.load``."""
+    from .runtime import load as _load
+
+    return _load(path)
+
+
+def import_onnx(model, input_shapes=None):
+    """Import an ONNX model into a Relax ``tvm.IRModule`` (weights bound as constants)."""
+    from .frontend import import_onnx as _import
+
+    return _import(model, input_shapes)
+
+
+def __getattr__(name):
+    if name == "Artifact":
+        from .runtime import Artifact
+
+        return Artifact
+    raise AttributeError(name)

@@ -1,0 +1,196 @@
+"""The stage wiring: ``compile(model, target, out, input_shapes, recipe) -> Artifact``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import VerificationError
+from .recipe import as_recipe
+from .targets import TargetSpec, load_target
+
+log = logging.getLogger("hwcompress")
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    start = time.perf_counter()
+    log.info("%s ...", name)
+    yield
+    log.info("%s done (%.1f s)", name, time.perf_counter() - start)
+
+
+def shipped_databases(spec: TargetSpec) -> list[Path]:
+    """Pre-tuned MetaSchedule databases shipped for this target (``schedules/<name>/``)."""
+    from .targets import targets_dir
+
+    root = targets_dir().parent / "schedules"
+    if not root.is_dir():
+        import importlib.resources
+
+        root = Path(str(importlib.resources.files("hwcompress._schedules")))
+    db = root / spec.name
+    return [db] if db.is_dir() else []
+
+
+def compile(  # noqa: A001 - the natural name of the verb
+    model,
+    target: str | TargetSpec = "host",
+    out: str | os.PathLike = "artifact",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    recipe=None,
+    *,
+    databases: Sequence[str | os.PathLike] = (),
+    verify: bool = True,
+    verify_inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+):
+    """Compile an ONNX model for a target into a verified artifact directory.
+
+    Parameters
+    ----------
+    model : path, bytes or onnx.ModelProto
+    target : shipped target name (``hwc targets``), path to a target TOML, or a TargetSpec
+    out : artifact directory; replaced atomically, never left half-written
+    input_shapes : ``{input name: shape}`` fixing dynamic dims
+    recipe : Recipe, dict, TOML path or None
+    databases : extra MetaSchedule database directories to apply (shipped ones always apply)
+    verify : compare with ONNX Runtime when the target runs here (natively or emulated)
+    verify_inputs : user inputs to verify on, in addition to seeded random inputs
+    rtol, atol : verification tolerance, elementwise ``|out - ref| <= atol + rtol * |ref|``
+
+    Returns
+    -------
+    Artifact
+    """
+    from . import analysis, build, frontend
+    from .backends import get_backend
+    from .export import MODULE, staging, write_manifest
+    from .frontend.importer import import_prepared, io_signature
+    from .frontend.load import fix_input_shapes, load_model
+    from .runtime import RUNNER, how_it_runs, load
+    from .verify import DEFAULT_ATOL, DEFAULT_RTOL
+
+    spec = load_target(target)
+    recipe = as_recipe(recipe)
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    atol = DEFAULT_ATOL if atol is None else atol
+
+    with _stage("import"):
+        original = fix_input_shapes(load_model(model), input_shapes)
+        proto = frontend.prepare_onnx(original)
+        inputs, outputs = io_signature(proto)
+        checked_inputs = _user_inputs(verify_inputs, inputs)
+        mod = import_prepared(proto)
+        before = analysis.summarize(mod)
+    with _stage("compress"):
+        mod = recipe.apply(mod, spec)
+        after = analysis.summarize(mod)
+    dbs = shipped_databases(spec) + [Path(d) for d in databases]
+    with _stage(f"lower + schedule ({spec.name})"):
+        scheduled = build.schedule(build.legalize(mod, spec), spec, dbs)
+    with _stage("codegen"):
+        executable = build.build(scheduled, spec)
+
+    backend = get_backend(spec)
+    with staging(out) as tmp:
+        with _stage("export"):
+            backend.export(executable, tmp / MODULE, spec)
+            runner_note = _add_runner(tmp, spec)
+        mode, why_not = how_it_runs(spec, tmp)
+        if not verify:
+            verification = {"status": "skipped", "reason": "disabled by the user"}
+        elif mode is None:
+            verification = {"status": "skipped", "reason": f"target cannot run here: {why_not}"}
+        else:
+            with _stage(f"verify ({mode})"):
+                verification = _verify(tmp, spec, mode, original, inputs, outputs, checked_inputs, rtol, atol)
+        manifest = {
+            "hwcompress_version": __version__,
+            "tvm_version": _tvm_version(),
+            "built_on": {"machine": platform.machine(), "python": platform.python_version()},
+            "target": spec.to_dict(),
+            "recipe": recipe.to_dict(),
+            "databases": [str(d) for d in dbs],
+            "inputs": inputs,
+            "outputs": outputs,
+            "inspect": {"before": _totals(before), "after": after.to_dict()},
+            "verification": verification,
+        }
+        if runner_note:
+            manifest["runner"] = runner_note
+        write_manifest(tmp, manifest)
+    return load(out) if mode is not None else _unloaded(out)
+
+
+def _unloaded(out):
+    from .export import read_manifest
+    from .runtime import Artifact
+
+    return Artifact(out, read_manifest(out), mode=None)
+
+
+def _totals(summary) -> dict:
+    return {"params": summary.params, "flops": summary.flops, "bytes": summary.bytes}
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+def _add_runner(directory: Path, spec: TargetSpec) -> dict | None:
+    """Copy the deploy runner and its runtime libraries into a cross-target artifact."""
+    from .targets import host_arch
+
+    if spec.kind != "llvm" or spec.arch == host_arch():
+        return None
+    from .backends.runner import runner_files
+
+    files = runner_files(spec.arch)
+    for f in files:
+        shutil.copy2(f, directory / f.name)
+    return {"binary": "hwc_runner", "arch": spec.arch, "usage": "./hwc_runner module.so --input x.npy --output-dir out/"}
+
+
+def _user_inputs(verify_inputs, inputs: list[dict]) -> list[np.ndarray] | None:
+    from .runtime import check_inputs
+
+    return None if verify_inputs is None else check_inputs(inputs, verify_inputs)
+
+
+def _verify(directory, spec, mode, original, inputs, outputs, user_inputs, rtol, atol) -> dict:
+    from .runtime import Artifact
+    from .verify import compare, random_inputs, reference_outputs
+
+    # the artifact is still in its staging directory: run it from there, before it is final
+    artifact = Artifact(directory, {"inputs": inputs, "outputs": outputs, "target": spec.to_dict()}, mode)
+    names = [i["name"] for i in inputs]
+    cases = [("random(seed=0)", random_inputs(inputs, seed=0))]
+    if user_inputs is not None:
+        cases.append(("user", user_inputs))
+    results = []
+    for label, arrays in cases:
+        got = artifact.run(arrays)
+        want = reference_outputs(original, names, arrays)
+        result = compare(got, want, rtol, atol)
+        result["inputs"] = label
+        results.append(result)
+        if not result["passed"]:
+            detail = result.get("reason") or f"max abs err {result['max_abs_err']:.3g}, max rel err {result['max_rel_err']:.3g}"
+            raise VerificationError(
+                f"verification against ONNX Runtime failed on {label} inputs: {detail} "
+                f"(tolerance rtol={rtol}, atol={atol}; change with --rtol/--atol or skip with --no-verify)"
+            )
+    return {"status": "passed", "mode": mode, "reference": "onnxruntime", "cases": results}

@@ -1,0 +1,206 @@
+"""``hwc``: thin command line over the library. Arguments become the same objects the Python
+API takes; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import DataError, HwcError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hwc", description="Hardware-aware compiler frontend on Apache TVM.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="compile an ONNX model into a verified artifact")
+    b.add_argument("model", help="ONNX model file")
+    b.add_argument("--target", default="host", help="target name (see `hwc targets`) or target TOML path")
+    b.add_argument("-o", "--out", default="artifact", help="artifact directory (default: artifact)")
+    b.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...", help="fix an input's shape")
+    b.add_argument("--recipe", help="recipe TOML file")
+    b.add_argument("--db", action="append", default=[], metavar="DIR", help="MetaSchedule database to apply")
+    b.add_argument("--verify-input", action="append", default=[], metavar="[NAME=]FILE.npy", help="also verify on these inputs")
+    b.add_argument("--rtol", type=float, default=None, help="verification relative tolerance (default 1e-3)")
+    b.add_argument("--atol", type=float, default=None, help="verification absolute tolerance (default 1e-4)")
+    b.add_argument("--no-verify", action="store_true", help="skip the comparison with ONNX Runtime")
+
+    r = sub.add_parser("run", help="run an artifact on inputs, optionally timing it")
+    r.add_argument("artifact")
+    r.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE", help=".npy per input, or one .npz by name")
+    r.add_argument("--output", metavar="FILE", help="write outputs: .npy (single output) or .npz")
+    r.add_argument("--bench", type=int, default=0, metavar="N", help="time N runs after warm-up")
+    r.add_argument("--warmup", type=int, default=3, metavar="W", help="warm-up runs before timing (default 3)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+
+    i = sub.add_parser("inspect", help="parameters, FLOPs and memory traffic per layer")
+    i.add_argument("path", help="ONNX model or artifact directory")
+    i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    t = sub.add_parser("targets", help="list the shipped targets")
+    t.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="hwc: %(message)s", stream=sys.stderr)
+    if not args.quiet and not getattr(args, "json", False):
+        logging.getLogger("hwcompress").setLevel(logging.INFO)
+    try:
+        return _COMMANDS[args.command](args)
+    except HwcError as e:
+        print(f"hwc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hwc: interrupted", file=sys.stderr)
+        return 130
+
+
+def _shapes(items: list[str]) -> dict:
+    from .frontend.load import parse_shape_arg
+
+    return dict(parse_shape_arg(s) for s in items)
+
+
+def _cmd_build(args) -> int:
+    from .api import compile as compile_model
+
+    verify_inputs = _read_inputs(args.verify_input) if args.verify_input else None
+    artifact = compile_model(
+        args.model,
+        target=args.target,
+        out=args.out,
+        input_shapes=_shapes(args.input_shape),
+        recipe=args.recipe,
+        databases=args.db,
+        verify=not args.no_verify,
+        verify_inputs=verify_inputs,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
+    v = artifact.manifest["verification"]
+    if v["status"] == "passed":
+        worst = max(c["max_abs_err"] for c in v["cases"])
+        check = f"verified vs ONNX Runtime ({v['mode']}), max abs err {worst:.2e}"
+    else:
+        check = f"not verified: {v['reason']}"
+    print(f"{artifact.path}: {artifact.spec.name} artifact; {check}")
+    return 0
+
+
+def _read_inputs(items: list[str]):
+    """``FILE.npy`` (positional), ``NAME=FILE.npy`` (by name), or one ``.npz`` keyed by name."""
+    import numpy as np
+
+    named, positional = {}, []
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep:
+            name, file = None, item
+        path = Path(file)
+        if not path.is_file():
+            raise DataError(f"input file not found: {file}")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{file}: not a readable .npy/.npz file ({e})") from None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            named.update({k: loaded[k] for k in loaded.files})
+        elif name:
+            named[name] = loaded
+        else:
+            positional.append(loaded)
+    if named and positional:
+        raise DataError("give inputs either all by name (NAME=FILE or .npz) or all positionally")
+    return named or positional
+
+
+def _cmd_run(args) -> int:
+    import numpy as np
+
+    from .runtime import load
+
+    artifact = load(args.artifact)
+    if not args.input:
+        raise DataError(f"no --input given (model inputs: {', '.join(i['name'] for i in artifact.inputs)})")
+    inputs = artifact.check_inputs(_read_inputs(args.input))
+    outputs = artifact.run(inputs)
+    if args.output:
+        _write_outputs(Path(args.output), outputs, [o["name"] for o in artifact.outputs])
+    report = {"outputs": [{"name": o["name"], "shape": list(a.shape), "dtype": str(a.dtype)} for o, a in zip(artifact.outputs, outputs)]}
+    if args.bench:
+        latencies = artifact.bench(inputs, repeat=args.bench, warmup=args.warmup)
+        report.update(
+            median_ms=float(np.median(latencies)),
+            p90_ms=float(np.percentile(latencies, 90)),
+            runs=len(latencies),
+            mode=artifact.mode,
+        )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for o in report["outputs"]:
+        print(f"output {o['name']}: shape {o['shape']} {o['dtype']}")
+    if args.bench:
+        note = " (under emulation: not device speed)" if artifact.mode == "emulated" else ""
+        print(f"latency over {report['runs']} runs: median {report['median_ms']:.3f} ms, p90 {report['p90_ms']:.3f} ms{note}")
+    return 0
+
+
+def _write_outputs(path: Path, outputs, names) -> None:
+    import numpy as np
+
+    if path.suffix == ".npz":
+        np.savez(path, **dict(zip(names, outputs)))
+    elif len(outputs) == 1:
+        np.save(path, outputs[0])
+    else:
+        raise DataError(f"--output {path}: the model has {len(outputs)} outputs; use a .npz file")
+
+
+def _cmd_inspect(args) -> int:
+    from . import analysis
+
+    path = Path(args.path)
+    if path.is_dir():
+        from .export import read_manifest
+
+        manifest = read_manifest(path)
+        summary = manifest["inspect"]["after"]
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            layers = tuple(analysis.Layer(**{**l, "shape": tuple(l["shape"])}) for l in summary["layers"])
+            print(analysis.format_table(analysis.Summary(summary["params"], summary["flops"], summary["bytes"], layers)))
+        return 0
+    from .frontend import import_onnx
+
+    summary = analysis.summarize(import_onnx(path, _shapes(args.input_shape)))
+    print(json.dumps(summary.to_dict()) if args.json else analysis.format_table(summary))
+    return 0
+
+
+def _cmd_targets(args) -> int:
+    from .targets import list_targets
+
+    specs = list_targets()
+    if args.json:
+        print(json.dumps([{"name": s.name, "description": s.description} for s in specs]))
+        return 0
+    width = max(len(s.name) for s in specs)
+    for s in specs:
+        print(f"{s.name.ljust(width)}  {s.description}")
+    return 0
+
+
+_COMMANDS = {"build": _cmd_build, "run": _cmd_run, "inspect": _cmd_inspect, "targets": _cmd_targets}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The `hwc` command line: subcommands, JSON output, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import make_model
+
+
+def hwc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hwcompress", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("hwc: error")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from conftest import tiny_cnn
+
+    d = tmp_path_factory.mktemp("cli")
+    onnx.save(tiny_cnn(), d / "m.onnx")
+    r = hwc("build", d / "m.onnx", "--target", "host", "-o", d / "art", "--input-shape", "input=1,3,16,16")
+    assert r.returncode == 0, r.stderr
+    assert "verified vs ONNX Runtime" in r.stdout
+    np.save(d / "x.npy", np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32))
+    return d
+
+
+def test_run_writes_outputs_and_benches(artifact):
+    d = artifact
+    r = hwc("run", d / "art", "--input", d / "x.npy", "--output", d / "y.npy", "--bench", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["median_ms"] > 0 and report["p90_ms"] >= report["median_ms"]
+    assert np.load(d / "y.npy").shape == (1, 10)
+    r = hwc("run", d / "art", "--input", f"input={d / 'x.npy'}")
+    assert r.returncode == 0 and "output logits: shape [1, 10]" in r.stdout
+
+
+def test_inspect_model_and_artifact(artifact):
+    d = artifact
+    for path in (d / "art",):
+        r = hwc("inspect", path, "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert {"params", "flops", "bytes", "layers"} <= set(report) and report["flops"] > 0
+    r = hwc("inspect", d / "m.onnx", "--input-shape", "input=1,3,16,16")
+    assert r.returncode == 0 and "nn.conv2d" in r.stdout and "total" in r.stdout
+
+
+def test_targets_lists_every_file():
+    r = hwc("targets", "--json")
+    names = {t["name"] for t in json.loads(r.stdout)}
+    assert {"host", "jetson-orin", "arm-cortex-a72", "npu-stub"} <= names
+
+
+def test_corrupt_model(tmp_path):
+    from conftest import tiny_cnn
+
+    data = tiny_cnn(batch=1).SerializeToString()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    r = hwc("build", tmp_path / "cut.onnx", "-o", tmp_path / "out")
+    assert_one_line_error(r, "cut.onnx")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 10)
+    assert_one_line_error(hwc("build", tmp_path / "junk.onnx", "-o", tmp_path / "out"), "junk.onnx")
+    assert_one_line_error(hwc("build", tmp_path / "missing.onnx"), "missing.onnx", "not found")
+
+
+def test_unknown_ops_are_all_listed(tmp_path):
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="r"),
+        helper.make_node("FancyOp", ["a"], ["b"], domain="com.example", name="fancy_1"),
+        helper.make_node("FancyOp", ["b"], ["c"], domain="com.example", name="fancy_2"),
+        helper.make_node("OtherOp", ["c"], ["y"], domain="com.example", name="other"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=8)
+    onnx.save(model, tmp_path / "u.onnx")
+    r = hwc("build", tmp_path / "u.onnx", "-o", tmp_path / "out")
+    assert_one_line_error(r, "FancyOp", "fancy_1", "fancy_2", "OtherOp", "other")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dynamic_dim_without_shape(tmp_path):
+    from conftest import tiny_cnn
+
+    onnx.save(tiny_cnn(), tmp_path / "dyn.onnx")
+    assert_one_line_error(hwc("build", tmp_path / "dyn.onnx", "-o", tmp_path / "out"), "input 'input' axis 0", "--input-shape")
+    assert_one_line_error(hwc("build", tmp_path / "dyn.onnx", "--input-shape", "input=1,3", "-o", tmp_path / "out"), "rank")
+    assert_one_line_error(hwc("build", tmp_path / "dyn.onnx", "--input-shape", "input=a,b"), "--input-shape")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_target_and_bad_target_file(tmp_path, tiny_model_path):
+    assert_one_line_error(hwc("build", tiny_model_path, "--target", "tpu9000", "-o", tmp_path / "o"), "tpu9000")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\n[tvm]\nkind = "llvm"\n[hardware]\nint8 = "fast"\n')
+    assert_one_line_error(hwc("build", tiny_model_path, "--target", bad, "-o", tmp_path / "o"), str(bad), "int8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_input_files(artifact, tmp_path):
+    d = artifact
+    np.save(tmp_path / "shape.npy", np.zeros((1, 3, 8, 8), np.float32))
+    np.save(tmp_path / "dtype.npy", np.zeros((1, 3, 16, 16), np.float64))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    assert_one_line_error(hwc("run", d / "art", "--input", tmp_path / "shape.npy"), "input 'input'", "shape")
+    assert_one_line_error(hwc("run", d / "art", "--input", tmp_path / "dtype.npy"), "input 'input'", "float64")
+    assert_one_line_error(hwc("run", d / "art", "--input", tmp_path / "junk.npy"), "junk.npy")
+    assert_one_line_error(hwc("run", d / "art", "--input", tmp_path / "none.npy"), "none.npy")
+    assert_one_line_error(hwc("run", tmp_path / "nothing", "--input", tmp_path / "shape.npy"), "nothing")
