@@ -111,7 +111,8 @@ def fix_input_shapes(
             if len(given) != len(dims):
                 raise ShapeError(f"input '{name}': model has rank {len(dims)}, given shape {list(given)} has rank {len(given)}")
             for axis, (dim, g) in enumerate(zip(dims, given)):
-                if dim.HasField("dim_value") and dim.dim_value != g:
+                # some exporters write dim_value -1 (or 0) for a dynamic dim
+                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != g:
                     raise ShapeError(
                         f"input '{name}' axis {axis}: model fixes it to {dim.dim_value}, given {g}"
                     )
