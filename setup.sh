@@ -28,4 +28,6 @@ PY=${PYTHON:-python3}
 if command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && [[ -x runner/build.sh ]]; then
     PYTHON=.venv/bin/python runner/build.sh aarch64
 fi
+# real exported models from PyPI packages, for tests and benchmarks
+.venv/bin/python tools/fetch_models.py >/dev/null
 echo "setup done: activate with 'source .venv/bin/activate'"
