@@ -36,10 +36,15 @@ def prepare_onnx(model, input_shapes: Mapping[str, Sequence[int]] | None = None)
 
 
 def check_supported(proto: onnx.ModelProto) -> None:
-    """Raise one ``UnsupportedOpError`` listing every unsupported op type with its nodes."""
+    """Raise one ``UnsupportedOpError`` listing every unsupported op type with its nodes.
+
+    Ops that a normalization rewrite always replaces (QLinearConv, ...) count as supported.
+    """
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = set(_get_convert_map()) | {"Constant", "If"}
+    from .rewrites import REWRITTEN_OPS
+
+    known = set(_get_convert_map()) | {"Constant", "If"} | REWRITTEN_OPS
     missing: dict[str, list[str]] = {}
     for i, node in enumerate(proto.graph.node):
         domain = node.domain or "ai.onnx"
@@ -47,8 +52,13 @@ def check_supported(proto: onnx.ModelProto) -> None:
             label = node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}"
             missing.setdefault(label, []).append(node.name or f"#{i}")
     if missing:
-        parts = [f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for op, names in sorted(missing.items())]
+        parts = [f"{op} ({_node_list(names)})" for op, names in sorted(missing.items())]
         raise UnsupportedOpError(f"unsupported ONNX op(s): {'; '.join(parts)}")
+
+
+def _node_list(names: list[str], shown: int = 8) -> str:
+    more = f", ... {len(names)} in all" if len(names) > shown else ""
+    return f"node{'s' if len(names) > 1 else ''}: {', '.join(names[:shown])}{more}"
 
 
 def io_signature(proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:

@@ -111,21 +111,25 @@ def fix_input_shapes(
             if len(given) != len(dims):
                 raise ShapeError(f"input '{name}': model has rank {len(dims)}, given shape {list(given)} has rank {len(given)}")
             for axis, (dim, g) in enumerate(zip(dims, given)):
-                # some exporters write dim_value -1 (or 0) for a dynamic dim
-                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != g:
+                if _is_static(dim) and dim.dim_value != g:
                     raise ShapeError(
                         f"input '{name}' axis {axis}: model fixes it to {dim.dim_value}, given {g}"
                     )
             _set_shape(ttype, given)
             continue
         for axis, dim in enumerate(dims):
-            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            if not _is_static(dim):
                 label = dim.dim_param or "?"
                 raise ShapeError(
                     f"input '{name}' axis {axis} is dynamic ('{label}'); "
                     f"fix it with --input-shape {name}=... (input_shapes={{'{name}': (...)}})"
                 )
     return fixed
+
+
+def _is_static(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    # some exporters (Paddle) write dim_value -1 for a dynamic dim; 0 is a real zero-size dim
+    return dim.HasField("dim_value") and dim.dim_value >= 0
 
 
 def _set_shape(ttype: onnx.TypeProto.Tensor, shape: Sequence[int]) -> None:

@@ -1,6 +1,7 @@
 """Graph normalization before TVM's importer: shape inference and constant folding at the
 fixed input shapes, done by ONNX Runtime's basic graph optimizations (which keep the graph in
-standard ONNX ops), then onnx shape inference so every value has a static shape."""
+standard ONNX ops), onnx shape inference so every value has a static shape, then the graph
+rewrites (``rewrites/``) for what TVM's importer gets wrong, and shape inference again."""
 
 from __future__ import annotations
 
@@ -15,6 +16,24 @@ log = logging.getLogger(__name__)
 # ONNX Runtime refuses models whose IR version is newer than it knows; nothing in the IR
 # versions after this one changes how a plain inference graph is stored.
 _ORT_MAX_IR_VERSION = 10
+
+
+def freeze_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Treat initializers that are also listed as graph inputs (IR < 4 exports) as constants.
+
+    ONNX lets a caller override such inputs, so ONNX Runtime would not fold them; a compiled
+    model has its weights fixed, and ``graph_inputs`` already leaves them out.
+    """
+    inits = {t.name for t in proto.graph.initializer}
+    if not any(i.name in inits for i in proto.graph.input):
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    kept = [i for i in out.graph.input if i.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    out.ir_version = max(out.ir_version, 4)
+    return out
 
 
 def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -54,5 +73,9 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def normalize(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The normalization stage: fold, then infer shapes."""
-    return infer_shapes(fold_constants(proto))
+    """The normalization stage: fold, infer shapes, rewrite, infer shapes of the rewritten graph."""
+    from .rewrites import apply_rewrites
+
+    folded = infer_shapes(fold_constants(freeze_initializers(proto)))
+    rewritten = apply_rewrites(folded)
+    return folded if rewritten is folded else infer_shapes(rewritten)
