@@ -31,14 +31,9 @@ def _stage(name: str):
 
 def shipped_databases(spec: TargetSpec) -> list[Path]:
     """Pre-tuned MetaSchedule databases shipped for this target (``schedules/<name>/``)."""
-    from .targets import targets_dir
+    from .targets import data_dir
 
-    root = targets_dir().parent / "schedules"
-    if not root.is_dir():
-        import importlib.resources
-
-        root = Path(str(importlib.resources.files("hwcompress._schedules")))
-    db = root / spec.name
+    db = data_dir("schedules") / spec.name
     return [db] if db.is_dir() else []
 
 

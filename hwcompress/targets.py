@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import importlib.resources
 import os
 import platform
 import tomllib
@@ -137,12 +136,18 @@ _TABLES: dict[str, type] = {
 }
 
 
+def data_dir(name: str) -> Path:
+    """A shipped top-level data folder (``targets``, ``schedules``): from the source checkout
+    this package sits in, else from the installed wheel (``hwcompress._<name>``)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / name).is_dir():
+        return checkout / name
+    return Path(__file__).resolve().parent / f"_{name}"
+
+
 def targets_dir() -> Path:
-    """The folder of shipped target files (source checkout or installed wheel)."""
-    src = Path(__file__).resolve().parent.parent / "targets"
-    if src.is_dir():
-        return src
-    return Path(str(importlib.resources.files("hwcompress._targets")))
+    """The folder of shipped target files."""
+    return data_dir("targets")
 
 
 def list_targets() -> list[TargetSpec]:
