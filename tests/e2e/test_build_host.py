@@ -17,7 +17,7 @@ def _ort(model, x):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from conftest import tiny_cnn
+    from model_builders import tiny_cnn
 
     model = tiny_cnn()
     out = tmp_path_factory.mktemp("host") / "artifact"

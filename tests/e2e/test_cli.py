@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import make_model
+from model_builders import make_model
 
 
 def hwc(*args, cwd=None):
@@ -27,7 +27,7 @@ def assert_one_line_error(result, *needles):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from conftest import tiny_cnn
+    from model_builders import tiny_cnn
 
     d = tmp_path_factory.mktemp("cli")
     onnx.save(tiny_cnn(), d / "m.onnx")
@@ -67,7 +67,7 @@ def test_targets_lists_every_file():
 
 
 def test_corrupt_model(tmp_path):
-    from conftest import tiny_cnn
+    from model_builders import tiny_cnn
 
     data = tiny_cnn(batch=1).SerializeToString()
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
@@ -97,7 +97,7 @@ def test_unknown_ops_are_all_listed(tmp_path):
 
 
 def test_dynamic_dim_without_shape(tmp_path):
-    from conftest import tiny_cnn
+    from model_builders import tiny_cnn
 
     onnx.save(tiny_cnn(), tmp_path / "dyn.onnx")
     assert_one_line_error(hwc("build", tmp_path / "dyn.onnx", "-o", tmp_path / "out"), "input 'input' axis 0", "--input-shape")

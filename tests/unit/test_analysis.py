@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model
+from model_builders import make_model
 from hwcompress import analysis, import_onnx
 
 
