@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import hwcompress.frontend as fe  # noqa: E402
 from hwcompress import build as B  # noqa: E402
+from hwcompress.backends import cpu_rules as cr  # noqa: E402
 from hwcompress.backends import cpu_schedule as cs  # noqa: E402
 from hwcompress.targets import load_target  # noqa: E402
 
@@ -199,7 +200,7 @@ def test_input_module_is_not_mutated():
 
 def test_failing_rule_falls_back_to_next(monkeypatch):
     def broken(sch, facts):
-        sch.vectorize(sch.get_loops(cs._root_blocks(sch)[0])[0])  # may apply, then:
+        sch.vectorize(sch.get_loops(cr._root_blocks(sch)[0])[0])  # may apply, then:
         raise RuntimeError("rule bug")
 
     monkeypatch.setattr(cs, "_RULES", (("broken", broken),) + cs._RULES[1:])
