@@ -73,7 +73,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     from .export import MODULE, staging, write_manifest
     from .frontend.importer import import_prepared, io_signature
     from .frontend.load import fix_input_shapes, load_model
-    from .runtime import RUNNER, how_it_runs, load
+    from .runtime import how_it_runs, load
     from .verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     spec = load_target(target)
@@ -88,9 +88,10 @@ def compile(  # noqa: A001 - the natural name of the verb
         checked_inputs = _user_inputs(verify_inputs, inputs)
         mod = import_prepared(proto)
         before = analysis.summarize(mod)
-    with _stage("compress"):
-        mod = recipe.apply(mod, spec)
-        after = analysis.summarize(mod)
+    if recipe.steps:
+        with _stage("compress"):
+            mod = recipe.apply(mod, spec)
+    after = analysis.summarize(mod) if recipe.steps else before
     dbs = shipped_databases(spec) + [Path(d) for d in databases]
     with _stage(f"lower + schedule ({spec.name})"):
         scheduled = build.schedule(build.legalize(mod, spec), spec, dbs)
@@ -125,14 +126,12 @@ def compile(  # noqa: A001 - the natural name of the verb
         if runner_note:
             manifest["runner"] = runner_note
         write_manifest(tmp, manifest)
-    return load(out) if mode is not None else _unloaded(out)
+    if mode is None:
+        from .export import read_manifest
+        from .runtime import Artifact
 
-
-def _unloaded(out):
-    from .export import read_manifest
-    from .runtime import Artifact
-
-    return Artifact(out, read_manifest(out), mode=None)
+        return Artifact(out, read_manifest(out), mode=None, why_not=why_not)
+    return load(out)
 
 
 def _totals(summary) -> dict:

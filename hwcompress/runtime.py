@@ -35,10 +35,11 @@ def how_it_runs(spec: TargetSpec, directory: Path | None) -> tuple[str | None, s
 class Artifact:
     """A built, verified module directory; ``run`` executes it on this machine."""
 
-    def __init__(self, path: str | os.PathLike, manifest: dict, mode: str):
+    def __init__(self, path: str | os.PathLike, manifest: dict, mode: str | None, why_not: str = ""):
         self.path = Path(path)
         self.manifest = manifest
         self.mode = mode
+        self.why_not = why_not
         self.spec = spec_from_dict(manifest["target"])
         self._vm = None
 
@@ -64,10 +65,11 @@ class Artifact:
     def run(self, inputs) -> list[np.ndarray]:
         """Run the module once and return its outputs as numpy arrays."""
         arrays = self.check_inputs(inputs)
+        self._check_runnable()
         if self.mode == "emulated":
             outputs, _ = self._run_emulated(arrays)
             return outputs
-        vm, device = self._native_vm()
+        vm, device = self.native_vm()
         import tvm
 
         result = vm["main"](*[tvm.runtime.tensor(a, device) for a in arrays])
@@ -78,12 +80,13 @@ class Artifact:
         arrays = self.check_inputs(inputs)
         if repeat < 1:
             raise DataError(f"--bench must be >= 1, got {repeat}")
+        self._check_runnable()
         if self.mode == "emulated":
             _, latencies = self._run_emulated(arrays, repeat=repeat, warmup=warmup)
             return latencies
         import tvm
 
-        vm, device = self._native_vm()
+        vm, device = self.native_vm()
         args = [tvm.runtime.tensor(a, device) for a in arrays]
         for _ in range(warmup):
             vm["main"](*args)
@@ -96,7 +99,12 @@ class Artifact:
             latencies.append((time.perf_counter() - start) * 1e3)
         return latencies
 
-    def _native_vm(self):
+    def _check_runnable(self) -> None:
+        if self.mode is None:
+            raise ArtifactError(f"{self.path}: target '{self.spec.name}' cannot run on this machine ({self.why_not})")
+
+    def native_vm(self):
+        """``(VirtualMachine, device)`` of an artifact that runs natively here (created once)."""
         if self._vm is None:
             import tvm
             from tvm import relax

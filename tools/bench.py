@@ -62,7 +62,7 @@ def bench_model(name: str, target: str, dbs: list[str], rounds: int, runs: int, 
         feed = {spec["name"]: x}
         import tvm
 
-        vm, device = artifact._native_vm()
+        vm, device = artifact.native_vm()
         arg = tvm.runtime.tensor(x, device)
         hwc_fn, ort_fn = (lambda: vm["main"](arg)), (lambda: session.run(None, feed))
         for fn in (hwc_fn, ort_fn):  # warm-up

@@ -50,3 +50,12 @@ def test_target_builds_an_artifact(name, tiny_static_model, tmp_path):
             hwcompress.load(out)
     if spec.runtime.emulator:
         assert {"hwc_runner", "libtvm_runtime.so"} <= set(manifest["files"])
+
+
+def test_artifact_that_cannot_run_here_says_why(tiny_static_model, tmp_path):
+    spec = load_target("x86-avx512")
+    if runnable_here(spec)[0]:
+        pytest.skip("this CPU has AVX-512 and VNNI")
+    artifact = hwcompress.compile(tiny_static_model, target=spec, out=tmp_path / "a")
+    with pytest.raises(ArtifactError, match="lacks avx512f"):
+        artifact.run(np.zeros((1, 3, 16, 16), np.float32))
