@@ -9,13 +9,15 @@ import platform
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import __version__
 from .errors import VerificationError
-from .recipe import as_recipe
+from .recipe import Recipe, as_recipe
 from .targets import TargetSpec, load_target
 
 log = logging.getLogger("hwcompress")
@@ -37,6 +39,42 @@ def shipped_databases(spec: TargetSpec) -> list[Path]:
     return [db] if db.is_dir() else []
 
 
+@dataclass(frozen=True)
+class Imported:
+    """A model after import and compression: what lowering, tuning and verification start from."""
+
+    original: Any  # onnx.ModelProto, shapes fixed: the verification reference
+    inputs: list[dict]
+    outputs: list[dict]
+    mod: Any  # Relax IRModule after the recipe
+    before: Any  # analysis.Summary of the imported module
+    after: Any  # analysis.Summary after the recipe
+    recipe: Recipe
+    verify_inputs: list[np.ndarray] | None = None
+
+
+def import_model(model, spec: TargetSpec, input_shapes=None, recipe=None, verify_inputs=None) -> Imported:
+    """Frontend + compression stages: load, normalize, import, apply the recipe."""
+    from . import analysis, frontend
+    from .frontend.importer import import_prepared, io_signature
+    from .frontend.load import fix_input_shapes, load_model
+
+    recipe = as_recipe(recipe)
+    with _stage("import"):
+        original = fix_input_shapes(load_model(model), input_shapes)
+        proto = frontend.prepare_onnx(original)
+        inputs, outputs = io_signature(proto)
+        checked = _user_inputs(verify_inputs, inputs)
+        mod = import_prepared(proto)
+        before = analysis.summarize(mod)
+    after = before
+    if recipe.steps:
+        with _stage("compress"):
+            mod = recipe.apply(mod, spec)
+            after = analysis.summarize(mod)
+    return Imported(original, inputs, outputs, mod, before, after, recipe, checked)
+
+
 def compile(  # noqa: A001 - the natural name of the verb
     model,
     target: str | TargetSpec = "host",
@@ -49,6 +87,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     verify_inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    fuse: bool = True,
 ):
     """Compile an ONNX model for a target into a verified artifact directory.
 
@@ -63,38 +102,29 @@ def compile(  # noqa: A001 - the natural name of the verb
     verify : compare with ONNX Runtime when the target runs here (natively or emulated)
     verify_inputs : user inputs to verify on, in addition to seeded random inputs
     rtol, atol : verification tolerance, elementwise ``|out - ref| <= atol + rtol * |ref|``
+    fuse : let TVM fuse elementwise ops into their producers' kernels (off: one kernel per op)
 
     Returns
     -------
     Artifact
     """
-    from . import analysis, build, frontend
+    from . import build
     from .backends import get_backend
     from .export import MODULE, staging, write_manifest
-    from .frontend.importer import import_prepared, io_signature
-    from .frontend.load import fix_input_shapes, load_model
     from .runtime import how_it_runs, load
     from .verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     spec = load_target(target)
-    recipe = as_recipe(recipe)
     rtol = DEFAULT_RTOL if rtol is None else rtol
     atol = DEFAULT_ATOL if atol is None else atol
 
-    with _stage("import"):
-        original = fix_input_shapes(load_model(model), input_shapes)
-        proto = frontend.prepare_onnx(original)
-        inputs, outputs = io_signature(proto)
-        checked_inputs = _user_inputs(verify_inputs, inputs)
-        mod = import_prepared(proto)
-        before = analysis.summarize(mod)
-    if recipe.steps:
-        with _stage("compress"):
-            mod = recipe.apply(mod, spec)
-    after = analysis.summarize(mod) if recipe.steps else before
+    front = import_model(model, spec, input_shapes, recipe, verify_inputs)
     dbs = shipped_databases(spec) + [Path(d) for d in databases]
     with _stage(f"lower + schedule ({spec.name})"):
-        scheduled = build.schedule(build.legalize(mod, spec), spec, dbs)
+        lowered = build.apply_databases(build.legalize(front.mod, spec, fuse=fuse), spec, dbs)
+        tuned = build.scheduled_kernels(lowered)
+        all_kernels = build.kernels(lowered)
+        scheduled = build.default_schedule(lowered, spec)
     with _stage("codegen"):
         executable = build.build(scheduled, spec)
 
@@ -110,17 +140,19 @@ def compile(  # noqa: A001 - the natural name of the verb
             verification = {"status": "skipped", "reason": f"target cannot run here: {why_not}"}
         else:
             with _stage(f"verify ({mode})"):
-                verification = _verify(tmp, spec, mode, original, inputs, outputs, checked_inputs, rtol, atol)
+                verification = _verify(tmp, spec, mode, front, rtol, atol)
         manifest = {
             "hwcompress_version": __version__,
             "tvm_version": _tvm_version(),
             "built_on": {"machine": platform.machine(), "python": platform.python_version()},
             "target": spec.to_dict(),
-            "recipe": recipe.to_dict(),
+            "recipe": front.recipe.to_dict(),
             "databases": [str(d) for d in dbs],
-            "inputs": inputs,
-            "outputs": outputs,
-            "inspect": {"before": _totals(before), "after": after.to_dict()},
+            "fuse": fuse,
+            "kernels": {"tuned": tuned, "default_schedule": [k for k in all_kernels if k not in tuned]},
+            "inputs": front.inputs,
+            "outputs": front.outputs,
+            "inspect": {"before": _totals(front.before), "after": front.after.to_dict()},
             "verification": verification,
         }
         if runner_note:
@@ -164,20 +196,20 @@ def _user_inputs(verify_inputs, inputs: list[dict]) -> list[np.ndarray] | None:
     return None if verify_inputs is None else check_inputs(inputs, verify_inputs)
 
 
-def _verify(directory, spec, mode, original, inputs, outputs, user_inputs, rtol, atol) -> dict:
+def _verify(directory, spec, mode, front: Imported, rtol, atol) -> dict:
     from .runtime import Artifact
     from .verify import compare, random_inputs, reference_outputs
 
     # the artifact is still in its staging directory: run it from there, before it is final
-    artifact = Artifact(directory, {"inputs": inputs, "outputs": outputs, "target": spec.to_dict()}, mode)
-    names = [i["name"] for i in inputs]
-    cases = [("random(seed=0)", random_inputs(inputs, seed=0))]
-    if user_inputs is not None:
-        cases.append(("user", user_inputs))
+    artifact = Artifact(directory, {"inputs": front.inputs, "outputs": front.outputs, "target": spec.to_dict()}, mode)
+    names = [i["name"] for i in front.inputs]
+    cases = [("random(seed=0)", random_inputs(front.inputs, seed=0))]
+    if front.verify_inputs is not None:
+        cases.append(("user", front.verify_inputs))
     results = []
     for label, arrays in cases:
         got = artifact.run(arrays)
-        want = reference_outputs(original, names, arrays)
+        want = reference_outputs(front.original, names, arrays)
         result = compare(got, want, rtol, atol)
         result["inputs"] = label
         results.append(result)

@@ -23,12 +23,16 @@ from .targets import TargetSpec
 log = logging.getLogger(__name__)
 
 
-def legalize(mod, spec: TargetSpec):
-    """Graph-level lowering to fused TIR kernels (the tuning task boundary)."""
-    import tvm
+def legalize_passes(fuse: bool = True) -> list:
+    """The passes of ``legalize``; ``fuse=False`` leaves every op its own kernel.
+
+    ``FuseTIR`` runs either way: it only merges groups that already exist (e.g. the
+    ``fuse`` technique's pattern groups), which would otherwise stay Relax functions calling
+    several kernels.
+    """
     from tvm import relax
 
-    passes = [
+    return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
@@ -37,27 +41,62 @@ def legalize(mod, spec: TargetSpec):
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
+        *([relax.transform.FuseOps()] if fuse else []),
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
     ]
+
+
+def legalize(mod, spec: TargetSpec, fuse: bool = True):
+    """Graph-level lowering to (fused) TIR kernels: the tuning task boundary."""
+    import tvm
+
     target = spec.tvm_target()
-    return _run_stage("legalize", tvm.transform.Sequential(passes), mod, target)
+    return _run_stage("legalize", tvm.transform.Sequential(legalize_passes(fuse)), mod, target)
 
 
 def schedule(mod, spec: TargetSpec, databases: Sequence[str | Path] = ()):
     """Apply tuned databases, then default schedules to whatever is left unscheduled."""
-    import tvm
+    return default_schedule(apply_databases(mod, spec, databases), spec)
 
+
+def apply_databases(mod, spec: TargetSpec, databases: Sequence[str | Path] = ()):
+    """Replace kernels that any of the databases has tuned records for (first match wins)."""
     target = spec.tvm_target()
     for db_dir in databases:
         mod = apply_database(mod, target, db_dir)
-    backend = get_backend(spec)
-    return _run_stage("schedule", backend.default_schedule(target), mod, target)
+    return mod
+
+
+def default_schedule(mod, spec: TargetSpec):
+    """The backend's default schedules for every kernel still unscheduled."""
+    target = spec.tvm_target()
+    return _run_stage("schedule", get_backend(spec).default_schedule(target), mod, target)
+
+
+def scheduled_kernels(mod) -> list[str]:
+    """Names of the kernels already carrying a schedule (e.g. from a tuning database)."""
+    import tvm
+
+    names = []
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and (
+            func.attrs.get("tirx.is_scheduled") or func.attrs.get("tir.is_scheduled")
+        ):
+            names.append(gv.name_hint)
+    return sorted(names)
+
+
+def kernels(mod) -> list[str]:
+    """Names of all TIR kernels of a lowered module."""
+    import tvm
+
+    return sorted(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
 def apply_database(mod, target, db_dir: str | Path):
-    """Replace kernels that ``db_dir``'s JSON database has tuned records for."""
+    """Replace kernels that ``db_dir``'s JSON database has tuned records for (a kernel
+    already scheduled, e.g. by an earlier database, is left as it is)."""
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 

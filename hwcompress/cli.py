@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--rtol", type=float, default=None, help="verification relative tolerance (default 1e-3)")
     b.add_argument("--atol", type=float, default=None, help="verification absolute tolerance (default 1e-4)")
     b.add_argument("--no-verify", action="store_true", help="skip the comparison with ONNX Runtime")
+    b.add_argument("--no-fuse", action="store_true", help="one kernel per op (no operator fusion)")
 
     r = sub.add_parser("run", help="run an artifact on inputs, optionally timing it")
     r.add_argument("artifact")
@@ -41,6 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="ONNX model or artifact directory")
     i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    u = sub.add_parser("tune", help="autotune the model's kernels for a target (MetaSchedule + XGBoost)")
+    u.add_argument("model", help="ONNX model file")
+    u.add_argument("--target", default="host", help="target name or target TOML path")
+    u.add_argument("--trials", type=int, default=64, help="total measurement trials, counting earlier runs (default 64)")
+    u.add_argument("--work-dir", help="database folder (default tuning/<model>-<target>); reused to resume")
+    u.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
+    u.add_argument("--recipe", help="recipe TOML file (tune the model as it will be built)")
+    u.add_argument("--tracker", metavar="HOST:PORT", help="measure on farm devices through a TVM RPC tracker")
+    u.add_argument("--key", help="device key on the tracker (default: the target's [tuning].rpc_key)")
+    u.add_argument("--no-fuse", action="store_true", help="tune for builds made with --no-fuse")
+    u.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
     t = sub.add_parser("targets", help="list the shipped targets")
     t.add_argument("--json", action="store_true")
@@ -83,6 +96,7 @@ def _cmd_build(args) -> int:
         verify_inputs=verify_inputs,
         rtol=args.rtol,
         atol=args.atol,
+        fuse=not args.no_fuse,
     )
     v = artifact.manifest["verification"]
     if v["status"] == "passed":
@@ -186,6 +200,32 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from .tuning import tune
+
+    result = tune(
+        args.model,
+        target=args.target,
+        trials=args.trials,
+        work_dir=args.work_dir,
+        tracker=args.tracker,
+        key=args.key,
+        input_shapes=_shapes(args.input_shape),
+        recipe=args.recipe,
+        progress=None if not args.quiet else (lambda line: None),
+        fuse=not args.no_fuse,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(result.table())
+    print(
+        f"{result.trials_run_now} trials now, {result.trials_total} in all, in {result.seconds:.0f} s; "
+        f"database: {result.work_dir} (use it with `hwc build ... --db {result.work_dir}`)"
+    )
+    return 0
+
+
 def _cmd_targets(args) -> int:
     from .targets import list_targets
 
@@ -199,7 +239,7 @@ def _cmd_targets(args) -> int:
     return 0
 
 
-_COMMANDS = {"build": _cmd_build, "run": _cmd_run, "inspect": _cmd_inspect, "targets": _cmd_targets}
+_COMMANDS = {"build": _cmd_build, "run": _cmd_run, "inspect": _cmd_inspect, "tune": _cmd_tune, "targets": _cmd_targets}
 
 
 if __name__ == "__main__":

@@ -40,7 +40,13 @@ def register_technique(name: str, config: type, apply: Callable) -> None:
 
 
 def techniques() -> dict[str, Technique]:
+    _load_builtin()
     return dict(_TECHNIQUES)
+
+
+def _load_builtin() -> None:
+    """Register the shipped techniques (importing hwcompress.passes stays light)."""
+    from . import passes  # noqa: F401
 
 
 def _technique_of(config) -> Technique:
@@ -101,6 +107,7 @@ def _step_from_dict(raw: Any, where: str):
     if not isinstance(raw, Mapping) or "technique" not in raw:
         raise RecipeError(f"{where}: expected a table with a 'technique' field")
     name = raw["technique"]
+    _load_builtin()
     tech = _TECHNIQUES.get(name)
     if tech is None:
         known = ", ".join(sorted(_TECHNIQUES)) or "none registered yet"

@@ -1,0 +1,18 @@
+"""Graph passes on the imported Relax module, each a recipe technique.
+
+* ``fold-bn``: ``fold_bn(mod, FoldBatchNorm())`` folds inference BatchNorm into the preceding
+  conv / matmul weights and bias.
+* ``fuse``: ``fuse(mod, Fuse())`` groups conv / matmul + bias (+ residual add) + activation
+  into one kernel; ``build.legalize(mod, spec, fuse=False)`` switches TVM's own fusion off.
+
+Importing this package stays light (numpy only): TVM is imported when a pass runs.
+"""
+
+from ..recipe import register_technique
+from .fold_bn import FoldBatchNorm, fold_bn
+from .fuse import Fuse, fuse
+
+__all__ = ["FoldBatchNorm", "Fuse", "fold_bn", "fuse"]
+
+register_technique("fold-bn", FoldBatchNorm, lambda mod, cfg, spec: fold_bn(mod, cfg))
+register_technique("fuse", Fuse, lambda mod, cfg, spec: fuse(mod, cfg))

@@ -124,3 +124,7 @@ def test_wrong_input_files(artifact, tmp_path):
     assert_one_line_error(hwc("run", d / "art", "--input", tmp_path / "junk.npy"), "junk.npy")
     assert_one_line_error(hwc("run", d / "art", "--input", tmp_path / "none.npy"), "none.npy")
     assert_one_line_error(hwc("run", tmp_path / "nothing", "--input", tmp_path / "shape.npy"), "nothing")
+
+
+def test_tune_rejects_bad_trials(tiny_model_path):
+    assert_one_line_error(hwc("tune", tiny_model_path, "--trials", "0"), "--trials")
