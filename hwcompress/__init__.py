@@ -20,6 +20,7 @@ __all__ = [
     "list_targets",
     "load",
     "load_target",
+    "tune",
 ]
 
 
@@ -35,6 +36,13 @@ def load(path):
     from .runtime import load as _load
 
     return _load(path)
+
+
+def tune(model, target="host", trials=64, work_dir=None, tracker=None, **options):
+    """Autotune a model's kernels for a target; see ``hwcompress.tuning.tune``."""
+    from .tuning import tune as _tune
+
+    return _tune(model, target, trials, work_dir, tracker, **options)
 
 
 def import_onnx(model, input_shapes=None):
