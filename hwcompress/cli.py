@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--bench", type=int, default=0, metavar="N", help="time N runs after warm-up")
     r.add_argument("--warmup", type=int, default=3, metavar="W", help="warm-up runs before timing (default 3)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--tracker", metavar="HOST:PORT", help="run on a farm device through a TVM RPC tracker")
+    r.add_argument("--key", help="device key on the tracker (default: the target's [tuning].rpc_key)")
 
     i = sub.add_parser("inspect", help="parameters, FLOPs and memory traffic per layer")
     i.add_argument("path", help="ONNX model or artifact directory")
@@ -54,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--key", help="device key on the tracker (default: the target's [tuning].rpc_key)")
     u.add_argument("--no-fuse", action="store_true", help="tune for builds made with --no-fuse")
     u.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    f = sub.add_parser("farm", help="device farm over TVM's RPC tracker")
+    farm_sub = f.add_subparsers(dest="farm_command", required=True)
+    ft = farm_sub.add_parser("tracker", help="run an RPC tracker (until Ctrl-C)")
+    ft.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    ft.add_argument("--port", type=int, default=9190)
+    fs = farm_sub.add_parser("serve", help="run a device server registered with a tracker (until Ctrl-C)")
+    fs.add_argument("--tracker", required=True, metavar="HOST:PORT")
+    fs.add_argument("--key", required=True, help="device key, e.g. the target's [tuning].rpc_key")
+    fs.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 for a remote tracker)")
+    fq = farm_sub.add_parser("status", help="servers and queues per key")
+    fq.add_argument("--tracker", default="127.0.0.1:9190", metavar="HOST:PORT")
+    fq.add_argument("--json", action="store_true")
 
     t = sub.add_parser("targets", help="list the shipped targets")
     t.add_argument("--json", action="store_true")
@@ -138,33 +153,53 @@ def _read_inputs(items: list[str]):
 def _cmd_run(args) -> int:
     import numpy as np
 
-    from .runtime import load
+    if args.tracker:
+        outputs, latencies, names, mode = _run_on_farm(args)
+    else:
+        from .runtime import load
 
-    artifact = load(args.artifact)
-    if not args.input:
-        raise DataError(f"no --input given (model inputs: {', '.join(i['name'] for i in artifact.inputs)})")
-    inputs = artifact.check_inputs(_read_inputs(args.input))
-    outputs = artifact.run(inputs)
+        artifact = load(args.artifact)
+        if not args.input:
+            raise DataError(f"no --input given (model inputs: {', '.join(i['name'] for i in artifact.inputs)})")
+        inputs = artifact.check_inputs(_read_inputs(args.input))
+        outputs = artifact.run(inputs)
+        latencies = artifact.bench(inputs, repeat=args.bench, warmup=args.warmup) if args.bench else None
+        names, mode = [o["name"] for o in artifact.outputs], artifact.mode
     if args.output:
-        _write_outputs(Path(args.output), outputs, [o["name"] for o in artifact.outputs])
-    report = {"outputs": [{"name": o["name"], "shape": list(a.shape), "dtype": str(a.dtype)} for o, a in zip(artifact.outputs, outputs)]}
-    if args.bench:
-        latencies = artifact.bench(inputs, repeat=args.bench, warmup=args.warmup)
+        _write_outputs(Path(args.output), outputs, names)
+    report = {"outputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in zip(names, outputs)]}
+    if latencies:
         report.update(
             median_ms=float(np.median(latencies)),
             p90_ms=float(np.percentile(latencies, 90)),
             runs=len(latencies),
-            mode=artifact.mode,
+            mode=mode,
         )
     if args.json:
         print(json.dumps(report))
         return 0
     for o in report["outputs"]:
         print(f"output {o['name']}: shape {o['shape']} {o['dtype']}")
-    if args.bench:
-        note = " (under emulation: not device speed)" if artifact.mode == "emulated" else ""
+    if latencies:
+        note = " (under emulation: not device speed)" if mode == "emulated" else ""
         print(f"latency over {report['runs']} runs: median {report['median_ms']:.3f} ms, p90 {report['p90_ms']:.3f} ms{note}")
     return 0
+
+
+def _run_on_farm(args):
+    """``hwc run --tracker``: the artifact runs on a farm device, not here."""
+    from . import farm
+    from .export import read_manifest
+    from .targets import spec_from_dict
+
+    manifest = read_manifest(args.artifact)
+    key = args.key or spec_from_dict(manifest["target"]).tuning.rpc_key
+    if not key:
+        raise DataError(f"--key is needed: target {manifest['target']['name']} has no [tuning].rpc_key")
+    if not args.input:
+        raise DataError(f"no --input given (model inputs: {', '.join(i['name'] for i in manifest['inputs'])})")
+    outputs, latencies = farm.run_remote(args.artifact, args.tracker, key, _read_inputs(args.input), repeat=args.bench, warmup=args.warmup)
+    return outputs, latencies, [o["name"] for o in manifest["outputs"]], f"rpc:{key}"
 
 
 def _write_outputs(path: Path, outputs, names) -> None:
@@ -226,6 +261,29 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _cmd_farm(args) -> int:
+    from . import farm
+
+    if args.farm_command == "status":
+        info = farm.status(args.tracker)
+        print(json.dumps(info) if args.json else farm.status_text(info))
+        return 0
+    if args.farm_command == "tracker":
+        proc = farm.start_tracker(args.host, args.port)
+        what = f"tracker on {proc.address}"
+    else:
+        proc = farm.start_server(args.tracker, args.key, host=args.host)
+        what = f"device server '{args.key}' on {proc.address}, registered with {args.tracker}"
+    with proc:
+        print(f"hwc farm: {what} (log {proc.log_path}); Ctrl-C stops it", flush=True)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            return 0
+        print(f"hwc farm: {what} exited with code {code}: {proc.last_log_line()}", file=sys.stderr)
+    return 1
+
+
 def _cmd_targets(args) -> int:
     from .targets import list_targets
 
@@ -239,7 +297,7 @@ def _cmd_targets(args) -> int:
     return 0
 
 
-_COMMANDS = {"build": _cmd_build, "run": _cmd_run, "inspect": _cmd_inspect, "tune": _cmd_tune, "targets": _cmd_targets}
+_COMMANDS = {"build": _cmd_build, "run": _cmd_run, "inspect": _cmd_inspect, "tune": _cmd_tune, "farm": _cmd_farm, "targets": _cmd_targets}
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ def _tracker_session(addr: tuple[str, int], timeout: float):
         session = rpc.connect_tracker(*addr)
     except (OSError, RuntimeError) as e:
         raise FarmError(f"cannot reach the RPC tracker at {addr[0]}:{addr[1]}: {e}") from None
-    session._sock.settimeout(timeout)  # noqa: SLF001 - TVM exposes no timeout for tracker calls
+    session._sock.settimeout(timeout)  # TVM exposes no timeout for tracker calls
     return session
 
 
@@ -266,6 +266,16 @@ def status(tracker: str, timeout: float = 5.0) -> dict:
     for s in servers:
         keys.setdefault(s["key"], {"servers": 0, "free": 0, "pending": 0})["servers"] += 1
     return {"tracker": f"{addr[0]}:{addr[1]}", "servers": servers, "keys": keys}
+
+
+def status_text(info: dict) -> str:
+    """``status()``'s result as the table ``hwc farm status`` prints."""
+    rows = [("key", "servers", "free", "pending")]
+    rows += [(k, str(v["servers"]), str(v["free"]), str(v["pending"])) for k, v in sorted(info["keys"].items())]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"tracker {info['tracker']}: {len(info['servers'])} server(s)"]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)
 
 
 def servers_for(tracker: str, key: str, timeout: float = 5.0) -> int:
@@ -303,10 +313,12 @@ def request_session(tracker: str, key: str, wait_sec: float = 30.0, session_time
     last_error = ""
     while True:
         if not servers_for(tracker, key):
-            raise FarmError(f"no live RPC server with key '{key}' on tracker {tracker}" + (f" ({last_error})" if last_error else ""))
+            raise FarmError(
+                f"no live RPC server with key '{key}' on tracker {tracker}" + (f" ({last_error})" if last_error else "")
+            )
         session = _tracker_session(addr, 10.0)
         try:
-            base.sendjson(session._sock, [base.TrackerCode.REQUEST, key, "", priority])  # noqa: SLF001
+            base.sendjson(session._sock, [base.TrackerCode.REQUEST, key, "", priority])
             reply = _await_reply(session, tracker, key, deadline)
         finally:
             # closing the socket withdraws a request still queued at the tracker
@@ -314,8 +326,9 @@ def request_session(tracker: str, key: str, wait_sec: float = 30.0, session_time
         if reply is None:
             busy = servers_for(tracker, key)
             raise FarmError(
-                f"no server with key '{key}' on tracker {tracker} became free within {wait_sec:g} s "
-                f"({busy} registered, all busy)" if busy else f"no live RPC server with key '{key}' on tracker {tracker}"
+                f"no server with key '{key}' on tracker {tracker} became free within {wait_sec:g} s ({busy} registered, all busy)"
+                if busy
+                else f"no live RPC server with key '{key}' on tracker {tracker}"
             )
         url, port, matchkey = reply
         try:
@@ -331,7 +344,7 @@ def _await_reply(session, tracker: str, key: str, deadline: float):
     or once no server of ``key`` is left."""
     from tvm.rpc import base
 
-    sock = session._sock  # noqa: SLF001
+    sock = session._sock
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -423,14 +436,17 @@ def rpc_runner(
     Fails now with ``FarmError`` when the tracker lists no server for the key. During tuning,
     a candidate whose server dies is measured again on another one (``retries`` times); a
     request for a device waits at most ``wait_for_device_sec``; and when no server is left,
-    the next batch waits that long for one to come back and then raises ``FarmError``
-    (surfacing from ``tune_relax`` as ``FarmError`` or a TVM error that carries its message).
+    the next batch waits that long for one to come back, then ``FarmError`` ends the job
+    (``tune_relax`` raises it). ``session_timeout_sec`` bounds one candidate's measurement.
     """
     from tvm.s_tir.meta_schedule.runner import RPCConfig
 
-    parse_tracker(tracker)
-    wait_for_server(tracker, key, 0)
     host, port = parse_tracker(tracker)
+    if not servers_for(tracker, key):
+        raise FarmError(
+            f"no live RPC server with key '{key}' on tracker {tracker}; "
+            f"start one with `hwc farm serve --tracker {tracker} --key {key}`"
+        )
     config = RPCConfig(host, port, key, session_priority=1, session_timeout_sec=session_timeout_sec)
     create = functools.partial(_create_session, tracker=tracker, wait_sec=wait_for_device_sec)
     return _runner_class()(
@@ -450,7 +466,8 @@ def _create_session(rpc_config, tracker: str, wait_sec: float):
 
 
 def _measure(retries: int, *args):
-    """TVM's RPC measurement, repeated on another server when a session is lost mid-way."""
+    """TVM's RPC measurement, repeated on another server when it fails for a reason other than
+    the candidate running past its session time (a server lost mid-way, most often)."""
     from tvm.s_tir.meta_schedule.runner.rpc_runner import _worker_func
 
     for attempt in range(retries + 1):
@@ -458,10 +475,8 @@ def _measure(retries: int, *args):
             return _worker_func(*args)
         except FarmError:
             raise
-        except Exception as e:  # noqa: BLE001
-            message = str(e)
-            lost = any(s in message for s in ("RPCSessionTimeoutError", "Connection", "connection", "closed", "Broken pipe", "Socket"))
-            if attempt == retries or not lost or "RPCSessionTimeoutError" in message:
+        except Exception as e:  # TVM reports a lost connection as a plain error
+            if attempt == retries or "RPCSessionTimeoutError" in str(e):
                 raise
     raise AssertionError("unreachable")
 
@@ -471,10 +486,13 @@ def _runner_class():
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import RPCRunner
     from tvm.s_tir.meta_schedule.runner.rpc_runner import RPCRunnerFuture
-    from tvm.support.popen_pool import PopenPoolExecutor
+    from tvm_ffi import register_error
+
+    # lets a FarmError raised in run() reach the caller of tune_relax as FarmError, not RuntimeError
+    register_error(FarmError)
 
     @derived_object
-    class FarmRunner(RPCRunner._cls):  # noqa: SLF001 - derived objects are extended through _cls
+    class FarmRunner(RPCRunner._cls):  # derived objects are extended through _cls
         """``RPCRunner`` with bounded waits for devices and re-measuring on server loss."""
 
         def __init__(self, *args, farm_tracker: str, farm_wait_sec: float, farm_retries: int, max_workers: int = 1, **kwargs):
@@ -482,10 +500,9 @@ def _runner_class():
             self.farm_tracker = farm_tracker
             self.farm_wait_sec = farm_wait_sec
             self.farm_retries = farm_retries
-            # TVM's pool has no timeout: a server that vanishes without closing its socket
-            # (a powered-off board) would block the job forever
-            limit = (farm_retries + 1) * (self.rpc_config.session_timeout_sec + farm_wait_sec) + 30
-            self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=limit)
+            # TVM gives the runner's pool no timeout: a server that vanishes without closing its
+            # socket (a powered-off board) would block the job forever
+            self.pool._timeout = (farm_retries + 1) * (self.rpc_config.session_timeout_sec + farm_wait_sec) + 30
 
         def run(self, runner_inputs):
             wait_for_server(self.farm_tracker, self.rpc_config.tracker_key, self.farm_wait_sec)
@@ -506,7 +523,7 @@ def _runner_class():
                     str(runner_input.device_type),
                     tuple(arg_info.as_json() for arg_info in runner_input.args_info),
                 )
-                futures.append(RPCRunnerFuture(future=future, timeout_sec=self.pool._timeout))  # noqa: SLF001
+                futures.append(RPCRunnerFuture(future=future, timeout_sec=self.pool._timeout))
             return futures
 
     return FarmRunner

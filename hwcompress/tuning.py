@@ -23,7 +23,7 @@ from .errors import HwcError
 from .targets import TargetSpec, load_target
 
 STATE = "hwc_tune_state.json"
-# MetaSchedule's default 30 s builder timeout fails every candidate on a busy 2-core machine
+# MetaSchedule's default 30 s builder timeout fails candidates on a busy 2-core machine
 BUILD_TIMEOUT_S = 120
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
@@ -138,9 +138,7 @@ def tune_module(mod, spec: TargetSpec, trials: int, work: Path, tracker=None, ke
     runner = _runner(spec, tracker, key)
     # MetaSchedule prints a full statistics table per batch to stdout at INFO; its files in
     # work_dir/logs keep everything, the console gets our one-line progress instead
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_logger.level in (logging.NOTSET, logging.DEBUG, logging.INFO):
-        ms_logger.setLevel(logging.WARNING)
+    quiet_metaschedule_console()
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(pending, str(work), seed=seed)
     database = ms.database.JSONDatabase(work_dir=str(work))
     callback = _progress_callback(reports, work, budget, progress or _stderr)
@@ -152,7 +150,7 @@ def tune_module(mod, spec: TargetSpec, trials: int, work: Path, tracker=None, ke
             max_trials_global=budget,
             max_trials_per_task=budget,
             num_trials_per_iter=min(trials_per_iter, budget),
-            builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+            builder=candidate_builder(),
             runner=runner,
             database=database,
             cost_model="xgb",
@@ -166,6 +164,38 @@ def tune_module(mod, spec: TargetSpec, trials: int, work: Path, tracker=None, ke
         _save_state(work, reports)
     run_now = sum(r.trials for r in reports.values()) - already
     return TuneResult(work, spec.name, trials, run_now, time.perf_counter() - start, list(reports.values()))
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule's default candidate build without its ``import tvm.s_tir.tensor_intrin``:
+    that import parses hundreds of TVMScript functions (~30 s of CPU) in every batch's fresh
+    build worker. (Tensorizing schedule rules, e.g. for INT8 dot products, will need it.)"""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def candidate_builder():
+    """The builder tuning uses: ``build_candidate`` with a timeout that a busy machine meets."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate)
+
+
+def quiet_metaschedule_console() -> None:
+    """MetaSchedule prints a full statistics table per batch to stdout at INFO; its log files
+    in ``work_dir/logs`` keep everything, the console gets our one-line progress instead.
+
+    Also drops unnamed handlers from its logger: MetaSchedule's logging setup lists handlers
+    by name, and an unnamed one (pytest's capture handler) makes a second tuning run in the
+    same process fail with "'NoneType' object has no attribute 'format'".
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in logger.handlers if h.get_name() is None]:
+        logger.removeHandler(handler)
+    if logger.level in (logging.NOTSET, logging.DEBUG, logging.INFO):
+        logger.setLevel(logging.WARNING)
 
 
 def _runner(spec: TargetSpec, tracker: str | None, key: str | None):

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import group_members
+from farm_procs import group_members
 
 import hwcompress
 from hwcompress import farm
@@ -38,7 +38,7 @@ def test_status_of_unreachable_tracker_names_it():
 def test_server_of_dead_tracker_fails_with_its_output():
     port = farm.free_port()
     with pytest.raises(farm.FarmError, match="RPC server 'k'"):
-        farm.start_server(f"127.0.0.1:{port}", "k", timeout=20)
+        farm.start_server(f"127.0.0.1:{port}", "k", timeout=8)
 
 
 def test_server_listed_and_stopped_with_its_workers(tracker, started):
@@ -47,6 +47,8 @@ def test_server_listed_and_stopped_with_its_workers(tracker, started):
     assert info["tracker"] == tracker
     assert info["keys"]["basic"]["servers"] == 1
     assert {"key": "basic", "host": "127.0.0.1", "port": int(server.address.rsplit(":", 1)[1])} in info["servers"]
+    table = farm.status_text(info)
+    assert tracker in table and any(line.split()[:2] == ["basic", "1"] for line in table.splitlines())
     # a session forks a worker in the server's group; stop() must take it down too
     session = farm.request_session(tracker, "basic", wait_sec=30)
     assert session.cpu(0).exist
