@@ -4,6 +4,8 @@
   conv / matmul weights and bias.
 * ``fuse``: ``fuse(mod, Fuse())`` groups conv / matmul + bias (+ residual add) + activation
   into one kernel; ``build.legalize(mod, spec, fuse=False)`` switches TVM's own fusion off.
+* ``winograd``: ``winograd(mod, Winograd())`` rewrites eligible 3x3 stride-1 convs into
+  Winograd F(2x2,3x3) / F(4x4,3x3) kernels with the weights transformed at compile time.
 
 Importing this package stays light (numpy only): TVM is imported when a pass runs.
 """
@@ -11,8 +13,10 @@ Importing this package stays light (numpy only): TVM is imported when a pass run
 from ..recipe import register_technique
 from .fold_bn import FoldBatchNorm, fold_bn
 from .fuse import Fuse, fuse
+from .winograd import Winograd, winograd
 
-__all__ = ["FoldBatchNorm", "Fuse", "fold_bn", "fuse"]
+__all__ = ["FoldBatchNorm", "Fuse", "Winograd", "fold_bn", "fuse", "winograd"]
 
 register_technique("fold-bn", FoldBatchNorm, lambda mod, cfg, spec: fold_bn(mod, cfg))
 register_technique("fuse", Fuse, lambda mod, cfg, spec: fuse(mod, cfg))
+register_technique("winograd", Winograd, lambda mod, cfg, spec: winograd(mod, cfg, spec))
