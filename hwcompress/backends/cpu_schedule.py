@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 
 from .cpu_rules import per_block, tiled_reduction
+from .cpu_winograd import schedule_winograd
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def _check_lowers(func, target) -> None:
 
 
 _RULES = (
+    ("winograd", schedule_winograd),
     ("tiled_reduction", tiled_reduction),
     ("per_block", per_block),
     ("per_block_no_inline", lambda sch, facts: per_block(sch, facts, inline=False)),

@@ -1,0 +1,443 @@
+"""Winograd convolution: 3x3 stride-1 conv2d as F(2x2,3x3) or F(4x4,3x3), weights transformed
+at compile time.
+
+``Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A`` per ``alpha x alpha`` input tile (``alpha = m + 2``):
+the weight transform ``U = G g G^T`` is done here in numpy (float64, rounded once) and bound as
+a constant; the kernel does the data transform, ``alpha^2`` batched GEMMs over the input
+channels, and the inverse transform. Multiplications per output: ``9`` (direct) vs
+``alpha^2 / m^2`` = ``4`` (F(2,3)) or ``2.25`` (F(4,3)) per channel pair.
+
+Eligible: ``relax.nn.conv2d`` with a constant weight, 3x3 kernel, strides 1, dilation 1,
+groups 1, NCHW/OIHW or NHWC/HWIO (any kernel layout with O, I, H, W is read), float32/float64,
+both channel counts >= ``min_channels``. Everything else is left as it is.
+
+The kernel is TOPI's generic NHWC Winograd compute (``topi.nn._conv2d_winograd_nhwc_impl``)
+with a pre-transformed weight, for both layouts: an NCHW input is transposed to channels-last
+in the padding copy and the output gathered back to NCHW, so the transforms and the batched
+GEMM always read and write channels contiguously. Block names and ``schedule_rule``
+attributes (``conv2d_nhwc_winograd_{data_pack,inverse}``) are TOPI's, so MetaSchedule's
+Winograd rules tune it. It is written out here because TOPI's NHWC variant refuses
+pre-computed weights, its NCHW variant reads past the padded input when the output size is
+not a multiple of ``m``, and ``conv2d_winograd_weight_transform`` trips a memoize assertion.
+
+Untuned, the generic default CPU rules would run this kernel ~20x slower than the direct
+conv; the CPU backend's first rule (``backends/cpu_winograd.py``) schedules it properly:
+1.4-3.4x faster than the default-scheduled direct conv on ResNet-18's layers.
+
+Per-layer overrides (``Winograd.per_layer``) are keyed by the conv's **index**: its position
+among all ``relax.nn.conv2d`` bindings of ``main`` in program order (0-based, eligible or not;
+as a string because TOML keys are strings). Relax variable names are not stable across imports;
+the index is, for a given model. ``winograd_candidates(mod)`` lists index, shapes and the tile
+the pass would choose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+__all__ = [
+    "Winograd",
+    "WinogradPass",
+    "choose_tile",
+    "transform_weights",
+    "winograd",
+    "winograd_candidates",
+    "winograd_matrices",
+    "winograd_pass",
+]
+
+
+TILES = (2, 4)
+# Interpolation points per tile size m (plus the point at infinity): Barabasz et al.,
+# "Error analysis and improving the accuracy of Winograd convolution" (arXiv:1803.10986),
+# the same points as TOPI's winograd_util, so the matrices are TOPI's.
+_POINTS = {
+    2: (0, -1, 1),
+    3: (0, -1, 1, Fraction(1, 2)),
+    4: (0, -1, 1, Fraction(1, 2), -2),
+    5: (0, -1, 1, Fraction(1, 2), -2, Fraction(-1, 2)),
+    6: (0, -1, 1, Fraction(1, 2), Fraction(-1, 2), 2, -2),
+}
+
+
+@dataclass(frozen=True)
+class Winograd:
+    """Rewrite eligible 3x3 stride-1 convolutions into Winograd F(m x m, 3 x 3).
+
+    Parameters
+    ----------
+    tile : int or None
+        Output tile ``m`` for every eligible conv: 2 (F(2,3)) or 4 (F(4,3)); None chooses per
+        layer from the layer shape (``choose_tile``).
+    per_layer : dict[str, int]
+        Overrides by conv index (position among ``main``'s ``conv2d`` bindings, 0-based, as a
+        string): 2 or 4 forces that tile, 0 keeps the layer a direct conv. An override applies
+        even below ``min_channels``; the conv must still be structurally eligible.
+    min_channels : int
+        Convs with fewer input or output channels stay direct: the transforms' memory traffic
+        outweighs the saved multiplications on thin layers.
+    """
+
+    tile: int | None = None
+    per_layer: dict[str, int] = field(default_factory=dict)
+    min_channels: int = 16
+
+    def __post_init__(self):
+        if self.tile is not None and (isinstance(self.tile, bool) or self.tile not in TILES):
+            raise ValueError(f"Winograd.tile must be one of {TILES} or None (auto), got {self.tile!r}")
+        if not isinstance(self.per_layer, dict):
+            raise TypeError(f"Winograd.per_layer must be a table of conv index -> tile, got {self.per_layer!r}")
+        for key, tile in self.per_layer.items():
+            if not isinstance(key, str) or not key.isdigit():
+                raise ValueError(f"Winograd.per_layer keys are conv indices as strings ('0', '3'), got {key!r}")
+            if isinstance(tile, bool) or tile not in (0, *TILES):
+                raise ValueError(f"Winograd.per_layer[{key!r}] must be 0 (direct) or one of {TILES}, got {tile!r}")
+        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
+            raise ValueError(f"Winograd.min_channels must be a positive int, got {self.min_channels!r}")
+
+    def __hash__(self):  # per_layer is a dict: hash its items
+        return hash((self.tile, tuple(sorted(self.per_layer.items())), self.min_channels))
+
+
+# ---------------------------------------------------------------------------- math (numpy)
+
+
+def winograd_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cook–Toom transform matrices ``(A, B, G)`` of F(m, r), float64.
+
+    A 1D correlation ``y[i] = sum_k g[k] d[i + k]`` (``i < m``, ``d`` of length
+    ``alpha = m + r - 1``) is ``y = A^T ((G g) * (B^T d))``; in 2D,
+    ``Y = A^T [(G g G^T) * (B^T d B)] A``. Shapes: ``A (alpha, m)``, ``B (alpha, alpha)``,
+    ``G (alpha, r)``; TOPI's convention and scaling.
+
+    Built from the polynomial evaluation matrices ``V_n[i, j] = p_i ** j`` at ``alpha - 1``
+    points plus infinity: correlation is the transpose of the linear convolution
+    ``s = V_alpha^-1 ((V_r g) * (V_m x))``, so ``A = V_m``, ``G = D^-1 V_r``,
+    ``B = V_alpha^-1 D`` with ``D = diag(prod_k (p_i - p_k))`` moving the Lagrange
+    denominators from B into G. Exact in rational arithmetic, rounded once to float64.
+    """
+    if r != 3 or m not in _POINTS:
+        raise ValueError(f"F({m},{r}) is not supported: m in {sorted(_POINTS)}, r = 3")
+    points = [Fraction(p) for p in _POINTS[m]]
+    alpha = m + r - 1
+
+    def vandermonde(n):  # alpha x n; the point at infinity picks the leading coefficient
+        rows = [[p**j for j in range(n)] for p in points]
+        return rows + [[Fraction(int(j == n - 1)) for j in range(n)]]
+
+    denom = []
+    for i, p in enumerate(points):
+        d = Fraction(1)
+        for k, q in enumerate(points):
+            if k != i:
+                d *= p - q
+        denom.append(d)
+    if denom[0] < 0:  # TOPI's sign convention
+        denom[0] = -denom[0]
+    denom.append(Fraction(1))
+
+    a = vandermonde(m)
+    g = [[v / denom[i] for v in row] for i, row in enumerate(vandermonde(r))]
+    b = [[v * denom[j] for j, v in enumerate(row)] for row in _inverse(vandermonde(alpha))]
+    as_array = lambda rows: np.array([[float(v) for v in row] for row in rows], dtype=np.float64)  # noqa: E731
+    A, B, G = as_array(a), as_array(b), as_array(g)
+    assert A.shape == (alpha, m) and B.shape == (alpha, alpha) and G.shape == (alpha, r)
+    return A, B, G
+
+
+def _inverse(rows: list[list[Fraction]]) -> list[list[Fraction]]:
+    """Exact inverse of a small rational matrix (Gauss–Jordan)."""
+    n = len(rows)
+    aug = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(rows)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if aug[r][col] != 0)
+        aug[col], aug[pivot] = aug[pivot], aug[col]
+        lead = aug[col][col]
+        aug[col] = [v / lead for v in aug[col]]
+        for r in range(n):
+            if r != col and aug[r][col] != 0:
+                f = aug[r][col]
+                aug[r] = [v - f * w for v, w in zip(aug[r], aug[col])]
+    return [row[n:] for row in aug]
+
+
+def transform_weights(w: np.ndarray, m: int) -> np.ndarray:
+    """Winograd-domain weights ``U = G g G^T`` of an OIHW 3x3 weight, in float64 then cast
+    back to ``w``'s dtype.
+
+    Returns
+    -------
+    ndarray
+        Shape ``(alpha, alpha, I, O)``: ``U[e, n, i, o] = (G w[o, i] G^T)[e, n]``, the layout
+        the kernel's batched GEMM reads (``O`` contiguous).
+    """
+    w = np.asarray(w)
+    if w.ndim != 4 or w.shape[2:] != (3, 3):
+        raise ValueError(f"expected an OIHW weight with a 3x3 kernel, got shape {w.shape}")
+    _, _, G = winograd_matrices(m, 3)
+    u = np.einsum("ek,oikl,nl->enio", G, w.astype(np.float64), G)
+    return u.astype(w.dtype)
+
+
+def choose_tile(out_hw: tuple[int, int], channels: tuple[int, int], spec=None) -> int:
+    """The output tile ``m`` for a conv with output size ``out_hw`` and ``(in, out)`` channels.
+
+    F(4,3) does 2.25 instead of 4 multiplications per output and channel pair, but its
+    transformed weights are 4x the direct ones (F(2,3): 1.8x) and each is reused once per
+    output tile: with few tiles the batched GEMM streams weights instead of computing, and the
+    padding to whole tiles wastes more. Measured on the CPU default schedule (ResNet-18 layers,
+    ``tools/bench_winograd.py``): F(4,3) wins at 56x56 and 28x28 (>= 49 tiles of 4x4), F(2,3)
+    at 14x14 and 7x7. ``spec`` is accepted for target-dependent choices; none is needed yet.
+    """
+    h, w = out_hw
+    return 4 if -(-h // 4) * -(-w // 4) >= _MIN_F4_TILES else 2
+
+
+_MIN_F4_TILES = 32
+
+
+# ---------------------------------------------------------------------------- kernels (TE)
+
+
+def _winograd_te(data, weight, padding, m: int, layout: str):
+    """TE compute of a Winograd conv with the pre-transformed ``weight`` ``(alpha, alpha, I, O)``.
+
+    ``layout`` is ``"NCHW"`` or ``"NHWC"``; ``padding`` is ``(top, left, bottom, right)``.
+    The blocks mirror TOPI's generic Winograd computes so that MetaSchedule's rules apply.
+    """
+    from tvm import te
+    from tvm.topi.utils import const_matrix, get_const_tuple
+
+    nchw = layout == "NCHW"
+    if nchw:
+        n, ci, h, w = get_const_tuple(data.shape)
+    else:
+        n, h, w, ci = get_const_tuple(data.shape)
+    alpha, _, _, co = get_const_tuple(weight.shape)
+    pt, pl, pb, pr = padding
+    out_h, out_w = h + pt + pb - 2, w + pl + pr - 2
+    nh, nw = (out_h + m - 1) // m, (out_w + m - 1) // m
+    p_tiles = n * nh * nw
+    dtype = str(data.dtype)
+    a_np, b_np, _ = winograd_matrices(m, 3)
+    A, B = const_matrix(a_np.astype(dtype), "A"), const_matrix(b_np.astype(dtype), "B")
+
+    # Padded input, channels last whatever the layout (an NCHW input is transposed in this one
+    # copy, so that every later stage reads and writes channels contiguously), and padded up to
+    # whole tiles: the last tile reads nh*m + 2 rows (TOPI's NCHW compute does not pad them and
+    # reads out of bounds when out_h % m != 0).
+    def padded(b, y, x, c):
+        inside = te.all(y >= pt, y < h + pt, x >= pl, x < w + pl)
+        value = data[b, c, y - pt, x - pl] if nchw else data[b, y - pt, x - pl, c]
+        return te.if_then_else(inside, value, te.const(0, dtype))
+
+    data_pad = te.compute((n, nh * m + 2, nw * m + 2, ci), padded, name="data_pad", attrs={"schedule_rule": "None"})
+
+    def tile_of(p):
+        return p // (nh * nw), (p // nw) % nh * m, p % nw * m
+
+    # The NHWC computes of TOPI (and MetaSchedule's nhwc rules) from here on, for both layouts.
+    input_tile = te.compute(
+        (alpha, alpha, p_tiles, ci),
+        lambda eps, nu, p, c: data_pad[tile_of(p)[0], tile_of(p)[1] + eps, tile_of(p)[2] + nu, c],
+        name="input_tile",
+        attrs={"schedule_rule": "None"},
+    )
+    r_a, r_b = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
+    data_pack = te.compute(
+        (alpha, alpha, p_tiles, ci),
+        lambda eps, nu, p, c: te.sum(input_tile[r_a, r_b, p, c] * B[r_a, eps] * B[r_b, nu], axis=[r_a, r_b]),
+        name="data_pack",
+        attrs={"schedule_rule": "conv2d_nhwc_winograd_data_pack"},
+    )
+    k = te.reduce_axis((0, ci), "ci")
+    bgemm = te.compute(
+        (alpha, alpha, p_tiles, co),
+        lambda eps, nu, p, o: te.sum(data_pack[eps, nu, p, k] * weight[eps, nu, k, o], axis=[k]),
+        name="bgemm",
+        attrs={"meta_schedule.write_cache_level": [2]},
+    )
+    r_a, r_b = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
+    inverse = te.compute(
+        (m, m, p_tiles, co),
+        lambda vh, vw, p, o: te.sum(bgemm[r_a, r_b, p, o] * A[r_a, vh] * A[r_b, vw], axis=[r_a, r_b]),
+        name="inverse",
+        attrs={"schedule_rule": "conv2d_nhwc_winograd_inverse"},
+    )
+
+    def gather(b, y, x, o):
+        return inverse[y % m, x % m, b * nh * nw + y // m * nw + x // m, o]
+
+    if nchw:
+        return te.compute((n, co, out_h, out_w), lambda b, o, y, x: gather(b, y, x, o), name="conv2d_winograd")
+    return te.compute((n, out_h, out_w, co), gather, name="conv2d_winograd")
+
+
+# ---------------------------------------------------------------------------- pattern + rewriter
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """What the rewriter needs to know about an eligible conv2d."""
+
+    layout: str  # NCHW | NHWC
+    weight_oihw: np.ndarray
+    padding: tuple[int, int, int, int]
+    out_hw: tuple[int, int]
+
+
+def _conv_pattern():
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    return is_op("relax.nn.conv2d")(wildcard(), is_const())
+
+
+def _eligible(call) -> _Conv | None:
+    """The conv's facts if it can be a Winograd conv, else None."""
+    attrs = call.attrs
+    layout = str(attrs.data_layout)
+    out_layout = str(attrs.out_layout or layout)
+    kernel_layout = str(attrs.kernel_layout)
+    if layout not in ("NCHW", "NHWC") or out_layout != layout or sorted(kernel_layout) != sorted("OIHW"):
+        return None
+    if int(attrs.groups) != 1 or any(int(s) != 1 for s in attrs.strides) or any(int(d) != 1 for d in attrs.dilation):
+        return None
+    data_ty, weight_ty = call.args[0].ty, call.args[1].ty
+    dtype = str(data_ty.dtype)
+    out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
+    if dtype not in ("float32", "float64") or str(weight_ty.dtype) != dtype or out_dtype not in ("", "void", dtype):
+        return None
+    try:
+        shape = [int(d) for d in data_ty.shape]
+    except (TypeError, ValueError):  # symbolic shapes: the tile count must be static
+        return None
+    weight = np.transpose(call.args[1].value.numpy(), [kernel_layout.index(c) for c in "OIHW"])
+    if weight.shape[2:] != (3, 3):
+        return None
+    padding = tuple(int(p) for p in attrs.padding)
+    if len(padding) == 2:
+        padding = padding * 2
+    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    out_hw = (h + padding[0] + padding[2] - 2, w + padding[1] + padding[3] - 2)
+    if min(out_hw) < 1:
+        return None
+    return _Conv(layout, weight, padding, out_hw)
+
+
+def _tile_for(conv: _Conv, index: int | None, config: Winograd, spec) -> int:
+    """The tile for ``conv`` (0: stay direct): recipe override, then config, then auto."""
+    override = config.per_layer.get(str(index)) if index is not None else None
+    if override is not None:
+        return override
+    o, i = conv.weight_oihw.shape[:2]
+    if min(o, i) < config.min_channels:
+        return 0
+    return config.tile or choose_tile(conv.out_hw, (i, o), spec)
+
+
+def _rewrite_conv(matched, bb, index_of, config: Winograd, spec):
+    """Rewriter of ``_conv_pattern``: a ``call_tir`` of the Winograd kernel, or ``matched``."""
+    from tvm import relax
+
+    conv = _eligible(matched)
+    if conv is None:
+        return matched
+    m = _tile_for(conv, index_of(matched), config, spec)
+    if m == 0:
+        return matched
+    u = transform_weights(conv.weight_oihw, m)
+    return bb.call_te(
+        _winograd_te, matched.args[0], relax.const(u, str(u.dtype)), conv.padding, m, conv.layout,
+        primfunc_name_hint=f"conv2d_winograd_f{m}",
+    )
+
+
+def _conv_bindings(mod) -> list:
+    """Every ``conv2d`` call of ``main`` (then the other Relax functions), in program order."""
+    from tvm import relax
+
+    funcs = sorted(
+        ((gv.name_hint, f) for gv, f in mod.functions.items() if isinstance(f, relax.Function)),
+        key=lambda item: (item[0] != "main", item[0]),
+    )
+    calls = []
+    for _, func in funcs:
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if isinstance(value, relax.Call) and getattr(value.op, "name", None) == "relax.nn.conv2d":
+                    calls.append(value)
+    return calls
+
+
+# ---------------------------------------------------------------------------- pass + verb
+
+
+class WinogradPass:
+    """Module pass rewriting eligible convs (``winograd_pass(config, spec)`` builds it)."""
+
+    def __init__(self, config: Winograd, spec=None):
+        self.config = config
+        self.spec = spec
+
+    def transform_module(self, mod, ctx):
+        from tvm import relax
+        from tvm.relax.dpl import rewrite_call
+
+        calls = _conv_bindings(mod)
+
+        def index_of(call):
+            return next((i for i, c in enumerate(calls) if c.same_as(call)), None)
+
+        bb = relax.BlockBuilder(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                new = rewrite_call(_conv_pattern(), lambda e, _m: _rewrite_conv(e, bb, index_of, self.config, self.spec), func)
+                if not new.same_as(func):
+                    bb.update_func(gv, new)
+        return bb.get()
+
+
+def winograd_pass(config: Winograd = Winograd(), spec=None):
+    """``WinogradPass`` as a ``tvm.transform.Pass`` (for a ``Sequential``)."""
+    import tvm
+
+    return tvm.transform.module_pass(opt_level=0, name="hwc.Winograd")(WinogradPass)(config, spec)
+
+
+def winograd(mod, config: Winograd = Winograd(), spec=None):
+    """Rewrite eligible 3x3 stride-1 conv2d into Winograd kernels with pre-transformed weights.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        A Relax module as imported (before ``build.legalize``); run ``fold_bn`` first so that
+        the folded weights are the ones transformed.
+    config : Winograd
+    spec : TargetSpec, optional
+        The target (passed to ``choose_tile``).
+
+    Returns
+    -------
+    tvm.IRModule
+        A new module: each rewritten conv is a ``call_tir`` of a ``conv2d_winograd_f{m}``
+        PrimFunc; its bias / BN / activation / residual consumers stay Relax ops, which
+        ``build.legalize``'s fusion puts into the same kernel.
+    """
+    return winograd_pass(config, spec)(mod)
+
+
+def winograd_candidates(mod, config: Winograd = Winograd(), spec=None) -> list[dict]:
+    """One row per ``conv2d`` of ``mod``: ``index`` (the ``per_layer`` key), ``layout``,
+    ``weight`` (OIHW shape), ``out_hw``, and ``tile`` (0: stays direct, None: not eligible)."""
+    rows = []
+    for i, call in enumerate(_conv_bindings(mod)):
+        conv = _eligible(call) if type(call.args[1]).__name__ == "GenericConst" else None
+        row = {"index": i, "weight": tuple(int(d) for d in call.args[1].ty.shape), "layout": str(call.attrs.data_layout)}
+        row["out_hw"] = conv.out_hw if conv else None
+        row["tile"] = _tile_for(conv, i, config, spec) if conv else None
+        rows.append(row)
+    return rows

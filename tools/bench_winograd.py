@@ -1,0 +1,200 @@
+"""Direct vs Winograd conv: ResNet-18's 3x3 stride-1 layers, then ResNet-18 end to end.
+
+    .venv/bin/python tools/bench_winograd.py layers                    # default schedules
+    .venv/bin/python tools/bench_winograd.py layers --tune 32 --work-dir /tmp/wg_tune
+    .venv/bin/python tools/bench_winograd.py resnet18 [--tile 2] [--db DIR ...]
+
+``layers``: every distinct 3x3 stride-1 layer of ResNet-18 at 224x224, batch 1, as
+``Conv(bias) + Relu`` (the shape it has after BN folding), built three ways: ``direct``
+(``build.legalize``), ``f2`` and ``f4`` (``winograd(mod, Winograd(tile=m))`` first). Without
+``--tune`` every kernel gets hwcompress's default CPU schedule (Winograd kernels:
+the CPU backend's Winograd rule); ``auto`` is ``Winograd()`` (the tile ``choose_tile`` picks); with ``--tune N`` each variant of
+each layer is tuned with ``tune_module`` for the same ``N`` trials (own database per variant,
+under ``--work-dir``; re-running continues it) and built with that database.
+
+``resnet18``: the whole model, direct vs ``winograd(mod, Winograd(tile=...))`` (auto tile
+when ``--tile`` is not given), both with default schedules unless ``--db`` is given.
+
+Variants of one layer run interleaved in the same rounds (the machine is shared and noisy);
+the table gives medians and ``direct / variant`` speedups (> 1: Winograd is faster), and each
+variant's relative max error against the direct build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (channels, spatial size): ResNet-18's 3x3 stride-1 convs (layer1..layer4; the count of each
+# shape in the model is in the comment).
+LAYERS = {
+    "c64_56": (64, 56),  # x4
+    "c128_28": (128, 28),  # x3
+    "c256_14": (256, 14),  # x3
+    "c512_7": (512, 7),  # x3
+}
+
+
+def conv_relu_model(c: int, hw: int, seed: int = 0):
+    """ONNX ``Conv(3x3, pad 1, bias) -> Relu``, ``c -> c`` channels, input ``[1, c, hw, hw]``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((c, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32)
+    b = (rng.standard_normal(c) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_relu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, hw, hw])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, c, hw, hw])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def relax_module(model, variant: str, tile: int | None = None):
+    """The imported module with ``variant`` applied (``direct``, ``f2``, ``f4``, ``auto``)."""
+    import hwcompress
+    from hwcompress.passes.winograd import Winograd, winograd
+
+    mod = hwcompress.import_onnx(model)
+    if variant == "direct":
+        return mod
+    return winograd(mod, Winograd(tile={"f2": 2, "f4": 4, "auto": tile}[variant]))
+
+
+def build(mod, spec, databases=()):
+    """Legalize, apply the databases, then the backend's default schedules (whose first rule
+    schedules Winograd kernels); a VM on the CPU."""
+    import tvm
+
+    from hwcompress import build as B
+
+    ex = B.build(B.schedule(B.legalize(mod, spec), spec, list(databases)), spec)
+    return tvm.relax.VirtualMachine(ex, tvm.cpu())
+
+
+def tune(mod, spec, trials: int, work_dir: Path) -> Path:
+    from hwcompress import build as B
+    from hwcompress.tuning import tune_module
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tune_module(B.legalize(mod, spec), spec, trials, work_dir, trials_per_iter=8)
+    return work_dir
+
+
+def interleaved(runners: dict, rounds: int, reps: int) -> dict:
+    """Median seconds per run of each runner, measured round-robin."""
+    times = {name: [] for name in runners}
+    for fn in runners.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / reps)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_layers(args, spec) -> None:
+    import tvm
+
+    rows = []
+    for name in args.layers.split(","):
+        c, hw = LAYERS[name]
+        model = conv_relu_model(c, hw)
+        x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, c, hw, hw)).astype(np.float32))
+        runners, outs = {}, {}
+        for variant in args.variants.split(","):
+            mod = relax_module(model, variant)
+            dbs = []
+            if args.tune:
+                t0 = time.perf_counter()
+                dbs = [tune(mod, spec, args.tune, Path(args.work_dir) / f"{name}_{variant}")]
+                print(f"  tuned {name} {variant}: {args.tune} trials, {time.perf_counter() - t0:.0f}s", flush=True)
+            vm = build(mod, spec, dbs)
+            outs[variant] = vm["main"](x).numpy()
+            runners[variant] = lambda vm=vm: vm["main"](x)
+        ref = outs["direct"]
+        ms = interleaved(runners, args.rounds, args.reps)
+        for variant in runners:
+            err = float(np.abs(outs[variant] - ref).max() / np.abs(ref).max())
+            rows.append((name, variant, ms[variant] * 1e3, ms["direct"] / ms[variant], err))
+            print(f"  {name:<8} {variant:<6} {ms[variant] * 1e3:8.3f} ms  x{ms['direct'] / ms[variant]:.2f}  err {err:.1e}", flush=True)
+    mode = f"tuned, {args.tune} trials per variant" if args.tune else "default schedules"
+    print(f"\n3x3 stride-1 layers of ResNet-18, conv+bias+relu, batch 1 ({mode}; median of {args.rounds} rounds x {args.reps})")
+    print(f"| layer | variant | ms | speedup vs direct | rel. max err vs direct |\n|---|---|---:|---:|---:|")
+    for name, variant, ms, speedup, err in rows:
+        print(f"| {name} | {variant} | {ms:.3f} | {speedup:.2f}x | {err:.1e} |")
+
+
+def bench_resnet18(args, spec) -> None:
+    import onnxruntime as ort
+    import tvm
+
+    zoo_spec = importlib.util.spec_from_file_location("_hwc_tools_zoo", ROOT / "tools" / "zoo.py")
+    zoo = importlib.util.module_from_spec(zoo_spec)
+    zoo_spec.loader.exec_module(zoo)
+    import hwcompress
+    from hwcompress.passes.winograd import Winograd, winograd
+
+    model = zoo.resnet18()
+    shapes = {"input": (1, 3, 224, 224)}
+    x = np.random.default_rng(0).standard_normal(shapes["input"]).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    xt = tvm.runtime.tensor(x)
+    runners = {}
+    for variant in ("direct", "winograd"):
+        mod = hwcompress.import_onnx(model, shapes)
+        if variant == "winograd":
+            mod = winograd(mod, Winograd(tile=args.tile), spec)
+        vm = build(mod, spec, args.db or ())
+        err = float(np.abs(vm["main"](xt).numpy() - ref).max() / np.abs(ref).max())
+        print(f"  {variant}: rel max err vs ORT {err:.1e}", flush=True)
+        runners[variant] = lambda vm=vm: vm["main"](xt)
+    ms = interleaved(runners, args.rounds, args.reps)
+    print(f"\nResNet-18 224x224 batch 1, tile {args.tile or 'auto'} (median of {args.rounds} rounds x {args.reps})")
+    for variant, s in ms.items():
+        print(f"  {variant:<9} {s * 1e3:8.2f} ms  x{ms['direct'] / s:.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("layers", "resnet18"))
+    ap.add_argument("--target", default="host")
+    ap.add_argument("--layers", default=",".join(LAYERS))
+    ap.add_argument("--variants", default="direct,f2,f4,auto", help="layers: comma list of direct, f2, f4, auto")
+    ap.add_argument("--tune", type=int, default=0, help="layers: tune each variant for this many trials")
+    ap.add_argument("--work-dir", default="/tmp/hwc_bench_winograd")
+    ap.add_argument("--tile", type=int, default=None, help="resnet18: 2 or 4 (default: auto per layer)")
+    ap.add_argument("--db", action="append", help="resnet18: tuning database dir(s) for both builds")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    from hwcompress.targets import load_target
+
+    spec = load_target(args.target)
+    (bench_layers if args.what == "layers" else bench_resnet18)(args, spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
