@@ -22,6 +22,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import conv_relu_model  # noqa: E402
 
 # (name, cin, cout, hw, kernel, stride, pad, group): ResNet-18 / MobileNet layer shapes at 224
 LAYERS = [
@@ -35,26 +37,6 @@ LAYERS = [
     ("dw 144 3x3 56", 144, 144, 56, 3, 1, 1, 144),
     ("dw 384 3x3 14", 384, 384, 14, 3, 1, 1, 384),
 ]
-
-
-def conv_layer(cin, cout, hw, k, stride, pad, group, seed=0) -> onnx.ModelProto:
-    """Conv (bias) + Relu as an ONNX model, input [1, cin, hw, hw]."""
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k)).astype(np.float32)
-    b = rng.standard_normal(cout).astype(np.float32) * 0.1
-    out_hw = (hw + 2 * pad - k) // stride + 1
-    nodes = [
-        helper.make_node("Conv", ["input", "w", "b"], ["c"], kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group),
-        helper.make_node("Relu", ["c"], ["output"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "conv",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, cin, hw, hw])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, cout, out_hw, out_hw])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def gemm_layer(k, n, seed=0) -> onnx.ModelProto:
@@ -148,7 +130,7 @@ def main(argv=None) -> int:
     print(f"target {spec.tvm}; medians of {args.rounds} interleaved rounds")
     if "layers" in which:
         for name, cin, cout, hw, k, s, p, g in LAYERS:
-            _report(name, *bench_model(name, conv_layer(cin, cout, hw, k, s, p, g), spec, args.rounds))
+            _report(name, *bench_model(name, conv_relu_model(cin, cout, hw, k, s, p, g), spec, args.rounds))
         _report("gemm 512->1000 batch1", *bench_model("gemm", gemm_layer(512, 1000), spec, args.rounds))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import zoo

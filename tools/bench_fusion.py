@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from benchlib import interleaved_times  # noqa: E402
 VARIANTS = ("unfused", "stock", "fused", "bn-unfused")
 
 
@@ -90,15 +92,7 @@ def bench_model(name, model, spec, variants, rounds, reps):
         runners[variant] = lambda vm=vm, xt=xt: vm["main"](xt)
         info[variant] = {"kernels": n_kernels, "build_s": secs, "err": err}
         print(f"  built {name} {variant}: {n_kernels} kernels, {secs:.0f}s, rel err {err:.1e}", flush=True)
-    times = {v: [] for v in variants}
-    for fn in runners.values():
-        fn()
-    for _ in range(rounds):
-        for variant, fn in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[variant].append((time.perf_counter() - t0) / reps)
+    times = interleaved_times(runners, rounds, reps)
     base = statistics.median(times["fused"]) if "fused" in times else None
     print(f"\n{name} (median of {rounds} interleaved rounds x {reps} runs)")
     print(f"  {'variant':<11} {'kernels':>7} {'ms':>9} {'FPS':>7} {'x fused':>8}")

@@ -33,6 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from benchlib import conv_relu_model, interleaved  # noqa: E402
 
 # (channels, spatial size): ResNet-18's 3x3 stride-1 convs (layer1..layer4; the count of each
 # shape in the model is in the comment).
@@ -42,30 +44,6 @@ LAYERS = {
     "c256_14": (256, 14),  # x3
     "c512_7": (512, 7),  # x3
 }
-
-
-def conv_relu_model(c: int, hw: int, seed: int = 0):
-    """ONNX ``Conv(3x3, pad 1, bias) -> Relu``, ``c -> c`` channels, input ``[1, c, hw, hw]``."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((c, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32)
-    b = (rng.standard_normal(c) * 0.1).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["input", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["y"], ["out"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "conv_relu",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, hw, hw])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, c, hw, hw])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
 
 
 def relax_module(model, variant: str, tile: int | None = None):
@@ -99,27 +77,13 @@ def tune(mod, spec, trials: int, work_dir: Path) -> Path:
     return work_dir
 
 
-def interleaved(runners: dict, rounds: int, reps: int) -> dict:
-    """Median seconds per run of each runner, measured round-robin."""
-    times = {name: [] for name in runners}
-    for fn in runners.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / reps)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def bench_layers(args, spec) -> None:
     import tvm
 
     rows = []
     for name in args.layers.split(","):
         c, hw = LAYERS[name]
-        model = conv_relu_model(c, hw)
+        model = conv_relu_model(c, c, hw)
         x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, c, hw, hw)).astype(np.float32))
         runners, outs = {}, {}
         for variant in args.variants.split(","):
