@@ -110,7 +110,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     """
     from . import build
     from .backends import get_backend
-    from .export import MODULE, staging, write_manifest
+    from .export import MODULE, check_destination, staging, write_manifest
     from .runtime import how_it_runs, load
     from .verify import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -118,8 +118,11 @@ def compile(  # noqa: A001 - the natural name of the verb
     rtol = DEFAULT_RTOL if rtol is None else rtol
     atol = DEFAULT_ATOL if atol is None else atol
 
-    front = import_model(model, spec, input_shapes, recipe, verify_inputs)
+    check_destination(out)  # fail before a long build, not after
     dbs = shipped_databases(spec) + [Path(d) for d in databases]
+    for db in dbs:
+        build.database_files(db)
+    front = import_model(model, spec, input_shapes, recipe, verify_inputs)
     with _stage(f"lower + schedule ({spec.name})"):
         lowered = build.apply_databases(build.legalize(front.mod, spec, fuse=fuse), spec, dbs)
         tuned = build.scheduled_kernels(lowered)

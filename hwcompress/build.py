@@ -100,14 +100,21 @@ def apply_database(mod, target, db_dir: str | Path):
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    db_dir = Path(db_dir)
-    workload = db_dir / "database_workload.json"
-    records = db_dir / "database_tuning_record.json"
-    if not (workload.is_file() and records.is_file()):
-        return mod
+    workload, records = database_files(db_dir)
     database = ms.database.JSONDatabase(path_workload=str(workload), path_tuning_record=str(records), allow_missing=False)
     with target, database:
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+def database_files(db_dir: str | Path) -> tuple[Path, Path]:
+    """The two JSON files of a MetaSchedule database directory; ``DataError`` if absent."""
+    from .errors import DataError
+
+    db_dir = Path(db_dir)
+    workload, records = db_dir / "database_workload.json", db_dir / "database_tuning_record.json"
+    if not (workload.is_file() and records.is_file()):
+        raise DataError(f"{db_dir}: not a tuning database (needs {workload.name} and {records.name}; `hwc tune` writes them)")
+    return workload, records
 
 
 def build(mod, spec: TargetSpec):

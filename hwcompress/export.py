@@ -27,9 +27,7 @@ FORMAT_VERSION = 1
 @contextlib.contextmanager
 def staging(out: str | os.PathLike):
     """Yield a fresh staging directory; on normal exit it replaces ``out`` atomically."""
-    out = Path(out).resolve()
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise ArtifactError(f"{out}: exists and is not an hwc artifact; refusing to overwrite it")
+    out = check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
@@ -38,6 +36,17 @@ def staging(out: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_destination(out: str | os.PathLike) -> Path:
+    """``out`` as an absolute path, if an artifact may be written there: it does not exist, is
+    an empty directory, or holds an earlier artifact (which is then replaced)."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out}: exists and is not a directory; refusing to overwrite it")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ArtifactError(f"{out}: exists and is not an hwc artifact; refusing to overwrite it")
+    return out
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -26,7 +26,7 @@ def load_model(model) -> onnx.ModelProto:
         path = Path(model)
         name = str(path)
         if not path.is_file():
-            raise ModelError(f"{name}: model file not found")
+            raise ModelError(f"{name}: model file not found (or not a file)")
         proto = _parse(path.read_bytes(), name)
         if _has_external_data(proto):
             try:

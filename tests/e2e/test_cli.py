@@ -128,3 +128,11 @@ def test_wrong_input_files(artifact, tmp_path):
 
 def test_tune_rejects_bad_trials(tiny_model_path):
     assert_one_line_error(hwc("tune", tiny_model_path, "--trials", "0"), "--trials")
+
+
+def test_bad_destination_and_database(tmp_path, tiny_model_path):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(hwc("build", tiny_model_path, "-o", tmp_path / "file"), "not a directory")
+    assert (tmp_path / "file").read_text() == "x"
+    assert_one_line_error(hwc("build", tiny_model_path, "-o", tmp_path / "o", "--db", tmp_path / "nodb"), "nodb", "not a tuning database")
+    assert not (tmp_path / "o").exists()
