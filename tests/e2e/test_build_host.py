@@ -105,3 +105,25 @@ def test_user_verify_inputs_are_recorded(tiny_static_model, tmp_path):
 def test_import_onnx_gives_relax_module(tiny_static_model):
     mod = hwcompress.import_onnx(tiny_static_model)
     assert "main" in [gv.name_hint for gv in mod.get_global_vars()]
+
+
+def test_integer_inputs_verify_on_user_data(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from model_builders import make_model
+
+    emb = numpy_helper.from_array(np.arange(20, dtype=np.float32).reshape(5, 4), "emb")
+    model = make_model(
+        [helper.make_node("Gather", ["emb", "ids"], ["y"])],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [emb],
+    )
+    # random int64 ids are out of range: ORT rejects them, and the module is never run on them
+    with pytest.raises(VerificationError, match="--verify-input"):
+        hwcompress.compile(model, out=tmp_path / "a")
+    artifact = hwcompress.compile(model, out=tmp_path / "b", verify_inputs=[np.array([0, 4, 2])])
+    v = artifact.manifest["verification"]
+    assert v["status"] == "passed" and [c["inputs"] for c in v["cases"]] == ["user"]
+    assert "rejects" in v["skipped_inputs"][0]
+    np.testing.assert_array_equal(artifact.run(np.array([1, 1, 3]))[0], np.arange(20, dtype=np.float32).reshape(5, 4)[[1, 1, 3]])
