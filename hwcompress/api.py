@@ -31,7 +31,7 @@ def _stage(name: str):
     log.info("%s done (%.1f s)", name, time.perf_counter() - start)
 
 
-def shipped_databases(spec: TargetSpec) -> list[Path]:
+def find_shipped_databases(spec: TargetSpec) -> list[Path]:
     """Pre-tuned MetaSchedule databases shipped for this target (``schedules/<name>/``)."""
     from .targets import data_dir
 
@@ -88,6 +88,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     rtol: float | None = None,
     atol: float | None = None,
     fuse: bool = True,
+    shipped_databases: bool = True,
 ):
     """Compile an ONNX model for a target into a verified artifact directory.
 
@@ -103,6 +104,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     verify_inputs : user inputs to verify on, in addition to seeded random inputs
     rtol, atol : verification tolerance, elementwise ``|out - ref| <= atol + rtol * |ref|``
     fuse : let TVM fuse elementwise ops into their producers' kernels (off: one kernel per op)
+    shipped_databases : apply ``schedules/<target>/`` (off: only ``databases``; for baselines)
 
     Returns
     -------
@@ -119,7 +121,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     atol = DEFAULT_ATOL if atol is None else atol
 
     check_destination(out)  # fail before a long build, not after
-    dbs = shipped_databases(spec) + [Path(d) for d in databases]
+    dbs = (find_shipped_databases(spec) if shipped_databases else []) + [Path(d) for d in databases]
     for db in dbs:
         build.database_files(db)
     front = import_model(model, spec, input_shapes, recipe, verify_inputs)

@@ -1,7 +1,9 @@
 """Host latency of hwc builds vs ONNX Runtime (FP32, 2 threads) on the model zoo.
 
-Both run in this process on the same inputs, interleaved round by round so that machine
-noise hits both alike; the figure that means something is the ratio hwc / ORT.
+All variants run in this process on the same inputs, interleaved round by round so that
+machine noise hits them alike; the figures that mean something are the ratios. "untuned" uses
+no database at all (hwc's default schedules); "tuned" applies the shipped schedules/<target>/
+databases and any --db, and is shown when one of them covers a kernel.
 
     python tools/bench.py [--models resnet18,mobilenet_v2,small_cnn] [--rounds 15] [--runs 5]
                           [--target host] [--db DIR] [--markdown]
@@ -10,7 +12,6 @@ noise hits both alike; the figure that means something is the ratio hwc / ORT.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import zoo  # noqa: E402
+from benchlib import interleaved  # noqa: E402
 
 import hwcompress  # noqa: E402
 
@@ -41,46 +43,43 @@ def ort_session(model, threads: int):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def time_ms(fn, runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def bench_model(name: str, target: str, dbs: list[str], rounds: int, runs: int, threads: int) -> dict:
+    """Untuned hwc (no database at all), tuned hwc (shipped + ``dbs``) when any database
+    applies, and ORT, interleaved."""
+    import tvm
+
     model, shapes = MODELS[name]()
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        artifact = hwcompress.compile(model, target=target, out=Path(tmp) / name, input_shapes=shapes, databases=dbs)
-        build_s = time.perf_counter() - start
-        spec = artifact.inputs[0]
+        builds = {}
+        for variant, options in (("untuned", {"shipped_databases": False}), ("tuned", {"databases": dbs})):
+            start = time.perf_counter()
+            artifact = hwcompress.compile(model, target=target, out=Path(tmp) / variant, input_shapes=shapes, **options)
+            builds[variant] = (artifact, time.perf_counter() - start)
+        if not builds["tuned"][0].manifest["kernels"]["tuned"]:
+            del builds["tuned"]  # no database applies: same as untuned
+        spec = builds["untuned"][0].inputs[0]
         x = np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"])
         session = ort_session(model, threads)
-        feed = {spec["name"]: x}
-        import tvm
-
-        vm, device = artifact.native_vm()
-        arg = tvm.runtime.tensor(x, device)
-        hwc_fn, ort_fn = (lambda: vm["main"](arg)), (lambda: session.run(None, feed))
-        for fn in (hwc_fn, ort_fn):  # warm-up
-            time_ms(fn, 3)
-        hwc, ref = [], []
-        for _ in range(rounds):
-            hwc.append(time_ms(hwc_fn, runs))
-            ref.append(time_ms(ort_fn, runs))
-        flops = artifact.manifest["inspect"]["after"]["flops"]
-    hwc_ms, ort_ms = statistics.median(hwc), statistics.median(ref)
+        runners = {}
+        for variant, (artifact, _) in builds.items():
+            vm, device = artifact.native_vm()
+            arg = tvm.runtime.tensor(x, device)
+            runners[variant] = lambda vm=vm, arg=arg: vm["main"](arg)
+        runners["ort"] = lambda: session.run(None, {spec["name"]: x})
+        ms = {k: v * 1e3 for k, v in interleaved(runners, rounds, runs).items()}
+        flops = builds["untuned"][0].manifest["inspect"]["after"]["flops"]
+        tuned_kernels = len(builds["tuned"][0].manifest["kernels"]["tuned"]) if "tuned" in builds else 0
+    best = ms.get("tuned", ms["untuned"])
     return {
         "model": name,
-        "hwc_ms": hwc_ms,
-        "ort_ms": ort_ms,
-        "ratio": hwc_ms / ort_ms,
+        "untuned_ms": ms["untuned"],
+        "tuned_ms": ms.get("tuned"),
+        "tuned_kernels": tuned_kernels,
+        "ort_ms": ms["ort"],
+        "ratio": best / ms["ort"],
         "gflops": flops / 1e9,
-        "hwc_gflop_s": flops / 1e9 / (hwc_ms / 1e3),
-        "build_s": build_s,
+        "hwc_gflop_s": flops / 1e9 / (best / 1e3),
+        "build_s": max(b for _, b in builds.values()),
     }
 
 
@@ -94,12 +93,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     rows = [bench_model(m, args.target, args.db, args.rounds, args.runs, args.threads) for m in args.models.split(",")]
-    header = "| model | GFLOPs | hwc ms | ORT ms | hwc / ORT | hwc GFLOP/s | build s |"
-    print(header)
-    print("|" + "---|" * 7)
+    print("| model | GFLOPs | untuned ms | tuned ms (kernels) | ORT ms | best hwc / ORT | hwc GFLOP/s | build s |")
+    print("|" + "---|" * 8)
     for r in rows:
+        tuned = f"{r['tuned_ms']:.2f} ({r['tuned_kernels']})" if r["tuned_ms"] is not None else "-"
         print(
-            f"| {r['model']} | {r['gflops']:.2f} | {r['hwc_ms']:.2f} | {r['ort_ms']:.2f} | "
+            f"| {r['model']} | {r['gflops']:.2f} | {r['untuned_ms']:.2f} | {tuned} | {r['ort_ms']:.2f} | "
             f"{r['ratio']:.2f}x | {r['hwc_gflop_s']:.1f} | {r['build_s']:.0f} |"
         )
     return 0
