@@ -69,7 +69,7 @@ def bench_model(name: str, target: str, dbs: list[str], rounds: int, runs: int, 
         ms = {k: v * 1e3 for k, v in interleaved(runners, rounds, runs).items()}
         flops = builds["untuned"][0].manifest["inspect"]["after"]["flops"]
         tuned_kernels = len(builds["tuned"][0].manifest["kernels"]["tuned"]) if "tuned" in builds else 0
-    best = ms.get("tuned", ms["untuned"])
+    best = min(ms["untuned"], ms.get("tuned", ms["untuned"]))
     return {
         "model": name,
         "untuned_ms": ms["untuned"],
