@@ -34,16 +34,7 @@ def schedule_winograd(sch, facts) -> bool:
     _vectorize_tail(sch, pad_loops[-1], lanes)
 
     # data transform (eps, nu, p, c, r_a, r_b) -> p, c_o | eps, nu, r_a, r_b | c_i
-    eps, nu, p, c, r_a, r_b = sch.get_loops(data_pack)
-    c_o, c_i = _split_lanes(sch, c, lanes)
-    sch.reorder(*_present(p, c_o, eps, nu, r_a, r_b, c_i))
-    sch.parallel(sch.fuse(p, c_o))
-    for loop in (eps, nu, r_a, r_b):
-        sch.unroll(loop)
-    # vectorize before decompose_reduction: after it the update block is no reduction block
-    _vectorize_or_unroll(sch, c_i)
-    init = sch.decompose_reduction(data_pack, r_a)
-    _vectorize_or_unroll(sch, sch.get_loops(init)[-1] if c_i is not None else None)
+    _schedule_transform(sch, data_pack, lanes)
 
     # batched GEMM (eps, nu, p, o, k): u x (nv * lanes) register tile
     bgemm = blocks["bgemm"]
@@ -69,16 +60,8 @@ def schedule_winograd(sch, facts) -> bool:
             sch.unroll(loop)
         (sch.vectorize if v > 1 else sch.unroll)(loops[-1])
 
-    # inverse transform: tile loops unrolled, channels vectorized
-    vh, vw, p, o, r_a, r_b = sch.get_loops(inverse)
-    o_o, o_i = _split_lanes(sch, o, lanes)
-    sch.reorder(*_present(p, o_o, vh, vw, r_a, r_b, o_i))
-    sch.parallel(sch.fuse(p, o_o))
-    for loop in (vh, vw, r_a, r_b):
-        sch.unroll(loop)
-    _vectorize_or_unroll(sch, o_i)
-    init = sch.decompose_reduction(inverse, r_a)
-    _vectorize_or_unroll(sch, sch.get_loops(init)[-1] if o_i is not None else None)
+    # inverse transform (vh, vw, p, o, r_a, r_b): the same shape as the data transform
+    _schedule_transform(sch, inverse, lanes)
 
     # output gather + inlined epilogue
     out = blocks["conv2d_winograd"]
@@ -94,6 +77,22 @@ def schedule_winograd(sch, facts) -> bool:
         sch.parallel(sch.fuse(*loops[: max(len(loops) - 2, 1)]))
         _vectorize_tail(sch, loops[-1], lanes)
     return True
+
+
+def _schedule_transform(sch, block, lanes: int) -> None:
+    """A Winograd transform stage (a, b, p, c, r_a, r_b): tile and reduction loops unrolled
+    (the constant matrix entries fold away), channels vectorized, tiles x channel blocks
+    parallel."""
+    a, b, p, c, r_a, r_b = sch.get_loops(block)
+    c_o, c_i = _split_lanes(sch, c, lanes)
+    sch.reorder(*_present(p, c_o, a, b, r_a, r_b, c_i))
+    sch.parallel(sch.fuse(p, c_o))
+    for loop in (a, b, r_a, r_b):
+        sch.unroll(loop)
+    # vectorize before decompose_reduction: after it the update block is no reduction block
+    _vectorize_or_unroll(sch, c_i)
+    init = sch.decompose_reduction(block, r_a)
+    _vectorize_or_unroll(sch, sch.get_loops(init)[-1] if c_i is not None else None)
 
 
 def _gemm_rows(tiles: int) -> int:
