@@ -202,6 +202,21 @@ _MIN_F4_TILES = 32
 # ---------------------------------------------------------------------------- kernels (TE)
 
 
+def _two_sided(x, mat, n: int, name: str, rule: str):
+    """``out[i, j, p, c] = sum_ab x[a, b, p, c] * mat[a, i] * mat[b, j]``: a Winograd transform
+    (``B^T d B`` for the data, ``A^T M A`` for the inverse) over every tile ``p`` and channel."""
+    from tvm import te
+
+    alpha = int(x.shape[0])
+    r_a, r_b = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
+    return te.compute(
+        (n, n, x.shape[2], x.shape[3]),
+        lambda i, j, p, c: te.sum(x[r_a, r_b, p, c] * mat[r_a, i] * mat[r_b, j], axis=[r_a, r_b]),
+        name=name,
+        attrs={"schedule_rule": rule},
+    )
+
+
 def _winograd_te(data, weight, padding, m: int, layout: str):
     """TE compute of a Winograd conv with the pre-transformed ``weight`` ``(alpha, alpha, I, O)``.
 
@@ -246,13 +261,7 @@ def _winograd_te(data, weight, padding, m: int, layout: str):
         name="input_tile",
         attrs={"schedule_rule": "None"},
     )
-    r_a, r_b = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-    data_pack = te.compute(
-        (alpha, alpha, p_tiles, ci),
-        lambda eps, nu, p, c: te.sum(input_tile[r_a, r_b, p, c] * B[r_a, eps] * B[r_b, nu], axis=[r_a, r_b]),
-        name="data_pack",
-        attrs={"schedule_rule": "conv2d_nhwc_winograd_data_pack"},
-    )
+    data_pack = _two_sided(input_tile, B, alpha, "data_pack", "conv2d_nhwc_winograd_data_pack")
     k = te.reduce_axis((0, ci), "ci")
     bgemm = te.compute(
         (alpha, alpha, p_tiles, co),
@@ -260,13 +269,7 @@ def _winograd_te(data, weight, padding, m: int, layout: str):
         name="bgemm",
         attrs={"meta_schedule.write_cache_level": [2]},
     )
-    r_a, r_b = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-    inverse = te.compute(
-        (m, m, p_tiles, co),
-        lambda vh, vw, p, o: te.sum(bgemm[r_a, r_b, p, o] * A[r_a, vh] * A[r_b, vw], axis=[r_a, r_b]),
-        name="inverse",
-        attrs={"schedule_rule": "conv2d_nhwc_winograd_inverse"},
-    )
+    inverse = _two_sided(bgemm, A, m, "inverse", "conv2d_nhwc_winograd_inverse")
 
     def gather(b, y, x, o):
         return inverse[y % m, x % m, b * nh * nw + y // m * nw + x // m, o]
