@@ -13,6 +13,7 @@ from .targets import TargetSpec, list_targets, load_target  # noqa: E402
 __all__ = [
     "Artifact",
     "HwcError",
+    "Optimize",
     "Recipe",
     "TargetSpec",
     "compile",
@@ -53,6 +54,10 @@ def import_onnx(model, input_shapes=None):
 
 
 def __getattr__(name):
+    if name in ("Optimize", "Switch"):
+        from . import optimize
+
+        return getattr(optimize, name)
     if name == "Artifact":
         from .runtime import Artifact
 

@@ -49,27 +49,30 @@ class Imported:
     mod: Any  # Relax IRModule after the recipe
     before: Any  # analysis.Summary of the imported module
     after: Any  # analysis.Summary after the recipe
-    recipe: Recipe
+    recipe: Recipe  # the steps that ran: the user's recipe plus the default optimizations
     verify_inputs: list[np.ndarray] | None = None
 
 
-def import_model(model, spec: TargetSpec, input_shapes=None, recipe=None, verify_inputs=None) -> Imported:
-    """Frontend + compression stages: load, normalize, import, apply the recipe."""
+def import_model(model, spec: TargetSpec, input_shapes=None, recipe=None, verify_inputs=None, optimize=None) -> Imported:
+    """Frontend + compression + graph optimization stages: load, normalize, import, then the
+    recipe's steps with the default optimizations around them (``optimize.effective_recipe``)."""
     from . import analysis, frontend
     from .frontend.importer import import_prepared, io_signature
     from .frontend.load import fix_input_shapes, load_model
+    from .optimize import as_optimize, effective_recipe
 
-    recipe = as_recipe(recipe)
+    optimize = as_optimize(optimize)
+    recipe = effective_recipe(recipe, optimize, spec)
     with _stage("import"):
         original = fix_input_shapes(load_model(model), input_shapes)
-        proto = frontend.prepare_onnx(original)
+        proto = frontend.prepare_onnx(original, fold_bn=optimize.fold_bn)
         inputs, outputs = io_signature(proto)
         checked = _user_inputs(verify_inputs, inputs)
         mod = import_prepared(proto)
         before = analysis.summarize(mod)
     after = before
     if recipe.steps:
-        with _stage("compress"):
+        with _stage("compress + optimize"):
             mod = recipe.apply(mod, spec)
             after = analysis.summarize(mod)
     return Imported(original, inputs, outputs, mod, before, after, recipe, checked)
@@ -87,7 +90,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     verify_inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    fuse: bool = True,
+    optimize=None,
     shipped_databases: bool = True,
 ):
     """Compile an ONNX model for a target into a verified artifact directory.
@@ -103,7 +106,8 @@ def compile(  # noqa: A001 - the natural name of the verb
     verify : compare with ONNX Runtime when the target runs here (natively or emulated)
     verify_inputs : user inputs to verify on, in addition to seeded random inputs
     rtol, atol : verification tolerance, elementwise ``|out - ref| <= atol + rtol * |ref|``
-    fuse : let TVM fuse elementwise ops into their producers' kernels (off: one kernel per op)
+    optimize : ``Optimize`` (BN folding, fusion, Winograd); default: all on, Winograd as the
+        target's ``[hardware].winograd`` says
     shipped_databases : apply ``schedules/<target>/`` (off: only ``databases``; for baselines)
 
     Returns
@@ -112,11 +116,13 @@ def compile(  # noqa: A001 - the natural name of the verb
     """
     from . import build
     from .backends import get_backend
+    from .optimize import as_optimize
     from .export import MODULE, check_destination, staging, write_manifest
     from .runtime import how_it_runs, load
     from .verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     spec = load_target(target)
+    optimize = as_optimize(optimize)
     rtol = DEFAULT_RTOL if rtol is None else rtol
     atol = DEFAULT_ATOL if atol is None else atol
 
@@ -124,9 +130,9 @@ def compile(  # noqa: A001 - the natural name of the verb
     dbs = (find_shipped_databases(spec) if shipped_databases else []) + [Path(d) for d in databases]
     for db in dbs:
         build.database_files(db)
-    front = import_model(model, spec, input_shapes, recipe, verify_inputs)
+    front = import_model(model, spec, input_shapes, recipe, verify_inputs, optimize)
     with _stage(f"lower + schedule ({spec.name})"):
-        lowered = build.apply_databases(build.legalize(front.mod, spec, fuse=fuse), spec, dbs)
+        lowered = build.apply_databases(build.legalize(front.mod, spec, fuse=optimize.fuse), spec, dbs)
         tuned = build.scheduled_kernels(lowered)
         all_kernels = build.kernels(lowered)
         scheduled = build.default_schedule(lowered, spec)
@@ -153,7 +159,7 @@ def compile(  # noqa: A001 - the natural name of the verb
             "target": spec.to_dict(),
             "recipe": front.recipe.to_dict(),
             "databases": [str(d) for d in dbs],
-            "fuse": fuse,
+            "optimize": optimize.to_dict(spec),
             "kernels": {"tuned": tuned, "default_schedule": [k for k in all_kernels if k not in tuned]},
             "inputs": front.inputs,
             "outputs": front.outputs,

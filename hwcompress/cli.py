@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--rtol", type=float, default=None, help="verification relative tolerance (default 1e-3)")
     b.add_argument("--atol", type=float, default=None, help="verification absolute tolerance (default 1e-4)")
     b.add_argument("--no-verify", action="store_true", help="skip the comparison with ONNX Runtime")
-    b.add_argument("--no-fuse", action="store_true", help="one kernel per op (no operator fusion)")
+    _optimize_args(b)
 
     r = sub.add_parser("run", help="run an artifact on inputs, optionally timing it")
     r.add_argument("artifact")
@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--recipe", help="recipe TOML file (tune the model as it will be built)")
     u.add_argument("--tracker", metavar="HOST:PORT", help="measure on farm devices through a TVM RPC tracker")
     u.add_argument("--key", help="device key on the tracker (default: the target's [tuning].rpc_key)")
-    u.add_argument("--no-fuse", action="store_true", help="tune for builds made with --no-fuse")
+    _optimize_args(u, " (tune for builds made with the same setting)")
     u.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
     f = sub.add_parser("farm", help="device farm over TVM's RPC tracker")
@@ -90,6 +90,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _optimize_args(parser, note: str = "") -> None:
+    parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded" + note)
+    parser.add_argument("--no-fuse", action="store_true", help="one kernel per op (no operator fusion)" + note)
+    parser.add_argument(
+        "--winograd",
+        choices=("on", "off", "auto"),
+        default="auto",
+        help="Winograd for 3x3 stride-1 convs (default auto: the target's [hardware].winograd)" + note,
+    )
+
+
+def _optimize(args):
+    from .optimize import Optimize
+
+    return Optimize(fold_bn=not args.no_fold_bn, fuse=not args.no_fuse, winograd=args.winograd)
+
+
 def _shapes(items: list[str]) -> dict:
     from .frontend.load import parse_shape_arg
 
@@ -111,7 +128,7 @@ def _cmd_build(args) -> int:
         verify_inputs=verify_inputs,
         rtol=args.rtol,
         atol=args.atol,
-        fuse=not args.no_fuse,
+        optimize=_optimize(args),
     )
     v = artifact.manifest["verification"]
     if v["status"] == "passed":
@@ -248,7 +265,7 @@ def _cmd_tune(args) -> int:
         input_shapes=_shapes(args.input_shape),
         recipe=args.recipe,
         progress=None if not args.quiet else (lambda line: None),
-        fuse=not args.no_fuse,
+        optimize=_optimize(args),
     )
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -95,7 +95,7 @@ def tune(
     trials_per_iter: int = 16,
     seed: int | None = None,
     progress=None,
-    fuse: bool = True,
+    optimize=None,
 ) -> TuneResult:
     """Tune the kernels of ``model`` for ``target`` and write a JSON database in ``work_dir``.
 
@@ -105,7 +105,8 @@ def tune(
     tracker, key : measure on farm devices through a TVM RPC tracker (``HOST:PORT``); ``key``
         defaults to the target file's ``[tuning].rpc_key``
     progress : callable receiving one status line per measured batch (default: stderr)
-    fuse : as in ``compile``: the build that will use the database must use the same setting
+    optimize : as in ``compile`` (``Optimize``): the build that will use the database must use
+        the same settings, or its kernels will not match the database
     """
     from .api import import_model
     from .build import legalize
@@ -114,7 +115,10 @@ def tune(
         raise TuningError(f"--trials must be >= 1, got {trials}")
     spec = load_target(target)
     work = Path(work_dir) if work_dir is not None else default_work_dir(model, spec)
-    mod = legalize(import_model(model, spec, input_shapes, recipe).mod, spec, fuse=fuse)
+    from .optimize import as_optimize
+
+    optimize = as_optimize(optimize)
+    mod = legalize(import_model(model, spec, input_shapes, recipe, optimize=optimize).mod, spec, fuse=optimize.fuse)
     return tune_module(mod, spec, trials, work, tracker, key, trials_per_iter=trials_per_iter, seed=seed, progress=progress)
 
 

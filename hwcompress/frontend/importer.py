@@ -23,14 +23,15 @@ _DTYPES = {
 }
 
 
-def prepare_onnx(model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+def prepare_onnx(model, input_shapes: Mapping[str, Sequence[int]] | None = None, fold_bn: bool = True) -> onnx.ModelProto:
     """Load, check, fix shapes and normalize ``model``; the graph TVM's importer receives.
 
-    This graph is also the reference the built module is verified against.
+    This graph is also the reference the built module is verified against. ``fold_bn=False``
+    keeps BatchNorm nodes unfolded.
     """
     proto = load_model(model)
     proto = fix_input_shapes(proto, input_shapes)
-    proto = normalize(proto)
+    proto = normalize(proto, fold_bn)
     check_supported(proto)
     return proto
 

@@ -36,8 +36,14 @@ def freeze_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+# ONNX Runtime's basic-level rewrites that fold BatchNorm into the producer's weights
+BN_FOLDING_OPTIMIZERS = ("ConvBNFusion", "MatMulBNFusion")
+
+
+def fold_constants(proto: onnx.ModelProto, fold_bn: bool = True) -> onnx.ModelProto:
     """Constant-fold ``proto`` with ONNX Runtime's basic level (no contrib ops are introduced).
+
+    ``fold_bn=False`` keeps BatchNorm nodes (ORT's basic level folds them into Conv/MatMul).
 
     Returns the input unchanged (with a logged reason) when ONNX Runtime cannot load it, so
     that models using ops ORT lacks still reach the importer's own error reporting.
@@ -54,7 +60,10 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
         options.optimized_model_filepath = str(out_path)
         options.log_severity_level = 3
         try:
-            ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            disabled = [] if fold_bn else list(BN_FOLDING_OPTIMIZERS)
+            ort.InferenceSession(
+                candidate.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+            )
             folded = onnx.load(str(out_path))
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
             log.info("constant folding skipped (ONNX Runtime cannot load the model): %s", e)
@@ -72,10 +81,13 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         return proto
 
 
-def normalize(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The normalization stage: fold, infer shapes, rewrite, infer shapes of the rewritten graph."""
+def normalize(proto: onnx.ModelProto, fold_bn: bool = True) -> onnx.ModelProto:
+    """The normalization stage: fold, infer shapes, rewrite, infer shapes of the rewritten graph.
+
+    ``fold_bn=False`` keeps BatchNorm nodes as they are (``hwc build --no-fold-bn``).
+    """
     from .rewrites import apply_rewrites
 
-    folded = infer_shapes(fold_constants(freeze_initializers(proto)))
+    folded = infer_shapes(fold_constants(freeze_initializers(proto), fold_bn))
     rewritten = apply_rewrites(folded)
     return folded if rewritten is folded else infer_shapes(rewritten)

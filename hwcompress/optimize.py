@@ -1,0 +1,90 @@
+"""Which graph optimizations a build runs by default, and how the target spec decides them.
+
+``Optimize`` is the typed config behind ``hwc build --no-fold-bn --no-fuse --winograd
+on|off|auto``: conv+BN folding and fusion are on everywhere; Winograd follows the target's
+``[hardware].winograd`` unless forced. ``effective_recipe`` turns the user's recipe and these
+options into the ordered steps that really run: BN folding first (pruning and quantization
+want BN already in the weights), the user's steps, then Winograd last (it needs the final
+channel counts, and quantized convs are not eligible). A technique the user's recipe already
+names is not added a second time: the recipe's own settings win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Switch(Enum):
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"  # the target spec decides
+
+
+@dataclass(frozen=True)
+class Optimize:
+    """Default graph optimizations of a build.
+
+    Parameters
+    ----------
+    fold_bn : fold inference BatchNorm into conv / matmul weights (frontend and ``fold-bn``)
+    fuse : let TVM fuse conv + bias + activation + residual add into one kernel
+    winograd : Winograd for eligible 3x3 stride-1 convs; ``auto`` = ``[hardware].winograd``
+    """
+
+    fold_bn: bool = True
+    fuse: bool = True
+    winograd: Switch = Switch.AUTO
+
+    def __post_init__(self):
+        for name in ("fold_bn", "fuse"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Optimize.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.winograd, str):
+            try:
+                object.__setattr__(self, "winograd", Switch(self.winograd))
+            except ValueError:
+                raise ValueError(f"Optimize.winograd must be on, off or auto, got {self.winograd!r}") from None
+        if not isinstance(self.winograd, Switch):
+            raise TypeError(f"Optimize.winograd must be a Switch or on/off/auto, got {self.winograd!r}")
+
+    def winograd_on(self, spec) -> bool:
+        return spec.hardware.winograd if self.winograd is Switch.AUTO else self.winograd is Switch.ON
+
+    def to_dict(self, spec) -> dict:
+        """As recorded in the manifest: the switches and what ``auto`` resolved to."""
+        return {
+            "fold_bn": self.fold_bn,
+            "fuse": self.fuse,
+            "winograd": self.winograd.value,
+            "winograd_applied": self.winograd_on(spec),
+        }
+
+
+def as_optimize(value) -> Optimize:
+    if value is None:
+        return Optimize()
+    if isinstance(value, Optimize):
+        return value
+    raise TypeError(f"optimize must be an Optimize, got {type(value).__name__}")
+
+
+def effective_recipe(recipe, optimize: Optimize, spec):
+    """The steps a build runs: default BN folding, the recipe's steps, default Winograd.
+
+    Returns a ``Recipe``; the user's recipe is never changed.
+    """
+    from .passes import FoldBatchNorm, Winograd
+    from .recipe import Recipe, as_recipe
+
+    from .errors import RecipeError
+
+    recipe = as_recipe(recipe)
+    named = {type(step) for step in recipe.steps}
+    if not optimize.fold_bn and FoldBatchNorm in named:
+        raise RecipeError("the recipe has a fold-bn step but BN folding is switched off (--no-fold-bn)")
+    if optimize.winograd is Switch.OFF and Winograd in named:
+        raise RecipeError("the recipe has a winograd step but Winograd is switched off (--winograd off)")
+    head = [FoldBatchNorm()] if optimize.fold_bn and FoldBatchNorm not in named else []
+    tail = [Winograd()] if optimize.winograd_on(spec) and Winograd not in named else []
+    return Recipe((*head, *recipe.steps, *tail))
