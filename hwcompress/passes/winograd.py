@@ -2,9 +2,9 @@
 at compile time.
 
 ``Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A`` per ``alpha x alpha`` input tile (``alpha = m + 2``):
-the weight transform ``U = G g G^T`` is done here in numpy (float64, rounded once) and bound as
-a constant; the kernel does the data transform, ``alpha^2`` batched GEMMs over the input
-channels, and the inverse transform. Multiplications per output: ``9`` (direct) vs
+the weight transform ``U = G g G^T`` is done in numpy (``winograd_math``; float64, rounded
+once) and bound as a constant; the kernel does the data transform, ``alpha^2`` batched GEMMs
+over the input channels, and the inverse transform. Multiplications per output: ``9`` (direct) vs
 ``alpha^2 / m^2`` = ``4`` (F(2,3)) or ``2.25`` (F(4,3)) per channel pair.
 
 Eligible: ``relax.nn.conv2d`` with a constant weight, 3x3 kernel, strides 1, dilation 1,
@@ -16,7 +16,7 @@ with a pre-transformed weight, for both layouts: an NCHW input is transposed to 
 in the padding copy and the output gathered back to NCHW, so the transforms and the batched
 GEMM always read and write channels contiguously. Block names and ``schedule_rule``
 attributes (``conv2d_nhwc_winograd_{data_pack,inverse}``) are TOPI's, so MetaSchedule's
-Winograd rules tune it. It is written out here because TOPI's NHWC variant refuses
+Winograd rules tune it. It is written out (``winograd_te``) because TOPI's NHWC variant refuses
 pre-computed weights, its NCHW variant reads past the padded input when the output size is
 not a multiple of ``m``, and ``conv2d_winograd_weight_transform`` trips a memoize assertion.
 
@@ -34,9 +34,11 @@ the pass would choose.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
+
+from .winograd_math import choose_tile, transform_weights, winograd_matrices
+from .winograd_te import winograd_te
 
 __all__ = [
     "Winograd",
@@ -51,16 +53,6 @@ __all__ = [
 
 
 TILES = (2, 4)
-# Interpolation points per tile size m (plus the point at infinity): Barabasz et al.,
-# "Error analysis and improving the accuracy of Winograd convolution" (arXiv:1803.10986),
-# the same points as TOPI's winograd_util, so the matrices are TOPI's.
-_POINTS = {
-    2: (0, -1, 1),
-    3: (0, -1, 1, Fraction(1, 2)),
-    4: (0, -1, 1, Fraction(1, 2), -2),
-    5: (0, -1, 1, Fraction(1, 2), -2, Fraction(-1, 2)),
-    6: (0, -1, 1, Fraction(1, 2), Fraction(-1, 2), 2, -2),
-}
 
 
 @dataclass(frozen=True)
@@ -100,183 +92,6 @@ class Winograd:
 
     def __hash__(self):  # per_layer is a dict: hash its items
         return hash((self.tile, tuple(sorted(self.per_layer.items())), self.min_channels))
-
-
-# ---------------------------------------------------------------------------- math (numpy)
-
-
-def winograd_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cook–Toom transform matrices ``(A, B, G)`` of F(m, r), float64.
-
-    A 1D correlation ``y[i] = sum_k g[k] d[i + k]`` (``i < m``, ``d`` of length
-    ``alpha = m + r - 1``) is ``y = A^T ((G g) * (B^T d))``; in 2D,
-    ``Y = A^T [(G g G^T) * (B^T d B)] A``. Shapes: ``A (alpha, m)``, ``B (alpha, alpha)``,
-    ``G (alpha, r)``; TOPI's convention and scaling.
-
-    Built from the polynomial evaluation matrices ``V_n[i, j] = p_i ** j`` at ``alpha - 1``
-    points plus infinity: correlation is the transpose of the linear convolution
-    ``s = V_alpha^-1 ((V_r g) * (V_m x))``, so ``A = V_m``, ``G = D^-1 V_r``,
-    ``B = V_alpha^-1 D`` with ``D = diag(prod_k (p_i - p_k))`` moving the Lagrange
-    denominators from B into G. Exact in rational arithmetic, rounded once to float64.
-    """
-    if r != 3 or m not in _POINTS:
-        raise ValueError(f"F({m},{r}) is not supported: m in {sorted(_POINTS)}, r = 3")
-    points = [Fraction(p) for p in _POINTS[m]]
-    alpha = m + r - 1
-
-    def vandermonde(n):  # alpha x n; the point at infinity picks the leading coefficient
-        rows = [[p**j for j in range(n)] for p in points]
-        return rows + [[Fraction(int(j == n - 1)) for j in range(n)]]
-
-    denom = []
-    for i, p in enumerate(points):
-        d = Fraction(1)
-        for k, q in enumerate(points):
-            if k != i:
-                d *= p - q
-        denom.append(d)
-    if denom[0] < 0:  # TOPI's sign convention
-        denom[0] = -denom[0]
-    denom.append(Fraction(1))
-
-    a = vandermonde(m)
-    g = [[v / denom[i] for v in row] for i, row in enumerate(vandermonde(r))]
-    b = [[v * denom[j] for j, v in enumerate(row)] for row in _inverse(vandermonde(alpha))]
-    as_array = lambda rows: np.array([[float(v) for v in row] for row in rows], dtype=np.float64)  # noqa: E731
-    A, B, G = as_array(a), as_array(b), as_array(g)
-    assert A.shape == (alpha, m) and B.shape == (alpha, alpha) and G.shape == (alpha, r)
-    return A, B, G
-
-
-def _inverse(rows: list[list[Fraction]]) -> list[list[Fraction]]:
-    """Exact inverse of a small rational matrix (Gauss–Jordan)."""
-    n = len(rows)
-    aug = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(rows)]
-    for col in range(n):
-        pivot = next(r for r in range(col, n) if aug[r][col] != 0)
-        aug[col], aug[pivot] = aug[pivot], aug[col]
-        lead = aug[col][col]
-        aug[col] = [v / lead for v in aug[col]]
-        for r in range(n):
-            if r != col and aug[r][col] != 0:
-                f = aug[r][col]
-                aug[r] = [v - f * w for v, w in zip(aug[r], aug[col])]
-    return [row[n:] for row in aug]
-
-
-def transform_weights(w: np.ndarray, m: int) -> np.ndarray:
-    """Winograd-domain weights ``U = G g G^T`` of an OIHW 3x3 weight, in float64 then cast
-    back to ``w``'s dtype.
-
-    Returns
-    -------
-    ndarray
-        Shape ``(alpha, alpha, I, O)``: ``U[e, n, i, o] = (G w[o, i] G^T)[e, n]``, the layout
-        the kernel's batched GEMM reads (``O`` contiguous).
-    """
-    w = np.asarray(w)
-    if w.ndim != 4 or w.shape[2:] != (3, 3):
-        raise ValueError(f"expected an OIHW weight with a 3x3 kernel, got shape {w.shape}")
-    _, _, G = winograd_matrices(m, 3)
-    u = np.einsum("ek,oikl,nl->enio", G, w.astype(np.float64), G)
-    return u.astype(w.dtype)
-
-
-def choose_tile(out_hw: tuple[int, int], channels: tuple[int, int], spec=None) -> int:
-    """The output tile ``m`` for a conv with output size ``out_hw`` and ``(in, out)`` channels.
-
-    F(4,3) does 2.25 instead of 4 multiplications per output and channel pair, but its
-    transformed weights are 4x the direct ones (F(2,3): 1.8x) and each is reused once per
-    output tile: with few tiles the batched GEMM streams weights instead of computing, and the
-    padding to whole tiles wastes more. Measured on the CPU default schedule (ResNet-18 layers,
-    ``tools/bench_winograd.py``): F(4,3) wins at 56x56 and 28x28 (>= 49 tiles of 4x4), F(2,3)
-    at 14x14 and 7x7. ``spec`` is accepted for target-dependent choices; none is needed yet.
-    """
-    h, w = out_hw
-    return 4 if -(-h // 4) * -(-w // 4) >= _MIN_F4_TILES else 2
-
-
-_MIN_F4_TILES = 32
-
-
-# ---------------------------------------------------------------------------- kernels (TE)
-
-
-def _two_sided(x, mat, n: int, name: str, rule: str):
-    """``out[i, j, p, c] = sum_ab x[a, b, p, c] * mat[a, i] * mat[b, j]``: a Winograd transform
-    (``B^T d B`` for the data, ``A^T M A`` for the inverse) over every tile ``p`` and channel."""
-    from tvm import te
-
-    alpha = int(x.shape[0])
-    r_a, r_b = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-    return te.compute(
-        (n, n, x.shape[2], x.shape[3]),
-        lambda i, j, p, c: te.sum(x[r_a, r_b, p, c] * mat[r_a, i] * mat[r_b, j], axis=[r_a, r_b]),
-        name=name,
-        attrs={"schedule_rule": rule},
-    )
-
-
-def _winograd_te(data, weight, padding, m: int, layout: str):
-    """TE compute of a Winograd conv with the pre-transformed ``weight`` ``(alpha, alpha, I, O)``.
-
-    ``layout`` is ``"NCHW"`` or ``"NHWC"``; ``padding`` is ``(top, left, bottom, right)``.
-    The blocks mirror TOPI's generic Winograd computes so that MetaSchedule's rules apply.
-    """
-    from tvm import te
-    from tvm.topi.utils import const_matrix, get_const_tuple
-
-    nchw = layout == "NCHW"
-    if nchw:
-        n, ci, h, w = get_const_tuple(data.shape)
-    else:
-        n, h, w, ci = get_const_tuple(data.shape)
-    alpha, _, _, co = get_const_tuple(weight.shape)
-    pt, pl, pb, pr = padding
-    out_h, out_w = h + pt + pb - 2, w + pl + pr - 2
-    nh, nw = (out_h + m - 1) // m, (out_w + m - 1) // m
-    p_tiles = n * nh * nw
-    dtype = str(data.dtype)
-    a_np, b_np, _ = winograd_matrices(m, 3)
-    A, B = const_matrix(a_np.astype(dtype), "A"), const_matrix(b_np.astype(dtype), "B")
-
-    # Padded input, channels last whatever the layout (an NCHW input is transposed in this one
-    # copy, so that every later stage reads and writes channels contiguously), and padded up to
-    # whole tiles: the last tile reads nh*m + 2 rows (TOPI's NCHW compute does not pad them and
-    # reads out of bounds when out_h % m != 0).
-    def padded(b, y, x, c):
-        inside = te.all(y >= pt, y < h + pt, x >= pl, x < w + pl)
-        value = data[b, c, y - pt, x - pl] if nchw else data[b, y - pt, x - pl, c]
-        return te.if_then_else(inside, value, te.const(0, dtype))
-
-    data_pad = te.compute((n, nh * m + 2, nw * m + 2, ci), padded, name="data_pad", attrs={"schedule_rule": "None"})
-
-    def tile_of(p):
-        return p // (nh * nw), (p // nw) % nh * m, p % nw * m
-
-    # The NHWC computes of TOPI (and MetaSchedule's nhwc rules) from here on, for both layouts.
-    input_tile = te.compute(
-        (alpha, alpha, p_tiles, ci),
-        lambda eps, nu, p, c: data_pad[tile_of(p)[0], tile_of(p)[1] + eps, tile_of(p)[2] + nu, c],
-        name="input_tile",
-        attrs={"schedule_rule": "None"},
-    )
-    data_pack = _two_sided(input_tile, B, alpha, "data_pack", "conv2d_nhwc_winograd_data_pack")
-    k = te.reduce_axis((0, ci), "ci")
-    bgemm = te.compute(
-        (alpha, alpha, p_tiles, co),
-        lambda eps, nu, p, o: te.sum(data_pack[eps, nu, p, k] * weight[eps, nu, k, o], axis=[k]),
-        name="bgemm",
-        attrs={"meta_schedule.write_cache_level": [2]},
-    )
-    inverse = _two_sided(bgemm, A, m, "inverse", "conv2d_nhwc_winograd_inverse")
-
-    def gather(b, y, x, o):
-        return inverse[y % m, x % m, b * nh * nw + y // m * nw + x // m, o]
-
-    if nchw:
-        return te.compute((n, co, out_h, out_w), lambda b, o, y, x: gather(b, y, x, o), name="conv2d_winograd")
-    return te.compute((n, out_h, out_w, co), gather, name="conv2d_winograd")
 
 
 # ---------------------------------------------------------------------------- pattern + rewriter
@@ -353,7 +168,7 @@ def _rewrite_conv(matched, bb, index_of, config: Winograd, spec):
         return matched
     u = transform_weights(conv.weight_oihw, m)
     return bb.call_te(
-        _winograd_te, matched.args[0], relax.const(u, str(u.dtype)), conv.padding, m, conv.layout,
+        winograd_te, matched.args[0], relax.const(u, str(u.dtype)), conv.padding, m, conv.layout,
         primfunc_name_hint=f"conv2d_winograd_f{m}",
     )
 
