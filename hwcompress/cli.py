@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import DataError, HwcError
+from .targets import DataLayout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,12 +100,18 @@ def _optimize_args(parser, note: str = "") -> None:
         default="auto",
         help="Winograd for 3x3 stride-1 convs (default auto: the target's [hardware].winograd)" + note,
     )
+    parser.add_argument(
+        "--layout",
+        choices=("auto", *(k.value for k in DataLayout)),
+        default="auto",
+        help="conv layout (default auto: the target's [hardware].conv_layout)" + note,
+    )
 
 
 def _optimize(args):
     from .optimize import Optimize
 
-    return Optimize(fold_bn=not args.no_fold_bn, fuse=not args.no_fuse, winograd=args.winograd)
+    return Optimize(fold_bn=not args.no_fold_bn, fuse=not args.no_fuse, winograd=args.winograd, layout=args.layout)
 
 
 def _shapes(items: list[str]) -> dict:

@@ -1,11 +1,15 @@
 """Which graph optimizations a build runs by default, and how the target spec decides them.
 
 ``Optimize`` is the typed config behind ``hwc build --no-fold-bn --no-fuse --winograd
-on|off|auto``: conv+BN folding and fusion are on everywhere; Winograd follows the target's
-``[hardware].winograd`` unless forced. ``effective_recipe`` turns the user's recipe and these
+on|off|auto --layout auto|NCHW|NHWC|NCHW8c...``: conv+BN folding and fusion are on everywhere;
+Winograd follows the target's ``[hardware].winograd`` and the conv layout its
+``[hardware].conv_layout`` unless forced. ``effective_recipe`` turns the user's recipe and these
 options into the ordered steps that really run: BN folding first (pruning and quantization
-want BN already in the weights), the user's steps, then Winograd last (it needs the final
-channel counts, and quantized convs are not eligible). A technique the user's recipe already
+want BN already in the weights), the user's steps, the conv layout, then Winograd last (it
+needs the final channel counts, and quantized convs are not eligible). The layout step goes
+before Winograd and before a ``fuse`` step of the recipe: both turn convs into kernels or groups
+that ``ConvertLayout`` cannot see, while Winograd reads NHWC convs directly. It is skipped when
+the layout resolves to ``NCHW``, the layout ONNX imports. A technique the user's recipe already
 names is not added a second time: the recipe's own settings win.
 """
 
@@ -13,6 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from .targets import DataLayout
+
+AUTO = "auto"
 
 
 class Switch(Enum):
@@ -30,11 +38,13 @@ class Optimize:
     fold_bn : fold inference BatchNorm into conv / matmul weights (frontend and ``fold-bn``)
     fuse : let TVM fuse conv + bias + activation + residual add into one kernel
     winograd : Winograd for eligible 3x3 stride-1 convs; ``auto`` = ``[hardware].winograd``
+    layout : conv layout (a ``DataLayout`` or its name); ``auto`` = ``[hardware].conv_layout``
     """
 
     fold_bn: bool = True
     fuse: bool = True
     winograd: Switch = Switch.AUTO
+    layout: DataLayout | str = AUTO
 
     def __post_init__(self):
         for name in ("fold_bn", "fuse"):
@@ -47,9 +57,19 @@ class Optimize:
                 raise ValueError(f"Optimize.winograd must be on, off or auto, got {self.winograd!r}") from None
         if not isinstance(self.winograd, Switch):
             raise TypeError(f"Optimize.winograd must be a Switch or on/off/auto, got {self.winograd!r}")
+        if self.layout != AUTO:
+            try:
+                object.__setattr__(self, "layout", DataLayout(self.layout))
+            except ValueError:
+                choices = ", ".join(k.value for k in DataLayout)
+                raise ValueError(f"Optimize.layout must be auto or one of {choices}, got {self.layout!r}") from None
 
     def winograd_on(self, spec) -> bool:
         return spec.hardware.winograd if self.winograd is Switch.AUTO else self.winograd is Switch.ON
+
+    def layout_for(self, spec) -> DataLayout:
+        """The conv layout a build for ``spec`` uses (``auto``: ``[hardware].conv_layout``)."""
+        return spec.hardware.conv_layout if self.layout == AUTO else self.layout
 
     def to_dict(self, spec) -> dict:
         """As recorded in the manifest: the switches and what ``auto`` resolved to."""
@@ -58,6 +78,8 @@ class Optimize:
             "fuse": self.fuse,
             "winograd": self.winograd.value,
             "winograd_applied": self.winograd_on(spec),
+            "layout": self.layout if self.layout == AUTO else self.layout.value,
+            "layout_applied": self.layout_for(spec).value,
         }
 
 
@@ -70,11 +92,12 @@ def as_optimize(value) -> Optimize:
 
 
 def effective_recipe(recipe, optimize: Optimize, spec):
-    """The steps a build runs: default BN folding, the recipe's steps, default Winograd.
+    """The steps a build runs: default BN folding, the recipe's steps, the conv layout (before
+    the recipe's first ``fuse`` / ``winograd`` step, if any), default Winograd.
 
     Returns a ``Recipe``; the user's recipe is never changed.
     """
-    from .passes import FoldBatchNorm, Winograd
+    from .passes import ConvLayout, FoldBatchNorm, Fuse, Winograd
     from .recipe import Recipe, as_recipe
 
     from .errors import RecipeError
@@ -85,6 +108,16 @@ def effective_recipe(recipe, optimize: Optimize, spec):
         raise RecipeError("the recipe has a fold-bn step but BN folding is switched off (--no-fold-bn)")
     if optimize.winograd is Switch.OFF and Winograd in named:
         raise RecipeError("the recipe has a winograd step but Winograd is switched off (--winograd off)")
+    mine = [s for s in recipe.steps if isinstance(s, ConvLayout)]
+    if optimize.layout != AUTO and any(s.layout is not optimize.layout for s in mine):
+        raise RecipeError(
+            f"the recipe has a layout step ({mine[0].layout.value}) but --layout {optimize.layout.value} was asked for"
+        )
     head = [FoldBatchNorm()] if optimize.fold_bn and FoldBatchNorm not in named else []
     tail = [Winograd()] if optimize.winograd_on(spec) and Winograd not in named else []
-    return Recipe((*head, *recipe.steps, *tail))
+    steps = list(recipe.steps)
+    layout = optimize.layout_for(spec)
+    if layout is not DataLayout.NCHW and not mine:
+        at = next((i for i, s in enumerate(steps) if isinstance(s, (Fuse, Winograd))), len(steps))
+        steps.insert(at, ConvLayout(layout))
+    return Recipe((*head, *steps, *tail))

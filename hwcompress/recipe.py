@@ -16,6 +16,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,8 @@ def _plain(value):
         return {k: _plain(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
-        return value.value
+    if isinstance(value, Enum) or (hasattr(value, "value") and not isinstance(value, (int, float, str, bool))):
+        return value.value  # str-valued enums (DataLayout) too: plain strings in manifests
     return value
 
 

@@ -34,6 +34,20 @@ class Int8Kind(str, enum.Enum):
     NONE = "none"
 
 
+class DataLayout(str, enum.Enum):
+    """Activation layout of 2D convolutions (``[hardware].conv_layout``, ``hwc --layout``).
+
+    ``NCHW`` is the ONNX import layout; ``NCHW{b}c`` is blocked NCHW with ``b`` channels
+    innermost (one SIMD vector of float32 for ``b`` = 4 / 8 / 16: SSE or NEON, AVX2, AVX-512).
+    """
+
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+    NCHW4C = "NCHW4c"
+    NCHW8C = "NCHW8c"
+    NCHW16C = "NCHW16c"
+
+
 @dataclass(frozen=True)
 class Hardware:
     """Facts the compression and optimization passes read."""
@@ -44,6 +58,7 @@ class Hardware:
     winograd: bool = False
     peak_gflops_fp32: float = 0.0
     cpu_features: tuple[str, ...] = ()
+    conv_layout: DataLayout = DataLayout.NCHW
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,7 @@ class TargetSpec:
 
         out = asdict(self)
         out["hardware"]["int8"] = self.hardware.int8.value
+        out["hardware"]["conv_layout"] = self.hardware.conv_layout.value
         return out
 
 
@@ -258,6 +274,12 @@ def _coerce(annotation: str, value: Any, where: str):
         except ValueError:
             choices = ", ".join(k.value for k in Int8Kind)
             raise TargetError(f"{where}: expected one of {choices} or auto, got {value!r}") from None
+    if expect == "DataLayout":
+        try:
+            return DataLayout(value)
+        except ValueError:
+            choices = ", ".join(k.value for k in DataLayout)
+            raise TargetError(f"{where}: expected one of {choices}, got {value!r}") from None
     checks = {
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
@@ -370,6 +392,7 @@ def spec_from_dict(data: dict[str, Any]) -> TargetSpec:
         hardware = dict(data.get("hardware", {}))
         hardware["int8"] = Int8Kind(hardware.get("int8", "none"))
         hardware["cpu_features"] = tuple(hardware.get("cpu_features", ()))
+        hardware["conv_layout"] = DataLayout(hardware.get("conv_layout", "NCHW"))
         npu = data.get("npu")
         if npu is not None:
             npu = Npu(**{**npu, "supported_ops": tuple(npu.get("supported_ops", ()))})

@@ -42,8 +42,10 @@ def test_manifest_records_everything(built):
     assert m["inputs"] == [{"name": "input", "shape": [2, 3, 16, 16], "dtype": "float32"}]
     assert m["outputs"] == [{"name": "logits", "shape": [2, 10], "dtype": "float32"}]
     # the steps that ran: no user recipe, the host's default optimizations
-    assert [s["technique"] for s in m["recipe"]["steps"]] == ["fold-bn", "winograd"]
-    assert m["optimize"] == {"fold_bn": True, "fuse": True, "winograd": "auto", "winograd_applied": True}
+    assert [s["technique"] for s in m["recipe"]["steps"]] == ["fold-bn", "layout", "winograd"]
+    assert m["optimize"] == {
+        "fold_bn": True, "fuse": True, "winograd": "auto", "winograd_applied": True, "layout": "auto", "layout_applied": "NHWC"
+    }
     assert set(m["files"]) >= {"module.so"} and all(len(h) == 64 for h in m["files"].values())
     v = m["verification"]
     assert v["status"] == "passed" and v["reference"] == "onnxruntime"

@@ -15,7 +15,7 @@ import pass_graphs as G
 from hwcompress.api import import_model
 from hwcompress.errors import RecipeError
 from hwcompress.optimize import Optimize, Switch, effective_recipe
-from hwcompress.passes import FoldBatchNorm, Winograd
+from hwcompress.passes import ConvLayout, FoldBatchNorm, Winograd
 from hwcompress.recipe import Recipe
 from hwcompress.targets import load_target
 
@@ -24,28 +24,31 @@ def _names(recipe) -> list[str]:
     return [step["technique"] for step in recipe.to_dict()["steps"]]
 
 
-@pytest.mark.parametrize("target,winograd", [("host", True), ("arm-cortex-a72", True), ("cuda-sm80", False), ("npu-stub", False)])
-def test_auto_follows_the_target_spec(target, winograd):
+@pytest.mark.parametrize("target,cpu", [("host", True), ("arm-cortex-a72", True), ("cuda-sm80", False), ("npu-stub", False)])
+def test_auto_follows_the_target_spec(target, cpu):
+    """CPU targets: Winograd and NHWC convs (the layout measured faster there); GPU / NPU: neither."""
     spec = load_target(target)
-    assert spec.hardware.winograd is winograd
+    assert spec.hardware.winograd is cpu
+    assert spec.hardware.conv_layout.value == ("NHWC" if cpu else "NCHW")
     steps = _names(effective_recipe(None, Optimize(), spec))
-    assert steps == (["fold-bn", "winograd"] if winograd else ["fold-bn"])
+    assert steps == (["fold-bn", "layout", "winograd"] if cpu else ["fold-bn"])
 
 
 def test_switches_override_the_spec():
     host, cuda = load_target("host"), load_target("cuda-sm80")
-    assert _names(effective_recipe(None, Optimize(winograd=Switch.OFF), host)) == ["fold-bn"]
+    assert _names(effective_recipe(None, Optimize(winograd=Switch.OFF), host)) == ["fold-bn", "layout"]
     assert _names(effective_recipe(None, Optimize(winograd="on"), cuda)) == ["fold-bn", "winograd"]
-    assert _names(effective_recipe(None, Optimize(fold_bn=False, winograd="off"), host)) == []
+    assert _names(effective_recipe(None, Optimize(fold_bn=False, winograd="off", layout="NCHW"), host)) == []
+    assert _names(effective_recipe(None, Optimize(layout="NHWC"), cuda)) == ["fold-bn", "layout"]
 
 
 def test_recipe_steps_keep_their_settings_and_order():
-    """BN folding first, the user's steps, Winograd last; a step the recipe names is not added
-    again (its settings win)."""
+    """BN folding first, the user's steps, the layout before Winograd, Winograd last; a step
+    the recipe names is not added again (its settings win)."""
     host = load_target("host")
     mine = Winograd(tile=2)
     recipe = effective_recipe(Recipe((mine,)), Optimize(), host)
-    assert recipe.steps == (FoldBatchNorm(), mine)
+    assert recipe.steps == (FoldBatchNorm(), ConvLayout("NHWC"), mine)
 
 
 @pytest.mark.parametrize(
@@ -90,20 +93,24 @@ def test_no_fold_bn_keeps_batch_norm_through_the_frontend():
 
 
 def test_cli_switches_reach_the_manifest_and_the_kernels(tmp_path: Path):
-    """Default host build: BN folded, Winograd kernels; with the switches off: neither, and
-    both artifacts verified against ONNX Runtime."""
+    """Default host build: BN folded, NHWC, Winograd kernels; with the switches off: none of
+    them, and both artifacts verified against ONNX Runtime."""
     model = tmp_path / "m.onnx"
     model.write_bytes(G.residual_block(c=16, hw=12).SerializeToString())
     hwc = [sys.executable, "-m", "hwcompress"]
     runs = {}
-    for label, flags in (("default", []), ("off", ["--no-fold-bn", "--winograd", "off"])):
+    for label, flags in (("default", []), ("off", ["--no-fold-bn", "--winograd", "off", "--layout", "NCHW"])):
         out = tmp_path / label
         done = subprocess.run([*hwc, "-q", "build", str(model), "-o", str(out), *flags], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         runs[label] = json.loads((out / "manifest.json").read_text())
     default, off = runs["default"], runs["off"]
-    assert default["optimize"] == {"fold_bn": True, "fuse": True, "winograd": "auto", "winograd_applied": True}
-    assert off["optimize"] == {"fold_bn": False, "fuse": True, "winograd": "off", "winograd_applied": False}
+    assert default["optimize"] == {
+        "fold_bn": True, "fuse": True, "winograd": "auto", "winograd_applied": True, "layout": "auto", "layout_applied": "NHWC"
+    }
+    assert off["optimize"] == {
+        "fold_bn": False, "fuse": True, "winograd": "off", "winograd_applied": False, "layout": "NCHW", "layout_applied": "NCHW"
+    }
     all_default = default["kernels"]["default_schedule"] + default["kernels"]["tuned"]
     all_off = off["kernels"]["default_schedule"] + off["kernels"]["tuned"]
     assert any("winograd" in k for k in all_default), all_default

@@ -9,6 +9,7 @@ import tvm_ffi
 
 import hwcompress
 from hwcompress import build as B
+from hwcompress.api import import_model
 from hwcompress.targets import load_target
 from hwcompress.tuning import STATE, repair_database, tune
 from model_builders import tiny_cnn
@@ -56,7 +57,7 @@ def test_tuned_build_uses_the_database_kernels(lowered, tmp_path):
 def test_compile_with_db_records_tuned_kernels_and_verifies(tmp_path):
     spec = load_target("host")
     model = tiny_cnn(batch=1)
-    mod = B.legalize(hwcompress.import_onnx(model), spec)
+    mod = B.legalize(import_model(model, spec).mod, spec)  # as compile builds it (default optimizations)
     _synthetic_database(spec, mod, tmp_path / "db")
     artifact = hwcompress.compile(model, out=tmp_path / "a", databases=[tmp_path / "db"])
     kernels = artifact.manifest["kernels"]
