@@ -1,7 +1,8 @@
 """Regenerate the shipped pre-tuned databases under schedules/<target>/.
 
 Tunes the zoo models (resumable work dirs under tuning/), then keeps only the best record of
-each kernel and writes them to schedules/<target>/, which every build for that target applies.
+each kernel, where it beats the kernel's default schedule (the seed ``hwc tune`` measured),
+and writes them to schedules/<target>/, which every build for that target applies.
 
     python tools/pretune.py --target host --models resnet18,mobilenet_v2,fashion --trials 2000
     python tools/pretune.py --target host --ship-only        # re-extract from existing work dirs
@@ -34,37 +35,135 @@ def models():
     }
 
 
-def ship(work_dirs: list[Path], out: Path) -> int:
+def ship(work_dirs: list[Path], out: Path, target: str = "host", emit=print) -> int:
     """Write the best record per workload found in ``work_dirs`` into a JSON database at
-    ``out`` (replacing what was there). Returns the number of records written."""
+    ``out`` (replacing what was there), if it beats the workload's default schedule.
+
+    Tuning seeds each work dir with the default schedule of every kernel (``hwc tune``); the
+    seed is recognized as the record whose kernel is the default schedule's kernel. A record
+    no faster than the seed would only replace the default by itself or something slower, and
+    a workload without a seed (tuned before seeding, or the default rules changed since) has
+    no baseline: neither is shipped. Prints one line per workload; returns the records written.
+    """
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
+    from hwcompress.backends import get_backend
     from hwcompress.build import database_files
+    from hwcompress.targets import load_target
 
-    best = {}
+    spec = load_target(target)
+    make = get_backend(spec).default_trace
+    schedule_of = make(spec.tvm_target()) if make is not None else None
+    best, default, names, default_kernels = {}, {}, {}, {}
     for work in work_dirs:
         workload, records = database_files(work)
         db = ms.database.JSONDatabase(path_workload=str(workload), path_tuning_record=str(records))
+        seeded = _seeded_tasks(work)
         for record in db.get_all_tuning_records():
-            if not record.run_secs:
-                continue
-            secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
-            if secs >= 1e9:  # MetaSchedule's marker of a failed run
+            secs = _mean_secs(record)
+            if secs is None or not record.trace.insts:  # MetaSchedule never applies an empty trace
                 continue
             key = tvm_ffi.structural_hash(record.workload.mod)
-            if key not in best or secs < best[key][0]:
+            if key not in default_kernels:
+                default_kernels[key] = _default_kernel(schedule_of, record.workload.mod)
+            if _is_default(record, default_kernels[key]):
+                default[key] = min(secs, default.get(key, secs))
+                name = _task_name(seeded, secs, work)
+                if name and key not in names:
+                    names[key] = name
+            elif key not in best or secs < best[key][0]:
                 best[key] = (secs, record)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("database_workload.json", "database_tuning_record.json"):
         (out / name).unlink(missing_ok=True)
     shipped = ms.database.JSONDatabase(work_dir=str(out))
-    for _, record in best.values():
-        workload = shipped.commit_workload(record.workload.mod)
-        shipped.commit_tuning_record(
-            ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
-        )
-    return len(best)
+    count = 0
+    rows = [("kernel", "default ms", "best ms", "speedup", "")]
+    for key in sorted(set(best) | set(default), key=lambda k: names.get(k, f"~{k & 0xFFFFFFFF:08x}")):
+        base, (secs, record) = default.get(key), best.get(key, (None, None))
+        speedup = f"{base / secs:.2f}x" if base and secs else "-"
+        if record is None:
+            verdict = "not shipped: no tuned record"
+        elif base is None:
+            verdict = "not shipped: no measured default schedule (re-run tuning to seed it)"
+        elif secs >= base:
+            verdict = "not shipped: not faster than the default"
+        else:
+            workload = shipped.commit_workload(record.workload.mod)
+            shipped.commit_tuning_record(
+                ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+            )
+            verdict, count = "shipped", count + 1
+        rows.append((names.get(key, f"kernel #{key & 0xFFFFFFFF:08x}"), _ms(base), _ms(secs), speedup, verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        emit("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:4], widths[1:])] + [row[4]]))
+    return count
+
+
+def _mean_secs(record) -> float | None:
+    """Mean run time of a record; None for a failed run (no times, or MetaSchedule's 1e10 s)."""
+    if not record.run_secs:
+        return None
+    secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
+    return None if secs >= 1e9 else secs
+
+
+def _default_kernel(schedule_of, workload_mod):
+    """(kernel, trace length) of the seed ``hwc tune`` gives a workload; None if the backend
+    has no default schedule as a trace."""
+    from hwcompress.tuning import seed_schedule
+
+    if schedule_of is None:
+        return None
+    try:
+        sch = seed_schedule(schedule_of, workload_mod)
+    except Exception:  # noqa: BLE001 (no baseline: nothing is shipped for this workload)
+        return None
+    return sch.mod, len(sch.trace.insts)
+
+
+def _is_default(record, default_kernel) -> bool:
+    """Whether ``record`` is the seed: its trace replays to the default schedule's kernel."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    if default_kernel is None:
+        return False
+    kernel, length = default_kernel
+    if len(record.trace.insts) != length:  # cheap first: most records are search candidates
+        return False
+    sch = s_tir.Schedule(record.workload.mod)
+    try:
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception:  # noqa: BLE001 (a trace for other rules: not the seed)
+        return False
+    return tvm_ffi.structural_equal(sch.mod, kernel)
+
+
+def _seeded_tasks(work: Path) -> dict[str, float]:
+    """Task name -> default ms from the work dir's tuning state (only to name workloads)."""
+    import json
+
+    from hwcompress.tuning import STATE
+
+    try:
+        tasks = json.loads((work / STATE).read_text())["tasks"]
+        return {t["name"]: t["default_ms"] for t in tasks if t.get("default_ms")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _task_name(seeded: dict[str, float], secs: float, work: Path) -> str | None:
+    for name, ms_ in seeded.items():
+        if abs(ms_ - 1e3 * secs) <= 1e-4 * ms_:
+            return f"{work.name}/{name}"
+    return None
+
+
+def _ms(secs) -> str:
+    return f"{1e3 * secs:.4g}" if secs is not None else "-"
 
 
 def main(argv=None) -> int:
@@ -86,7 +185,9 @@ def main(argv=None) -> int:
             make, shapes = zoo[name]
             result = hwcompress.tune(make(), args.target, args.trials, work_dir=work, input_shapes=shapes)
             print(result.table())
-    count = ship([w for w in work_dirs if (w / "database_tuning_record.json").is_file()], ROOT / "schedules" / args.target)
+    count = ship(
+        [w for w in work_dirs if (w / "database_tuning_record.json").is_file()], ROOT / "schedules" / args.target, args.target
+    )
     print(f"schedules/{args.target}: {count} kernels")
     return 0
 

@@ -19,6 +19,9 @@ class Backend:
     finalize_pipeline: Callable  # (tvm Target) -> tvm.transform.Pass
     codegen_context: Callable  # (TargetSpec) -> context manager around tvm.compile
     export: Callable  # (Executable, Path, TargetSpec) -> None
+    # (tvm Target) -> (PrimFunc | IRModule -> traced s_tir.Schedule | None): the default
+    # schedule as a trace, to seed tuning with; None: tuning starts without a seed
+    default_trace: Callable | None = None
 
 
 def get_backend(spec) -> Backend:

@@ -14,6 +14,12 @@ def _default_schedule(target):
     return default_cpu_schedule(target)
 
 
+def _default_trace(target):
+    from .cpu_schedule import default_trace
+
+    return default_trace(target)
+
+
 def _finalize(target):
     from tvm.relax.backend.cpu_generic import pipeline
 
@@ -35,4 +41,5 @@ BACKEND = Backend(
     finalize_pipeline=_finalize,
     codegen_context=no_context,
     export=_export,
+    default_trace=_default_trace,
 )

@@ -124,6 +124,17 @@ class DefaultCpuSchedule:
 
 def schedule_prim_func(func, facts: CpuFacts, target, name: str = "main"):
     """The scheduled ``func`` from the first rule that applies and lowers, else None."""
+    sch = default_schedule_of(func, facts, target, name=name)
+    return None if sch is None else sch.mod["main"]
+
+
+def default_schedule_of(func, facts: CpuFacts, target, name: str = "main"):
+    """The traced ``s_tir.Schedule`` of the first rule that applies and lowers, else None.
+
+    ``func`` is a PrimFunc or an ``IRModule`` whose ``main`` it is (a tuning task's module).
+    The schedule's trace replays the rule on that module, which is how tuning seeds its
+    database with the default schedule.
+    """
     from tvm import s_tir
 
     for rule_name, rule in _RULES:
@@ -131,15 +142,25 @@ def schedule_prim_func(func, facts: CpuFacts, target, name: str = "main"):
         try:
             if rule(sch, facts) is False:
                 continue
-            scheduled = sch.mod["main"]
-            _check_lowers(scheduled, target)
+            _check_lowers(sch.mod["main"], target)
         except Exception as e:  # a rule that does not fit raises ScheduleError or TVMError
             log.debug("%s: rule %s does not apply: %s", name, rule_name, str(e).strip().splitlines()[-1:])
             continue
         log.debug("%s: scheduled by %s", name, rule_name)
-        return scheduled
+        return sch
     log.debug("%s: left unscheduled", name)
     return None
+
+
+def default_trace(target):
+    """``func -> Schedule | None``: the default schedule of one kernel for ``target`` (see
+    ``default_schedule_of``); the backend's hook for seeding tuning databases."""
+    facts = CpuFacts.from_target(target)
+
+    def schedule_of(func):
+        return default_schedule_of(func, facts, target)
+
+    return schedule_of
 
 
 def _check_lowers(func, target) -> None:
