@@ -31,7 +31,8 @@ def models():
     return {
         "resnet18": (lambda: zoo.resnet18(), {"input": (1, 3, 224, 224)}),
         "mobilenet_v2": (lambda: zoo.mobilenet_v2(), {"input": (1, 3, 224, 224)}),
-        "fashion": (lambda: str(ROOT / "examples" / "fashion_resnet.onnx"), {"input": (1, 1, 28, 28)}),
+        # batch 8: the README's main job builds it that way
+        "fashion": (lambda: str(ROOT / "examples" / "fashion_resnet.onnx"), {"input": (8, 1, 28, 28)}),
     }
 
 
@@ -169,8 +170,9 @@ def _ms(secs) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="host")
-    p.add_argument("--models", default="resnet18,mobilenet_v2,fashion")
+    p.add_argument("--models", default="resnet18,mobilenet_v2,fashion", help="NAME[:TRIALS],... (TRIALS overrides --trials)")
     p.add_argument("--trials", type=int, default=2000, help="per model, counting earlier runs")
+    p.add_argument("--trials-per-iter", type=int, default=64, help="candidates per search round (amortizes the search)")
     p.add_argument("--ship-only", action="store_true", help="do not tune; ship from existing work dirs")
     args = p.parse_args(argv)
 
@@ -178,12 +180,16 @@ def main(argv=None) -> int:
 
     zoo = models()
     work_dirs = []
-    for name in args.models.split(","):
+    for item in args.models.split(","):
+        name, _, trials = item.partition(":")
         work = ROOT / "tuning" / f"{name}-{args.target}"
         work_dirs.append(work)
         if not args.ship_only:
             make, shapes = zoo[name]
-            result = hwcompress.tune(make(), args.target, args.trials, work_dir=work, input_shapes=shapes)
+            result = hwcompress.tune(
+                make(), args.target, int(trials or args.trials), work_dir=work, input_shapes=shapes,
+                trials_per_iter=args.trials_per_iter,
+            )
             print(result.table())
     count = ship(
         [w for w in work_dirs if (w / "database_tuning_record.json").is_file()], ROOT / "schedules" / args.target, args.target
