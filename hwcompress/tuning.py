@@ -21,26 +21,31 @@ a second Ctrl-C ends the process at once (exit code 130) after saving the state.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import HwcError
 from .targets import TargetSpec, load_target
+from .tuning_seed import seed_default_schedules, seed_schedule  # noqa: F401 (public here)
+from .tuning_workers import (  # noqa: F401 (public here; workers unpickle build_candidate by this path)
+    BUILD_TIMEOUT_S,
+    CtrlC,
+    StopAfterBatch,
+    build_candidate,
+    candidate_builder,
+    ignore_sigint,
+    kill_workers,
+    quiet_metaschedule_console,
+)
 
 STATE = "hwc_tune_state.json"
-# MetaSchedule's default 30 s builder timeout fails candidates on a busy 2-core machine
-BUILD_TIMEOUT_S = 120
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
-log = logging.getLogger(__name__)
 
 
 class TuningError(HwcError):
@@ -62,6 +67,7 @@ class TaskReport:
     best_ms: float | None = None
     finished: bool = False
     default_ms: float | None = None  # the seed: the backend's default schedule, measured
+    skipped: str | None = None  # why it is not tuned (keeps its default schedule)
 
 
 @dataclass
@@ -96,7 +102,7 @@ class TuneResult:
             default = f"{t.default_ms:.4g}" if t.default_ms is not None else "-"
             best = f"{t.best_ms:.4g}" if t.best_ms is not None else "-"
             speedup = f"{t.default_ms / t.best_ms:.3g}x" if t.default_ms and t.best_ms else "-"
-            done = "yes" if t.finished else ""
+            done = "yes" if t.finished else (f"skipped ({t.skipped})" if t.skipped else "")
             rows.append((t.name, f"{t.flops / 1e6:.2f}", str(t.trials), str(t.errors), default, best, speedup, done))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -149,8 +155,27 @@ def tune(
     return tune_module(mod, spec, trials, work, tracker, key, trials_per_iter=trials_per_iter, seed=seed, progress=progress)
 
 
-def tune_module(mod, spec: TargetSpec, trials: int, work: Path, tracker=None, key=None, *, trials_per_iter=16, seed=None, progress=None) -> TuneResult:
-    """Tune an already legalized module (see ``tune``)."""
+# Kernels below this share of the model's FLOPs are not tuned: MetaSchedule's task scheduler
+# gives every task a full batch of trials before it looks at gradients, and a reshape or a
+# bias add would take as many as the convolutions.
+MIN_FLOPS_SHARE = 0.005
+
+
+def tune_module(
+    mod,
+    spec: TargetSpec,
+    trials: int,
+    work: Path,
+    tracker=None,
+    key=None,
+    *,
+    trials_per_iter=16,
+    seed=None,
+    progress=None,
+    min_flops_share: float = MIN_FLOPS_SHARE,
+) -> TuneResult:
+    """Tune an already legalized module (see ``tune``); kernels with less than
+    ``min_flops_share`` of the module's FLOPs keep their default schedule."""
     from tvm.s_tir import meta_schedule as ms
 
     target = spec.tvm_target()
@@ -160,7 +185,8 @@ def tune_module(mod, spec: TargetSpec, trials: int, work: Path, tracker=None, ke
     extracted = ms.relax_integration.extract_tasks(mod, target)
     reports = {t.task_name: TaskReport(**state.get(t.task_name, {"name": t.task_name})) for t in extracted}
     already = sum(r.trials for r in reports.values())
-    pending = [t for t in extracted if not reports[t.task_name].finished]
+    _mark_small(extracted, reports, min_flops_share)
+    pending = [t for t in extracted if not reports[t.task_name].finished and not reports[t.task_name].skipped]
     budget = trials - already
     start = time.perf_counter()
     if budget <= 0 or not pending:
@@ -171,7 +197,7 @@ def tune_module(mod, spec: TargetSpec, trials: int, work: Path, tracker=None, ke
     builder, runner = candidate_builder(), _runner(spec, tracker, key)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(pending, str(work), seed=seed)
     database = ms.database.JSONDatabase(work_dir=str(work))
-    ctrl_c = _CtrlC(stop_now=lambda: (_save_state(work, reports), kill_workers()))
+    ctrl_c = CtrlC(stop_now=lambda: (_save_state(work, reports), kill_workers()))
     callback = _progress_callback(reports, work, budget, emit, ctrl_c)
     try:
         with ctrl_c:
@@ -215,215 +241,6 @@ def tune_module(mod, spec: TargetSpec, trials: int, work: Path, tracker=None, ke
             f"run the same `hwc tune` command again (same --work-dir) to resume"
         )
     return TuneResult(work, spec.name, trials, run_now, time.perf_counter() - start, list(reports.values()))
-
-
-def seed_default_schedules(tasks, reports, spec, builder, runner, database, emit, postprocs=None) -> int:
-    """Commit the default schedule of every task that has no seed yet to ``database``.
-
-    The seed is the backend's default schedule of the task's kernel as a trace, measured with
-    the search's own builder and runner and committed as MetaSchedule's ``AddToDatabase``
-    commits a candidate, so that it competes with the tuned records on equal terms. Its
-    latency goes to ``TaskReport.default_ms``. A task that cannot be seeded is logged and
-    tuned without a seed: seeding never stops tuning. Returns the number of seeds committed.
-
-    ``postprocs`` (task name -> the search's postprocessors) are checked on each seed: the
-    evolutionary search replays the database's best records through them and aborts the whole
-    tuning run if one fails.
-    """
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.utils import remove_build_dir
-
-    from .backends import get_backend
-
-    make = get_backend(spec).default_trace
-    todo = [t for t in tasks if reports[t.task_name].default_ms is None]
-    if make is None or not todo:
-        return 0
-    target = spec.tvm_target()
-    schedule_of = make(target)
-    seeds = []  # (task name, workload module, schedule)
-    for task in todo:
-        workload_mod = task.dispatched[0]  # the module the task's TuneContext tunes
-        try:
-            sch = _checked_seed(schedule_of, workload_mod, (postprocs or {}).get(task.task_name, ()))
-        except Exception as e:  # noqa: BLE001 (a rule's or a check's failure: tune unseeded)
-            log.warning("%s: tuning without the default schedule as seed: %s", task.task_name, _last_line(e))
-            continue
-        seeds.append((task.task_name, workload_mod, sch))
-    if not seeds:
-        return 0
-    emit(f"tune: measuring the default schedule of {len(seeds)} kernel(s), the baseline tuned ones must beat")
-    try:
-        built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in seeds])
-        ran = []
-        for seed, result in zip(seeds, built):
-            if result.error_msg:
-                log.warning("%s: the default schedule does not build: %s", seed[0], _last_line(result.error_msg))
-            else:
-                ran.append((seed, result.artifact_path, ms.arg_info.ArgInfo.from_entry_func(seed[2].mod, remove_preproc=True)))
-        # the device type string MetaSchedule's task scheduler gives the runner ("cpu", "cuda")
-        device_type = tvm.runtime.device(target.get_target_device_type()).type
-        futures = runner.run([ms.runner.RunnerInput(path, device_type, args) for _, path, args in ran])
-        committed = 0
-        for ((name, workload_mod, sch), path, args), future in zip(ran, futures):
-            result = future.result()
-            remove_build_dir(path)
-            if result.error_msg or not result.run_secs:
-                log.warning("%s: the default schedule does not run: %s", name, _last_line(result.error_msg or "no time"))
-                continue
-            workload = database.commit_workload(workload_mod)
-            database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args))
-            reports[name].default_ms = 1e3 * sum(float(s) for s in result.run_secs) / len(result.run_secs)
-            committed += 1
-    except Exception as e:  # noqa: BLE001 (e.g. the farm is gone: the search will say so)
-        log.warning("tuning without default-schedule seeds: %s", _last_line(e))
-        return 0
-    return committed
-
-
-def seed_schedule(schedule_of, workload_mod):
-    """The seed of a tuning task: ``schedule_of(workload_mod)`` (the backend's default
-    schedule, a traced ``Schedule``), or where no default rule fits, the kernel as legalized
-    (what the build leaves it as) with a trace of one no-op instruction: MetaSchedule's
-    databases skip records whose trace is empty (``get_top_k``, ``query_schedule``)."""
-    from tvm import s_tir
-
-    sch = schedule_of(workload_mod)
-    if sch is None:
-        sch = s_tir.Schedule(workload_mod)
-        sch.get_sblock("root")
-    return sch
-
-
-def _checked_seed(schedule_of, workload_mod, postprocs):
-    """``seed_schedule``, checked the way the database and the search will use it."""
-    import tvm_ffi
-    from tvm import s_tir
-
-    sch = seed_schedule(schedule_of, workload_mod)
-    replayed = s_tir.Schedule(workload_mod)
-    sch.trace.apply_to_schedule(replayed, remove_postproc=False)  # as query_schedule does
-    if not tvm_ffi.structural_equal(replayed.mod, sch.mod):
-        raise ValueError("its trace does not replay to the same kernel")
-    searched = s_tir.Schedule(workload_mod)
-    sch.trace.apply_to_schedule(searched, remove_postproc=True)  # as the evolutionary search does
-    searched.enter_postproc()
-    for postproc in postprocs:
-        if not postproc.apply(searched):
-            raise ValueError(f"MetaSchedule's postprocessor {type(postproc).__name__} rejects it")
-    return sch
-
-
-def _last_line(e) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
-class _StopAfterBatch(Exception):
-    """Raised by the progress callback after a batch, once Ctrl-C asked to stop."""
-
-
-class _CtrlC:
-    """SIGINT handling around the tuning loop (main thread only; the old handler is put back).
-
-    Python's own handler raises KeyboardInterrupt in whatever callback MetaSchedule's C++ loop
-    is running; tvm-ffi's conversion of that exception aborted the process ("corrupted
-    double-linked list") in our tests. So the handler never raises: the first press sets
-    ``requested`` and the progress callback raises a plain exception after the batch being
-    measured (the database and the state file stay in step); the second press runs
-    ``stop_now`` (save the state, kill the workers) and ends the process with exit code 130.
-    """
-
-    def __init__(self, stop_now):
-        self.requested = False
-        self._stop_now = stop_now
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
-
-    def _handle(self, _signum, _frame) -> None:
-        if not self.requested:
-            self.requested = True
-            _stderr("hwc tune: stopping after the current batch (its results are kept); Ctrl-C again to stop now")
-            return
-        try:
-            self._stop_now()
-        finally:
-            _stderr("hwc tune: stopped now; the work dir keeps what was measured, run the same command to resume")
-            os._exit(130)  # unwinding through the C++ loop is what is unsafe (see above)
-
-
-def kill_workers() -> int:
-    """Kill MetaSchedule's builder and runner worker processes (``tvm.exec.popen_worker``
-    children of this process, with their own children, e.g. a compiler). Returns how many."""
-    import psutil
-
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return 0
-    doomed = []
-    for child in children:
-        try:
-            if "tvm.exec.popen_worker" in " ".join(child.cmdline()):
-                doomed += [child, *child.children(recursive=True)]
-        except psutil.Error:  # already gone
-            continue
-    for proc in doomed:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(doomed, timeout=5)
-    return len(doomed)
-
-
-def build_candidate(mod, target, _params):
-    """MetaSchedule's default candidate build without its ``import tvm.s_tir.tensor_intrin``:
-    that import parses hundreds of TVMScript functions (~30 s of CPU) in every batch's fresh
-    build worker. (Tensorizing schedule rules, e.g. for INT8 dot products, will need it.)"""
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-
-def candidate_builder():
-    """The builder tuning uses: ``build_candidate`` with a timeout that a busy machine meets."""
-    from tvm.s_tir import meta_schedule as ms
-
-    return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate, initializer=ignore_sigint)
-
-
-def ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C in a terminal signals the whole process group, and a worker
-    that died of it would fail the candidate it was building or measuring; the tuning process
-    decides when to stop (see ``_CtrlC``) and kills the workers itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def quiet_metaschedule_console() -> None:
-    """MetaSchedule prints a full statistics table per batch to stdout at INFO; its log files
-    in ``work_dir/logs`` keep everything, the console gets our one-line progress instead.
-
-    Also drops unnamed handlers from its logger: MetaSchedule's logging setup lists handlers
-    by name, and an unnamed one (pytest's capture handler) makes a second tuning run in the
-    same process fail with "'NoneType' object has no attribute 'format'".
-    """
-    logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    for handler in [h for h in logger.handlers if h.get_name() is None]:
-        logger.removeHandler(handler)
-    if logger.level in (logging.NOTSET, logging.DEBUG, logging.INFO):
-        logger.setLevel(logging.WARNING)
 
 
 def _runner(spec: TargetSpec, tracker: str | None, key: str | None):
@@ -475,9 +292,21 @@ def _progress_callback(reports: dict[str, TaskReport], work: Path, budget: int, 
                 f"{report.name}: {report.trials} trials, best {best}; ETA {_duration(eta)}"
             )
             if ctrl_c is not None and ctrl_c.requested:
-                raise _StopAfterBatch()  # propagates out of the C++ task scheduler's tune loop
+                raise StopAfterBatch()  # propagates out of the C++ task scheduler's tune loop
 
     return _Progress()
+
+
+def _mark_small(tasks, reports: dict[str, TaskReport], min_share: float) -> None:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    flops = {t.task_name: float(estimate_tir_flops(t.dispatched[0])) for t in tasks}
+    total = sum(flops[t.task_name] * t.weight for t in tasks) or 1.0
+    for t in tasks:
+        report = reports[t.task_name]
+        report.flops = report.flops or flops[t.task_name]
+        share = flops[t.task_name] * t.weight / total
+        report.skipped = f"{100 * share:.2g}% of FLOPs" if share < min_share and report.trials == 0 else None
 
 
 def _duration(seconds: float) -> str:

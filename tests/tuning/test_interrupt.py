@@ -141,11 +141,11 @@ def test_second_ctrl_c_stops_now(model, tmp_path):
 def test_first_ctrl_c_only_asks_to_stop(capsys):
     """In-process: the handler never raises (an exception unwinding through MetaSchedule's C++
     loop from a signal is what is unsafe), and the previous handler comes back."""
-    from hwcompress.tuning import _CtrlC
+    from hwcompress.tuning_workers import CtrlC
 
     before = signal.getsignal(signal.SIGINT)
     stopped = []
-    with _CtrlC(stop_now=lambda: stopped.append(True)) as ctrl_c:
+    with CtrlC(stop_now=lambda: stopped.append(True)) as ctrl_c:
         assert not ctrl_c.requested
         signal.raise_signal(signal.SIGINT)
         assert ctrl_c.requested and not stopped
@@ -154,13 +154,13 @@ def test_first_ctrl_c_only_asks_to_stop(capsys):
 
 
 def test_no_handler_outside_the_main_thread():
-    from hwcompress.tuning import _CtrlC
+    from hwcompress.tuning_workers import CtrlC
 
     before = signal.getsignal(signal.SIGINT)
     seen = []
 
     def body():
-        with _CtrlC(stop_now=lambda: None):
+        with CtrlC(stop_now=lambda: None):
             seen.append(signal.getsignal(signal.SIGINT))
 
     thread = threading.Thread(target=body)
