@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .errors import VerificationError
-from .recipe import Recipe, as_recipe
+from .recipe import Recipe
 from .targets import TargetSpec, load_target
 
 log = logging.getLogger("hwcompress")

@@ -3,7 +3,6 @@ pass list; outputs against ONNX Runtime."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,12 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _zoo():
-    name = "_hwc_tools_zoo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "zoo.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    from tool_modules import load_tool
+
+    return load_tool("zoo")
 
 
 def _input(model):

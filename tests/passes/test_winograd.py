@@ -4,9 +4,7 @@ for F(2,3) and F(4,3), end to end against ONNX Runtime, and the recipe round tri
 
 from __future__ import annotations
 
-import importlib.util
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,11 +288,9 @@ def test_schedule_declines_other_kernels():
 
 
 def _zoo():
-    path = Path(__file__).resolve().parents[2] / "tools" / "zoo.py"
-    spec = importlib.util.spec_from_file_location("_hwc_tools_zoo", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tool_modules import load_tool
+
+    return load_tool("zoo")
 
 
 @pytest.mark.parametrize("cfg", [Winograd(), Winograd(tile=4, min_channels=1)], ids=["auto", "f4-all"])

@@ -139,17 +139,15 @@ def test_seeding_failures_do_not_raise(caplog, tmp_path):
 def test_pretune_ships_only_records_faster_than_the_seed(tuned, tmp_path):
     """The tuned run's records plus two synthetic ones for one kernel: an untuned kernel
     "measured" 1000x faster than its seed (shipped) and one 1000x slower (not shipped)."""
-    import importlib.util
     import shutil
     from pathlib import Path
 
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    path = Path(__file__).resolve().parents[2] / "tools" / "pretune.py"
-    module_spec = importlib.util.spec_from_file_location("_hwc_tools_pretune", path)
-    pretune = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(pretune)
+    from tool_modules import load_tool
+
+    pretune = load_tool("pretune")
 
     spec, mod, work, result = tuned
     work = Path(shutil.copytree(work, tmp_path / "work"))

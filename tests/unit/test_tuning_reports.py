@@ -1,30 +1,17 @@
 """Pure functions of tools/tuning_report.py and tools/bench_tuning_efficiency.py (no tuning)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_tool(name: str):
-    """Import tools/<name>.py under a private module name (tools/ is not a package)."""
-    mod_name = f"_hwc_tools_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-report = _load_tool("tuning_report")
-eff = _load_tool("bench_tuning_efficiency")
+report = load_tool("tuning_report")
+eff = load_tool("bench_tuning_efficiency")
 
 ZEN3_FLAGS = "fpu vme sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni"
 SKX_FLAGS = "sse sse2 fma avx avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni"

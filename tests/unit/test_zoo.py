@@ -3,35 +3,22 @@ and the committed reference models (examples/)."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from tool_modules import load_tool
 
 ort = pytest.importorskip("onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_tool(name: str):
-    """Import tools/<name>.py under a private module name (tools/ is not a package)."""
-    mod_name = f"_hwc_tools_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-zoo = _load_tool("zoo")
-datasets = _load_tool("datasets")
+zoo = load_tool("zoo")
+datasets = load_tool("datasets")
 
 ZOO = {
     # name: (expected input shape with dim_param as str, classes)
