@@ -29,6 +29,8 @@ def rpc_runner(
     """
     from tvm.s_tir.meta_schedule.runner import RPCConfig
 
+    from ..tuning_workers import ignore_sigint
+
     host, port = parse_tracker(tracker)
     if not servers_for(tracker, key):
         raise FarmError(
@@ -42,6 +44,7 @@ def rpc_runner(
         evaluator_config=evaluator_config,
         f_create_session=create,
         max_workers=max_workers,
+        initializer=ignore_sigint,  # Ctrl-C is the tuning process's to handle (tuning_workers)
         farm_tracker=tracker,
         farm_wait_sec=wait_for_device_sec,
         farm_retries=retries,
