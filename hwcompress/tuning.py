@@ -155,10 +155,11 @@ def tune(
     return tune_module(mod, spec, trials, work, tracker, key, trials_per_iter=trials_per_iter, seed=seed, progress=progress)
 
 
-# Kernels below this share of the model's FLOPs are not tuned: MetaSchedule's task scheduler
-# gives every task a full batch of trials before it looks at gradients, and a reshape or a
-# bias add would take as many as the convolutions.
-MIN_FLOPS_SHARE = 0.005
+# Kernels below this share of the model's time (their measured default schedule x how often
+# they run; FLOPs where nothing was measured) are not tuned: MetaSchedule's task scheduler gives
+# every task a full batch of trials before it looks at gradients, and a reshape or a bias add
+# would take as many as the convolutions.
+MIN_SHARE = 0.005
 
 
 def tune_module(
@@ -172,10 +173,10 @@ def tune_module(
     trials_per_iter=16,
     seed=None,
     progress=None,
-    min_flops_share: float = MIN_FLOPS_SHARE,
+    min_share: float = MIN_SHARE,
 ) -> TuneResult:
-    """Tune an already legalized module (see ``tune``); kernels with less than
-    ``min_flops_share`` of the module's FLOPs keep their default schedule."""
+    """Tune an already legalized module (see ``tune``); kernels with less than ``min_share``
+    of the module's time keep their default schedule (``small_tasks``)."""
     from tvm.s_tir import meta_schedule as ms
 
     target = spec.tvm_target()
@@ -185,8 +186,8 @@ def tune_module(
     extracted = ms.relax_integration.extract_tasks(mod, target)
     reports = {t.task_name: TaskReport(**state.get(t.task_name, {"name": t.task_name})) for t in extracted}
     already = sum(r.trials for r in reports.values())
-    _mark_small(extracted, reports, min_flops_share)
-    pending = [t for t in extracted if not reports[t.task_name].finished and not reports[t.task_name].skipped]
+    _count_flops(extracted, reports)
+    pending = [t for t in extracted if not reports[t.task_name].finished]
     budget = trials - already
     start = time.perf_counter()
     if budget <= 0 or not pending:
@@ -203,7 +204,8 @@ def tune_module(
         with ctrl_c:
             postprocs = {c.task_name: list(c.space_generator.postprocs) for c in contexts}
             seed_default_schedules(extracted, reports, spec, builder, runner, database, emit, postprocs)
-            if not ctrl_c.requested:
+            contexts, weights = _without_small(contexts, weights, extracted, reports, min_share)
+            if not ctrl_c.requested and contexts:
                 ms.tune.tune_tasks(
                     tasks=contexts,
                     task_weights=weights,
@@ -297,16 +299,36 @@ def _progress_callback(reports: dict[str, TaskReport], work: Path, budget: int, 
     return _Progress()
 
 
-def _mark_small(tasks, reports: dict[str, TaskReport], min_share: float) -> None:
+def small_tasks(cost: dict[str, float], weight: dict[str, float], min_share: float, what: str = "time") -> dict[str, str]:
+    """Tasks whose ``cost x weight`` is below ``min_share`` of the sum, with the reason."""
+    total = sum(cost[name] * weight[name] for name in cost) or 1.0
+    small = {}
+    for name in cost:
+        share = cost[name] * weight[name] / total
+        if share < min_share:
+            small[name] = f"{100 * share:.2g}% of {what}"
+    return small
+
+
+def _count_flops(tasks, reports: dict[str, TaskReport]) -> None:
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    flops = {t.task_name: float(estimate_tir_flops(t.dispatched[0])) for t in tasks}
-    total = sum(flops[t.task_name] * t.weight for t in tasks) or 1.0
     for t in tasks:
         report = reports[t.task_name]
-        report.flops = report.flops or flops[t.task_name]
-        share = flops[t.task_name] * t.weight / total
-        report.skipped = f"{100 * share:.2g}% of FLOPs" if share < min_share and report.trials == 0 else None
+        report.flops = report.flops or float(estimate_tir_flops(t.dispatched[0]))
+
+
+def _without_small(contexts, weights, tasks, reports: dict[str, TaskReport], min_share: float):
+    """Drop the contexts of small tasks (``small_tasks`` by measured default time when every
+    task has one, else by FLOPs); a task already tuned stays."""
+    timed = all(reports[t.task_name].default_ms for t in tasks)
+    cost = {t.task_name: reports[t.task_name].default_ms if timed else reports[t.task_name].flops for t in tasks}
+    small = small_tasks(cost, {t.task_name: float(t.weight) for t in tasks}, min_share, "time" if timed else "FLOPs")
+    for t in tasks:
+        report = reports[t.task_name]
+        report.skipped = small.get(t.task_name) if report.trials == 0 else None
+    keep = [i for i, c in enumerate(contexts) if not reports[c.task_name].skipped]
+    return [contexts[i] for i in keep], [weights[i] for i in keep]
 
 
 def _duration(seconds: float) -> str:
