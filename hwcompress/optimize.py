@@ -97,10 +97,9 @@ def effective_recipe(recipe, optimize: Optimize, spec):
 
     Returns a ``Recipe``; the user's recipe is never changed.
     """
+    from .errors import RecipeError
     from .passes import ConvLayout, FoldBatchNorm, Fuse, Winograd
     from .recipe import Recipe, as_recipe
-
-    from .errors import RecipeError
 
     recipe = as_recipe(recipe)
     named = {type(step) for step in recipe.steps}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .errors import HwcError
 from .targets import TargetSpec, load_target
-from .tuning_seed import seed_default_schedules, seed_schedule  # noqa: F401 (public here)
+from .tuning_seed import mean_seconds, seed_default_schedules, seed_schedule  # noqa: F401 (public here)
 from .tuning_workers import (  # noqa: F401 (public here; workers unpickle build_candidate by this path)
     BUILD_TIMEOUT_S,
     CtrlC,
@@ -274,10 +274,11 @@ def _progress_callback(reports: dict[str, TaskReport], work: Path, budget: int, 
             for b, r in zip(builder_results, runner_results):
                 report.trials += 1
                 counted[0] += 1
-                if b.error_msg or r.error_msg or not r.run_secs:
+                secs = None if b.error_msg or r.error_msg else mean_seconds(r.run_secs)
+                if secs is None:
                     report.errors += 1
                     continue
-                ms_ = 1e3 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                ms_ = 1e3 * secs
                 report.best_ms = ms_ if report.best_ms is None else min(report.best_ms, ms_)
             if counted[0] < budget:
                 # a task the scheduler ended before the budget ran out exhausted its search

@@ -9,6 +9,18 @@ import logging
 
 log = logging.getLogger("hwcompress.tuning")
 
+# MetaSchedule records a failed run as 1e10 s
+FAILED_SECS = 1e9
+
+
+def mean_seconds(run_secs) -> float | None:
+    """Mean of a measurement's ``run_secs``; None for a failed run (no times, or MetaSchedule's
+    1e10 s marker)."""
+    if not run_secs:
+        return None
+    secs = sum(float(s) for s in run_secs) / len(run_secs)
+    return None if secs >= FAILED_SECS else secs
+
 
 def seed_default_schedules(tasks, reports, spec, builder, runner, database, emit, postprocs=None) -> int:
     """Commit the default schedule of every task that has no seed yet to ``database``.
@@ -62,12 +74,13 @@ def seed_default_schedules(tasks, reports, spec, builder, runner, database, emit
         for ((name, workload_mod, sch), path, args), future in zip(ran, futures):
             result = future.result()
             remove_build_dir(path)
-            if result.error_msg or not result.run_secs:
+            secs = None if result.error_msg else mean_seconds(result.run_secs)
+            if secs is None:
                 log.warning("%s: the default schedule does not run: %s", name, last_line(result.error_msg or "no time"))
                 continue
             workload = database.commit_workload(workload_mod)
             database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args))
-            reports[name].default_ms = 1e3 * sum(float(s) for s in result.run_secs) / len(result.run_secs)
+            reports[name].default_ms = 1e3 * secs
             committed += 1
     except Exception as e:  # noqa: BLE001 (e.g. the farm is gone: the search will say so)
         log.warning("tuning without default-schedule seeds: %s", last_line(e))

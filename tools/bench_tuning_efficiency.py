@@ -161,7 +161,7 @@ def tune_task(task, method: str, work: Path, trials: int, per_iter: int, seed: i
     from tvm.s_tir.meta_schedule.cost_model.xgb_model import XGBConfig
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
-    from hwcompress.tuning import candidate_builder, quiet_metaschedule_console
+    from hwcompress.tuning import candidate_builder, mean_seconds, quiet_metaschedule_console
 
     if work.exists():
         shutil.rmtree(work)
@@ -182,11 +182,8 @@ def tune_task(task, method: str, work: Path, trials: int, per_iter: int, seed: i
     class _Record(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             for b, r in zip(builder_results, runner_results):
-                if b.error_msg or r.error_msg or not r.run_secs:
-                    run.latencies_ms.append(None)
-                    continue
-                secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                run.latencies_ms.append(None if secs >= 1e9 else 1e3 * secs)
+                secs = None if b.error_msg or r.error_msg else mean_seconds(r.run_secs)
+                run.latencies_ms.append(None if secs is None else 1e3 * secs)
 
     start = time.perf_counter()
     ms.tune.tune_tasks(

@@ -105,10 +105,9 @@ def ship(work_dirs: list[Path], out: Path, target: str = "host", emit=print) -> 
 
 def _mean_secs(record) -> float | None:
     """Mean run time of a record; None for a failed run (no times, or MetaSchedule's 1e10 s)."""
-    if not record.run_secs:
-        return None
-    secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
-    return None if secs >= 1e9 else secs
+    from hwcompress.tuning import mean_seconds
+
+    return mean_seconds(record.run_secs)
 
 
 def _default_kernel(schedule_of, workload_mod):

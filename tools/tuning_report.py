@@ -40,10 +40,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from hwcompress.tuning import mean_seconds  # noqa: E402
+
 STATE = "hwc_tune_state.json"
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
-FAILED_SECS = 1e9  # MetaSchedule marks a failed run with 1e10 s
 
 
 # ---------------------------------------------------------------------------- peak (pure)
@@ -184,12 +185,7 @@ def read_records(work: Path) -> tuple[list[str], dict[int, list[float | None]]]:
     runs: dict[int, list[float | None]] = {}
     for line in _lines(work / RECORDS):
         idx, (_trace, run_secs, *_rest) = line[0], line[1]
-        secs = None
-        if run_secs:
-            secs = sum(float(s) for s in run_secs) / len(run_secs)
-            if secs >= FAILED_SECS:
-                secs = None
-        runs.setdefault(int(idx), []).append(secs)
+        runs.setdefault(int(idx), []).append(mean_seconds(run_secs))
     return hashes, runs
 
 
