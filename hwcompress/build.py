@@ -23,8 +23,9 @@ from .targets import TargetSpec
 log = logging.getLogger(__name__)
 
 
-def legalize_passes(fuse: bool = True) -> list:
-    """The passes of ``legalize``; ``fuse=False`` leaves every op its own kernel.
+def legalize_passes(fuse: bool = True, legalize_map: dict | None = None) -> list:
+    """The passes of ``legalize``; ``fuse=False`` leaves every op its own kernel;
+    ``legalize_map`` overrides TVM's legalization of some ops (the backend's, see ``legalize``).
 
     ``FuseTIR`` runs either way: it only merges groups that already exist (e.g. the
     ``fuse`` technique's pattern groups), which would otherwise stay Relax functions calling
@@ -38,7 +39,7 @@ def legalize_passes(fuse: bool = True) -> list:
         relax.transform.FoldConstant(),
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(legalize_map),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         *([relax.transform.FuseOps()] if fuse else []),
@@ -52,7 +53,13 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True):
     import tvm
 
     target = spec.tvm_target()
-    return _run_stage("legalize", tvm.transform.Sequential(legalize_passes(fuse)), mod, target)
+    return _run_stage("legalize", tvm.transform.Sequential(legalize_passes(fuse, backend_legalize_map(spec))), mod, target)
+
+
+def backend_legalize_map(spec: TargetSpec) -> dict | None:
+    """The backend's own legalizations for ``spec`` (None: TVM's for every op)."""
+    hook = get_backend(spec).legalize_map
+    return hook(spec.tvm_target()) if hook else None
 
 
 def schedule(mod, spec: TargetSpec, databases: Sequence[str | Path] = ()):

@@ -64,7 +64,8 @@ def build_variant(variant: str, model, shapes, spec):
     if variant == "fused":
         mod = fuse(fold_bn(mod))
     with spec.tvm_target():
-        mod = tvm.transform.Sequential(legalize_passes(fuse=variant in ("stock", "fused")))(mod)
+        passes = legalize_passes(fuse=variant in ("stock", "fused"), legalize_map=B.backend_legalize_map(spec))
+        mod = tvm.transform.Sequential(passes)(mod)
     kernels = []
     relax.analysis.post_order_visit(
         mod["main"].body,

@@ -22,6 +22,9 @@ class Backend:
     # (tvm Target) -> (PrimFunc | IRModule -> traced s_tir.Schedule | None): the default
     # schedule as a trace, to seed tuning with; None: tuning starts without a seed
     default_trace: Callable | None = None
+    # (tvm Target) -> {op name: LegalizeFunc}: the backend's own lowering of some ops (e.g. a
+    # conv with its weight repacked for the kernel), used by ``build.legalize``
+    legalize_map: Callable | None = None
 
 
 def get_backend(spec) -> Backend:

@@ -20,6 +20,13 @@ def _default_trace(target):
     return default_trace(target)
 
 
+def _legalize_map(target):
+    from .cpu_conv import legalize_conv2d
+    from .cpu_schedule import CpuFacts
+
+    return {"relax.nn.conv2d": legalize_conv2d(CpuFacts.from_target(target))}
+
+
 def _finalize(target):
     from tvm.relax.backend.cpu_generic import pipeline
 
@@ -42,4 +49,5 @@ BACKEND = Backend(
     codegen_context=no_context,
     export=_export,
     default_trace=_default_trace,
+    legalize_map=_legalize_map,
 )

@@ -4,6 +4,9 @@
 marked ``tirx.is_scheduled`` (or the older spelling ``tir.is_scheduled``), trying rules from
 the most specialized to the simplest and keeping the first whose schedule applies and lowers:
 
+0. ``packed_conv`` and ``winograd``: the kernels that the backend's own conv lowering
+   (``cpu_conv``: NHWC conv with a packed weight) and the Winograd pass emit, recognised by
+   their blocks' annotations (``hwc.conv_tile``, Winograd's ``schedule_rule``).
 1. ``tiled_reduction``: a register-tiled schedule of the one reduction block (conv2d, matmul /
    dense / GEMV, pooling) with its padding producers and elementwise epilogue.
 2. ``per_block``: inline injective producers, then parallelize + vectorize every remaining
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .cpu_conv import schedule_packed_conv
 from .cpu_rules import per_block, tiled_reduction
 from .cpu_winograd import schedule_winograd
 
@@ -192,6 +196,7 @@ def _check_lowers(func, target) -> None:
 
 
 _RULES = (
+    ("packed_conv", schedule_packed_conv),
     ("winograd", schedule_winograd),
     ("tiled_reduction", tiled_reduction),
     ("per_block", per_block),

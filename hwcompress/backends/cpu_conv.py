@@ -1,0 +1,290 @@
+"""Direct NHWC convolution for CPUs: weights packed at compile time, a register-tiled kernel.
+
+TOPI's NHWC ``conv2d`` reads its ``OHWI`` weight with a stride of one whole filter between
+adjacent output channels, and the generic tiled schedule reaches ~35-45% of the FP32 peak on
+it. The CPU backend legalizes each eligible ``relax.nn.conv2d`` (NHWC data, OHWI constant
+weight, one group, float32) to this module's kernel instead:
+
+* the weight is repacked once, when the module is built, to ``(O/ob, KH, KW, I, ob)``: the
+  ``ob`` output channels that one register tile computes are contiguous for every reduction
+  step, so the kernel streams its weight panel sequentially;
+* the kernel is ``data_pad`` (zero padding, and extra columns when the output width is
+  rounded up to whole tiles) -> ``conv2d_nhwc_packed`` (the reduction) -> ``conv2d_nhwc_crop``
+  (only when the width was rounded up); the reduction block carries its register tile in the
+  ``hwc.conv_tile`` annotation, by which the default schedule (``schedule_packed_conv``)
+  finds it;
+* the schedule keeps a ``ty x tx`` block of output pixels times ``nvec`` vectors of output
+  channels in registers (12 of AVX2's 16 vector registers at most, plus the ``nvec`` weight
+  vectors and one broadcast), loops over the reduction (KH, KW, I) outside that tile, and
+  writes the tile back through the fused epilogue (bias, residual add, activation).
+
+Measured on one core of the 2-core Zen 3 host: ResNet-18's 3x3 stride-1 layers 92-94 GFLOP/s
+(the core's FP32 peak is ~97 at the clock it runs), the 7x7 stem 90, the 512-channel 7x7 layer
+~75 (tools/bench_default_schedule.py has the whole-model figures).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# The reduction block's annotation: the register tile the default schedule uses. (No
+# ``schedule_rule`` annotation: MetaSchedule would look for a rule of that name, and skip
+# blocks marked "None", where its generic rules should tune these kernels like any other.)
+TILE_ATTR = "hwc.conv_tile"
+
+# At most this many accumulator vectors per row-tile dimension: more rows per tile than
+# this gave spills on AVX2 (7 and 8 pixels x 2 vectors: 41 and 36 GFLOP/s against 92).
+_MAX_ROWS = 12
+
+
+@dataclass(frozen=True)
+class ConvTile:
+    """Register tile of the packed conv: ``ty x tx`` output pixels x ``nvec`` channel vectors."""
+
+    ty: int
+    tx: int
+    nvec: int
+    lanes: int
+
+    @property
+    def block(self) -> int:
+        """Output channels per packed weight block (``ob``)."""
+        return self.nvec * self.lanes
+
+    def padded_width(self, out_w: int) -> int:
+        return -(-out_w // self.tx) * self.tx
+
+
+def _efficiency(ty: int, tx: int, nvec: int) -> float:
+    """Modelled fraction of FMA peak of a ``ty x tx x nvec`` register tile.
+
+    FMAs per reduction step: ``acc = ty*tx*nvec`` (two pipes, 4-cycle latency: 8 independent
+    accumulators keep them busy); loads: one broadcast per pixel plus ``nvec`` weight vectors
+    (two per cycle). Factors from measurement on Zen 3: 4 channel vectors ran ~10% slower than
+    2 (more weight traffic per pixel), 1 vector ~15%.
+    """
+    acc = ty * tx * nvec
+    eff = min(1.0, acc / 8) * min(1.0, acc / (ty * tx + nvec))
+    eff *= {1: 0.85, 2: 1.0, 3: 0.95, 4: 0.9}.get(nvec, 0.8)
+    return eff * (1.0 + 0.01 * acc)  # larger tiles amortize init and write-back a little
+
+
+def choose_tile(out_h: int, out_w: int, out_c: int, lanes: int, acc_regs: int) -> ConvTile | None:
+    """The register tile for an ``out_h x out_w x out_c`` output, None when ``out_c`` has no
+    whole vector of ``lanes`` channels.
+
+    Candidates: ``ty`` divides ``out_h`` (no predicated rows), ``tx`` any width (the output
+    width is rounded up to whole tiles, the extra columns computed and dropped), ``nvec``
+    divides ``out_c / lanes``; at most ``acc_regs`` accumulators. The score is the modelled
+    efficiency times the useful fraction of the padded width.
+    """
+    if out_c % lanes:
+        return None
+    best, best_score = None, 0.0
+    for nvec in (n for n in (1, 2, 3, 4) if (out_c // lanes) % n == 0):
+        for ty in (t for t in range(1, 5) if out_h % t == 0):
+            for tx in range(1, min(_MAX_ROWS, acc_regs) + 1):
+                if ty * tx * nvec > acc_regs:
+                    break
+                padded = -(-out_w // tx) * tx
+                score = _efficiency(ty, tx, nvec) * out_w / padded
+                if score > best_score + 1e-9:
+                    best, best_score = ConvTile(ty, tx, nvec, lanes), score
+    return best
+
+
+def pack_weight(weight_ohwi: np.ndarray, block: int) -> np.ndarray:
+    """``(O, KH, KW, I)`` -> ``(O/block, KH, KW, I, block)``."""
+    o, kh, kw, i = weight_ohwi.shape
+    return np.ascontiguousarray(weight_ohwi.reshape(o // block, block, kh, kw, i).transpose(0, 2, 3, 4, 1))
+
+
+def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile):
+    """TE compute of an NHWC conv with a packed weight ``(O/ob, KH, KW, I, ob)``.
+
+    ``padding`` is ``(top, left, bottom, right)``. Returns the ``(N, OH, OW, O)`` output.
+    """
+    from tvm import te
+    from tvm.topi.utils import get_const_tuple
+
+    n, h, w, ci = get_const_tuple(data.shape)
+    n_ob, kh, kw, ci_w, ob = get_const_tuple(weight.shape)
+    if ci_w != ci or ob != tile.block:
+        raise ValueError(f"packed weight {weight.shape} does not fit data {data.shape} / tile {tile}")
+    sh, sw = strides
+    dh, dw = dilation
+    pt, pl, pb, pr = padding
+    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out_wp = tile.padded_width(out_w)
+    rows = (out_h - 1) * sh + dh * (kh - 1) + 1
+    cols = (out_wp - 1) * sw + dw * (kw - 1) + 1
+    dtype = str(data.dtype)
+    attrs = {TILE_ATTR: [tile.ty, tile.tx, tile.nvec]}
+
+    if pt or pl or rows > h + pt or cols > w + pl:
+
+        def padded(b, y, x, c):
+            inside = te.all(y >= pt, y < h + pt, x >= pl, x < w + pl)
+            return te.if_then_else(inside, data[b, y - pt, x - pl, c], te.const(0, dtype))
+
+        src = te.compute((n, rows, cols, ci), padded, name="data_pad")
+    else:
+        src = data
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rc = te.reduce_axis((0, ci), "rc")
+    conv = te.compute(
+        (n, out_h, out_wp, n_ob * ob),
+        lambda b, y, x, o: te.sum(
+            src[b, y * sh + ry * dh, x * sw + rx * dw, rc] * weight[o // ob, ry, rx, rc, o % ob], axis=[ry, rx, rc]
+        ),
+        name="conv2d_nhwc_packed",
+        attrs=attrs,
+    )
+    if out_wp == out_w:
+        return conv
+    return te.compute((n, out_h, out_w, n_ob * ob), lambda b, y, x, o: conv[b, y, x, o], name="conv2d_nhwc_crop")
+
+
+# ---------------------------------------------------------------------------- legalization
+
+
+def legalize_conv2d(facts):
+    """A ``LegalizeOps`` function for ``relax.nn.conv2d`` on a CPU with ``facts``: eligible
+    convs become the packed kernel, every other conv TVM's default legalization."""
+    import tvm
+    from tvm import relax
+
+    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+
+    def legalize(bb, call):
+        tile = _tile_for(call, facts)
+        if tile is None:
+            return default(bb, call)
+        attrs = call.attrs
+        packed = pack_weight(call.args[1].value.numpy(), tile.block)
+        padding = [int(p) for p in attrs.padding]
+        strides = [int(s) for s in attrs.strides]
+        dilation = [int(d) for d in attrs.dilation]
+        padding = padding * 2 if len(padding) == 2 else padding
+
+        def compute(data, weight):  # call_te converts keyword arguments; the tile is no TVM object
+            return conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile)
+
+        return bb.call_te(compute, call.args[0], relax.const(packed, "float32"), primfunc_name_hint="conv2d")
+
+    return legalize
+
+
+def _tile_for(call, facts) -> ConvTile | None:
+    """The tile when ``call`` is a conv the packed kernel handles, else None."""
+    import tvm
+
+    attrs = call.attrs
+    data, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.GenericConst):
+        return None
+    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
+    if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1:
+        return None
+    out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
+    if str(data.ty.dtype) != "float32" or str(weight.ty.dtype) != "float32" or out_dtype not in ("", "void", "float32"):
+        return None
+    try:
+        _, out_h, out_w, out_c = (int(d) for d in call.ty.shape)
+    except (TypeError, ValueError):  # symbolic shapes: the tile must be static
+        return None
+    return choose_tile(out_h, out_w, out_c, facts.lanes(32), facts.acc_regs)
+
+
+# ---------------------------------------------------------------------------- default schedule
+
+
+def schedule_packed_conv(sch, facts) -> bool:
+    """Default schedule of a (fused) packed conv kernel; False if ``sch`` holds none.
+
+    Output tiles ``(n, oc-block, row-block)`` in parallel, the reduction outside the register
+    tile, the tile written back through the inlined epilogue; the padding copy a parallel,
+    vectorized stage of its own.
+    """
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    conv = next((b for b in blocks if TILE_ATTR in sch.get(b).annotations), None)
+    if conv is None:
+        return False
+    ty, tx, nvec = (int(v) for v in sch.get(conv).annotations[TILE_ATTR])
+    lanes = facts.lanes(32)
+    names = {sch.get(b).name_hint: b for b in blocks}
+
+    b, y, x, o, ry, rx, rc = sch.get_loops(conv)
+    yo, yi = sch.split(y, [None, ty])
+    xo, xi = sch.split(x, [None, tx])
+    oo, om, ol = sch.split(o, [None, nvec, lanes])
+    sch.reorder(b, oo, yo, xo, ry, rx, rc, yi, xi, om, ol)
+    write_back = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(write_back, xo, preserve_unit_loops=True)
+    sch.parallel(sch.fuse(b, oo, yo))
+    sch.unroll(yi)
+    sch.unroll(xi)
+    sch.unroll(om)
+    sch.vectorize(ol)
+    init = sch.decompose_reduction(conv, ry)
+    _unroll_vectorize(sch, sch.get_loops(init)[2:], lanes)
+
+    tail = write_back
+    if "conv2d_nhwc_crop" in names:
+        tail = names["conv2d_nhwc_crop"]
+        sch.reverse_compute_at(tail, xo, preserve_unit_loops=True)
+        _unroll_vectorize(sch, sch.get_loops(write_back)[2:], lanes)
+    while True:  # the elementwise epilogue, one consumer at a time
+        consumers = sch.get_consumers(tail)
+        if len(consumers) != 1 or not _try(sch.reverse_compute_inline, consumers[0]):
+            break
+    _unroll_vectorize(sch, sch.get_loops(tail)[2:], lanes)
+
+    if "data_pad" in names:
+        pad = names["data_pad"]
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*loops[:2]))
+        _vectorize_tail(sch, loops[-1], lanes)
+    _schedule_rest(sch, get_root_block(sch), lanes)
+    return True
+
+
+def _schedule_rest(sch, root, lanes: int) -> None:
+    """Blocks the epilogue could not inline into the tile (none in the usual fusions): a
+    parallel outer loop and a vectorized channel loop each."""
+    for block in sch.get_child_blocks(root):
+        loops = sch.get_loops(block)
+        if not loops or sch.get(loops[0]).kind != 0:  # 0: serial; scheduled blocks are parallel
+            continue
+        sch.parallel(sch.fuse(*loops[: max(len(loops) - 2, 1)]))
+        _vectorize_tail(sch, loops[-1], lanes)
+
+
+def _unroll_vectorize(sch, loops, lanes: int) -> None:
+    """Unroll all but the innermost loop, vectorize that one (by ``lanes`` if it is longer)."""
+    for loop in loops[:-1]:
+        sch.unroll(loop)
+    _vectorize_tail(sch, loops[-1], lanes)
+
+
+def _vectorize_tail(sch, loop, lanes: int) -> None:
+    n = int(sch.get(loop).extent)
+    if n == lanes:
+        sch.vectorize(loop)
+    elif n % lanes == 0:
+        _, inner = sch.split(loop, [None, lanes])
+        sch.vectorize(inner)
+
+
+def _try(primitive, *args) -> bool:
+    try:
+        primitive(*args)
+        return True
+    except Exception:  # ScheduleError: not legal here; the schedule is unchanged
+        return False

@@ -1,0 +1,165 @@
+"""The CPU backend's packed NHWC conv: tile choice, weight packing, numerics vs ONNX Runtime,
+and that eligible convs really run the packed kernel (and the others TOPI's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hwcompress.backends.cpu_conv import TILE_ATTR, ConvTile, choose_tile, pack_weight
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+tvm = pytest.importorskip("tvm")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import hwcompress.frontend as fe  # noqa: E402
+from hwcompress import build as B  # noqa: E402
+from hwcompress.passes.layout import ConvLayout, convert_layout  # noqa: E402
+from hwcompress.targets import load_target  # noqa: E402
+
+RTOL = 1e-4  # of the output's largest magnitude: float sums reassociated
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize("out_h,out_w,out_c", [(56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512), (112, 112, 64), (13, 5, 24)])
+@pytest.mark.parametrize("lanes,acc_regs", [(8, 12), (4, 12), (16, 24)])
+def test_tile_fits_the_registers_and_the_shape(out_h, out_w, out_c, lanes, acc_regs):
+    tile = choose_tile(out_h, out_w, out_c, lanes, acc_regs)
+    if out_c % lanes:  # no whole vector of output channels
+        assert tile is None
+        return
+    assert tile.ty * tile.tx * tile.nvec <= acc_regs
+    assert out_h % tile.ty == 0 and out_c % tile.block == 0
+    assert tile.padded_width(out_w) % tile.tx == 0 and tile.padded_width(out_w) - out_w < tile.tx
+
+
+def test_tile_wastes_little_and_fills_the_registers():
+    for out_w in (56, 28, 14, 112):
+        tile = choose_tile(out_w, out_w, 64, 8, 12)
+        assert tile.padded_width(out_w) <= out_w * 1.05 and tile.ty * tile.tx * tile.nvec >= 8
+
+
+def test_no_tile_without_a_whole_vector_of_channels():
+    assert choose_tile(14, 14, 10, 8, 12) is None
+
+
+def test_pack_weight_puts_the_block_of_output_channels_last():
+    w = np.arange(32 * 3 * 3 * 5, dtype=np.float32).reshape(32, 3, 3, 5)  # OHWI
+    packed = pack_weight(w, 16)
+    assert packed.shape == (2, 3, 3, 5, 16)
+    o, ky, kx, i = 21, 2, 0, 3
+    assert packed[o // 16, ky, kx, i, o % 16] == w[o, ky, kx, i]
+    assert ConvTile(1, 4, 2, 8).block == 16
+
+
+# ---------------------------------------------------------------------------- numerics
+
+
+def _w(rng, *shape):
+    return (rng.standard_normal(shape) / np.sqrt(max(np.prod(shape[1:]), 1))).astype(np.float32)
+
+
+def _conv_model(cin, cout, h, w, k, stride=1, pads=(0, 0, 0, 0), dilation=1, group=1, batch=1, residual=False):
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(_w(rng, cout, cin // group, k, k), "w"), numpy_helper.from_array(_w(rng, cout), "b")]
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], kernel_shape=[k, k], strides=[stride] * 2, pads=list(pads),
+                         dilations=[dilation] * 2, group=group),
+    ]  # fmt: skip
+    out_h = (h + pads[0] + pads[2] - dilation * (k - 1) - 1) // stride + 1
+    out_w = (w + pads[1] + pads[3] - dilation * (k - 1) - 1) // stride + 1
+    last = "c"
+    if residual:  # a second input added before the activation: the residual epilogue
+        nodes.append(helper.make_node("Add", ["c", "skip"], ["a"]))
+        last = "a"
+    nodes.append(helper.make_node("Relu", [last], ["output"]))
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, cin, h, w])]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, [batch, cout, out_h, out_w]))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, cout, out_h, out_w])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+CASES = {
+    "3x3_pad": dict(cin=8, cout=16, h=20, w=20, k=3, pads=(1, 1, 1, 1)),
+    "3x3_stride2_odd": dict(cin=16, cout=32, h=21, w=21, k=3, stride=2, pads=(1, 1, 1, 1)),
+    "1x1_no_pad": dict(cin=32, cout=24, h=14, w=14, k=1),
+    "5x5_cropped_width": dict(cin=4, cout=16, h=13, w=11, k=5, pads=(2, 2, 2, 2)),
+    "7x7_stem": dict(cin=3, cout=16, h=40, w=40, k=7, stride=2, pads=(3, 3, 3, 3)),
+    "dilated": dict(cin=8, cout=16, h=17, w=17, k=3, pads=(2, 2, 2, 2), dilation=2),
+    "asymmetric_pads": dict(cin=8, cout=16, h=15, w=12, k=3, pads=(0, 1, 2, 0)),
+    "batch2_residual": dict(cin=16, cout=16, h=9, w=9, k=3, pads=(1, 1, 1, 1), batch=2, residual=True),
+}
+
+
+def _lowered(model):
+    spec = load_target("host")
+    mod = convert_layout(fe.import_onnx(model), ConvLayout("NHWC"))
+    return spec, B.schedule(B.legalize(mod, spec), spec)
+
+
+def _run_and_compare(model, spec, mod):
+    rng = np.random.default_rng(4)
+    feeds = {vi.name: rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]).astype(np.float32) for vi in model.graph.input}
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    vm = tvm.relax.VirtualMachine(B.build(mod, spec), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]).numpy()
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=RTOL * max(np.abs(ref).max(), 1.0))
+
+
+def _conv_kernels(mod):
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_packed_conv_matches_onnxruntime(name):
+    model = _conv_model(**CASES[name])
+    spec, mod = _lowered(model)
+    (func,) = _conv_kernels(mod).values()
+    text = func.script()
+    assert TILE_ATTR in text, "the eligible conv did not become the packed kernel"
+    _run_and_compare(model, spec, mod)
+
+
+def test_packed_kernel_takes_a_packed_constant_and_inlines_its_epilogue():
+    model = _conv_model(cin=16, cout=32, h=16, w=16, k=3, pads=(1, 1, 1, 1), residual=True)
+    _, mod = _lowered(model)
+    (func,) = _conv_kernels(mod).values()
+    shapes = [tuple(int(d) for d in p.shape) for p in func.params]
+    assert (32 // shapes[1][-1], 3, 3, 16, shapes[1][-1]) == shapes[1]  # (O/ob, KH, KW, I, ob)
+    assert func.attrs.get("tirx.is_scheduled")
+    # bias add, residual add and relu are computed where the tile is written back: no block
+    # of their own reads the conv output from memory again
+    blocks = set(_block_names(func)) - {"root"}
+    assert blocks == {"data_pad", "conv2d_nhwc_packed_init", "conv2d_nhwc_packed_update", "conv2d_nhwc_packed_intermediate_local"}
+    kinds = _loop_kinds(func)
+    assert {int(tvm.tirx.ForKind.PARALLEL), int(tvm.tirx.ForKind.VECTORIZED), int(tvm.tirx.ForKind.UNROLLED)} <= kinds
+
+
+@pytest.mark.parametrize("case", [dict(cin=32, cout=32, h=16, w=16, k=3, pads=(1, 1, 1, 1), group=32), dict(cin=8, cout=10, h=8, w=8, k=3)])
+def test_ineligible_convs_keep_topi_and_still_match(case):
+    """Depthwise convs and output channels without a whole vector stay TOPI's conv."""
+    model = _conv_model(**case)
+    spec, mod = _lowered(model)
+    (func,) = _conv_kernels(mod).values()
+    assert TILE_ATTR not in func.script()
+    _run_and_compare(model, spec, mod)
+
+
+def _block_names(func) -> list[str]:
+    import re
+
+    return re.findall(r'T\.sblock\("([^"]+)"', func.script())
+
+
+def _loop_kinds(func) -> set:
+    import tvm_ffi
+
+    kinds = set()
+    tvm_ffi.structural_walk(func.body, (tvm.tirx.For, lambda f: kinds.add(int(f.kind))), order="post")
+    return kinds
