@@ -103,12 +103,14 @@ def choose_tile(out_hw: tuple[int, int], channels: tuple[int, int], spec=None) -
     F(4,3) does 2.25 instead of 4 multiplications per output and channel pair, but its
     transformed weights are 4x the direct ones (F(2,3): 1.8x) and each is reused once per
     output tile: with few tiles the batched GEMM streams weights instead of computing, and the
-    padding to whole tiles wastes more. Measured on the CPU default schedule (ResNet-18 layers,
-    ``tools/bench_winograd.py``): F(4,3) wins at 56x56 and 28x28 (>= 49 tiles of 4x4), F(2,3)
-    at 14x14 and 7x7. ``spec`` is accepted for target-dependent choices; none is needed yet.
+    padding to whole tiles wastes more. Measured with the CPU default schedules (ResNet-18's
+    layers, one core, against the packed direct conv): F(4,3) wins at 56x56, 28x28 and 14x14
+    (2.28x / 3.04x / 2.30x against F(2,3)'s 1.20x / 1.77x / 2.03x), F(2,3) at 7x7 (1.58x
+    against 1.38x: 4 tiles of 4x4 stream 36 x I x O weights for 49 outputs). ``spec`` is
+    accepted for target-dependent choices; none is needed yet.
     """
     h, w = out_hw
     return 4 if -(-h // 4) * -(-w // 4) >= _MIN_F4_TILES else 2
 
 
-_MIN_F4_TILES = 32
+_MIN_F4_TILES = 16

@@ -90,7 +90,7 @@ def test_math_rejects_bad_inputs():
 def test_choose_tile_by_tile_count():
     assert choose_tile((56, 56), (64, 64)) == 4
     assert choose_tile((28, 28), (128, 128)) == 4
-    assert choose_tile((14, 14), (256, 256)) == 2
+    assert choose_tile((14, 14), (256, 256)) == 4
     assert choose_tile((7, 7), (512, 512)) == 2
 
 
