@@ -2,9 +2,17 @@
 
 ONNX model in; compressed, tuned, verified module for one device out. ``import hwcompress``
 stays light: TVM, ONNX Runtime and XGBoost are imported only when a function needs them.
+
+Importing it makes the TVM runtime of this process (and of the workers it starts) use every
+CPU it may run on, unless ``TVM_NUM_THREADS`` / ``OMP_NUM_THREADS`` is set: TVM's own default
+on x86 is half the logical CPUs, one thread on a 2-core VM (see ``hwcompress.threads``).
 """
 
 __version__ = "0.1.0"
+
+from .threads import use_all_cores  # noqa: E402
+
+use_all_cores()
 
 from .errors import HwcError  # noqa: E402
 from .recipe import Recipe  # noqa: E402
@@ -12,6 +20,7 @@ from .targets import TargetSpec, list_targets, load_target  # noqa: E402
 
 __all__ = [
     "Artifact",
+    "ChannelPrune",
     "HwcError",
     "Optimize",
     "Recipe",
@@ -21,6 +30,7 @@ __all__ = [
     "list_targets",
     "load",
     "load_target",
+    "prune",
     "tune",
 ]
 
@@ -53,7 +63,18 @@ def import_onnx(model, input_shapes=None):
     return _import(model, input_shapes)
 
 
+def prune(mod, config, spec=None):
+    """Structured channel pruning of a Relax module; see ``hwcompress.passes.prune.prune``."""
+    from .passes.prune import prune as _prune
+
+    return _prune(mod, config, spec)
+
+
 def __getattr__(name):
+    if name == "ChannelPrune":
+        from .passes.prune import ChannelPrune
+
+        return ChannelPrune
     if name in ("Optimize", "Switch"):
         from . import optimize
 
