@@ -28,16 +28,18 @@ class Technique:
     name: str
     config: type
     apply: Callable  # (IRModule, config, TargetSpec) -> IRModule
+    exact: bool = True  # False: the output changes on purpose (pruning): verify against the compressed graph
 
 
 _TECHNIQUES: dict[str, Technique] = {}
 
 
-def register_technique(name: str, config: type, apply: Callable) -> None:
-    """Make ``config`` usable in recipes under ``name``; ``apply(mod, config, spec)`` runs it."""
+def register_technique(name: str, config: type, apply: Callable, exact: bool = True) -> None:
+    """Make ``config`` usable in recipes under ``name``; ``apply(mod, config, spec)`` runs it.
+    ``exact=False``: the technique changes the model's outputs on purpose (pruning)."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"{config.__name__} must be a dataclass")
-    _TECHNIQUES[name] = Technique(name, config, apply)
+    _TECHNIQUES[name] = Technique(name, config, apply, exact)
 
 
 def techniques() -> dict[str, Technique]:
@@ -97,6 +99,11 @@ class Recipe:
 
         return tomli_w.dumps(self.to_dict())
 
+    @property
+    def exact(self) -> bool:
+        """True when no step changes the model's outputs on purpose."""
+        return all(_technique_of(s).exact for s in self.steps)
+
     def apply(self, mod, spec):
         """Run every step's verb in order."""
         for step in self.steps:
@@ -126,8 +133,11 @@ def _step_from_dict(raw: Any, where: str):
 
 def _plain(value):
     """Enums and tuples to TOML/JSON-friendly values."""
+    if hasattr(value, "to_recipe_value"):  # e.g. in-memory calibration data: not recorded
+        return value.to_recipe_value()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if v is not None}
+        plain = {k: _plain(v) for k, v in value.items()}
+        return {k: v for k, v in plain.items() if v is not None}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Enum) or (hasattr(value, "value") and not isinstance(value, (int, float, str, bool))):

@@ -6,6 +6,9 @@
   into one kernel; ``build.legalize(mod, spec, fuse=False)`` switches TVM's own fusion off.
 * ``winograd``: ``winograd(mod, Winograd())`` rewrites eligible 3x3 stride-1 convs into
   Winograd F(2x2,3x3) / F(4x4,3x3) kernels with the weights transformed at compile time.
+* ``prune``: ``prune(mod, ChannelPrune(ratio=0.4, criterion="l1"))`` removes whole channels
+  (dependency groups through residual adds, concats and depthwise convs), reducing the weight
+  shapes; ``criterion="reconstruct"`` refits the next layers on calibration data.
 * ``layout``: ``convert_layout(mod, ConvLayout("NHWC"))`` runs the convs (and the ops between
   them) in NHWC or blocked NCHW{b}c; transposes remain only at the graph's edges.
 
@@ -16,11 +19,13 @@ from ..recipe import register_technique
 from .fold_bn import FoldBatchNorm, fold_bn
 from .fuse import Fuse, fuse
 from .layout import ConvLayout, convert_layout
+from .prune import ChannelPrune, prune
 from .winograd import Winograd, winograd
 
-__all__ = ["ConvLayout", "FoldBatchNorm", "Fuse", "Winograd", "convert_layout", "fold_bn", "fuse", "winograd"]
+__all__ = ["ChannelPrune", "ConvLayout", "FoldBatchNorm", "Fuse", "Winograd", "convert_layout", "fold_bn", "fuse", "prune", "winograd"]
 
 register_technique("fold-bn", FoldBatchNorm, lambda mod, cfg, spec: fold_bn(mod, cfg))
 register_technique("fuse", Fuse, lambda mod, cfg, spec: fuse(mod, cfg))
 register_technique("winograd", Winograd, lambda mod, cfg, spec: winograd(mod, cfg, spec))
+register_technique("prune", ChannelPrune, lambda mod, cfg, spec: prune(mod, cfg, spec), exact=False)
 register_technique("layout", ConvLayout, lambda mod, cfg, spec: convert_layout(mod, cfg))
