@@ -1,4 +1,4 @@
-"""Direct NHWC convolution for CPUs: weights packed at compile time, a register-tiled kernel.
+"""Direct NHWC convolutions for CPUs: weights packed at compile time, register-tiled kernels.
 
 TOPI's NHWC ``conv2d`` reads its ``OHWI`` weight with a stride of one whole filter between
 adjacent output channels, and the generic tiled schedule reaches ~35-45% of the FP32 peak on
@@ -17,6 +17,11 @@ weight, one group, float32) to this module's kernel instead:
   channels in registers (12 of AVX2's 16 vector registers at most, plus the ``nvec`` weight
   vectors and one broadcast), loops over the reduction (KH, KW, I) outside that tile, and
   writes the tile back through the fused epilogue (bias, residual add, activation).
+
+Depthwise convs (one filter per channel) get the same treatment with the weight as
+``(KH, KW, C)`` and a ``tx`` pixels x ``nvec`` channel-vector tile (``depthwise_nhwc_packed``):
+MobileNetV2's 17 depthwise layers took 1.87 ms on one core against 2.38 ms with TOPI's
+compute and the generic schedule (ONNX Runtime: 1.56 ms).
 
 Measured on one core of the 2-core Zen 3 host: ResNet-18's 3x3 stride-1 layers 92-94 GFLOP/s
 (the core's FP32 peak is ~97 at the clock it runs), the 7x7 stem 90, the 512-channel 7x7 layer
@@ -109,30 +114,11 @@ def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile)
     from tvm import te
     from tvm.topi.utils import get_const_tuple
 
-    n, h, w, ci = get_const_tuple(data.shape)
+    ci = int(data.shape[3])
     n_ob, kh, kw, ci_w, ob = get_const_tuple(weight.shape)
     if ci_w != ci or ob != tile.block:
         raise ValueError(f"packed weight {weight.shape} does not fit data {data.shape} / tile {tile}")
-    sh, sw = strides
-    dh, dw = dilation
-    pt, pl, pb, pr = padding
-    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    out_wp = tile.padded_width(out_w)
-    rows = (out_h - 1) * sh + dh * (kh - 1) + 1
-    cols = (out_wp - 1) * sw + dw * (kw - 1) + 1
-    dtype = str(data.dtype)
-    attrs = {TILE_ATTR: [tile.ty, tile.tx, tile.nvec]}
-
-    if pt or pl or rows > h + pt or cols > w + pl:
-
-        def padded(b, y, x, c):
-            inside = te.all(y >= pt, y < h + pt, x >= pl, x < w + pl)
-            return te.if_then_else(inside, data[b, y - pt, x - pl, c], te.const(0, dtype))
-
-        src = te.compute((n, rows, cols, ci), padded, name="data_pad")
-    else:
-        src = data
+    src, (n, out_h, out_wp, out_w), (sh, sw), (dh, dw) = _padded_source(data, (kh, kw), strides, padding, dilation, tile)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     rc = te.reduce_axis((0, ci), "rc")
@@ -142,11 +128,88 @@ def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile)
             src[b, y * sh + ry * dh, x * sw + rx * dw, rc] * weight[o // ob, ry, rx, rc, o % ob], axis=[ry, rx, rc]
         ),
         name="conv2d_nhwc_packed",
-        attrs=attrs,
+        attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec]},
     )
+    return _cropped(conv, out_w)
+
+
+def depthwise_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile):
+    """TE compute of an NHWC depthwise conv (one filter per channel) with the weight
+    ``(KH, KW, C)``: the channels a tile computes contiguous for every filter tap."""
+    from tvm import te
+    from tvm.topi.utils import get_const_tuple
+
+    kh, kw, c = get_const_tuple(weight.shape)
+    if c != int(data.shape[3]) or c % tile.block:
+        raise ValueError(f"depthwise weight {weight.shape} does not fit data {data.shape} / tile {tile}")
+    src, (n, out_h, out_wp, out_w), (sh, sw), (dh, dw) = _padded_source(data, (kh, kw), strides, padding, dilation, tile)
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    conv = te.compute(
+        (n, out_h, out_wp, c),
+        lambda b, y, x, o: te.sum(src[b, y * sh + ry * dh, x * sw + rx * dw, o] * weight[ry, rx, o], axis=[ry, rx]),
+        name="depthwise_nhwc_packed",
+        attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec]},
+    )
+    return _cropped(conv, out_w)
+
+
+def _padded_source(data, kernel, strides, padding, dilation, tile: ConvTile):
+    """The zero-padded input (extra columns when the width is rounded up to whole tiles; the
+    input itself when no padding is needed), the output geometry, strides and dilation."""
+    from tvm import te
+    from tvm.topi.utils import get_const_tuple
+
+    n, h, w, ci = get_const_tuple(data.shape)
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilation
+    pt, pl, pb, pr = padding
+    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out_wp = tile.padded_width(out_w)
+    rows = (out_h - 1) * sh + dh * (kh - 1) + 1
+    cols = (out_wp - 1) * sw + dw * (kw - 1) + 1
+    dtype = str(data.dtype)
+    if pt or pl or rows > h + pt or cols > w + pl:
+
+        def padded(b, y, x, c):
+            inside = te.all(y >= pt, y < h + pt, x >= pl, x < w + pl)
+            return te.if_then_else(inside, data[b, y - pt, x - pl, c], te.const(0, dtype))
+
+        src = te.compute((n, rows, cols, ci), padded, name="data_pad")
+    else:
+        src = data
+    return src, (n, out_h, out_wp, out_w), (sh, sw), (dh, dw)
+
+
+def _cropped(conv, out_w: int):
+    """``conv`` without the columns computed past ``out_w`` (a copy only when there are any)."""
+    from tvm import te
+
+    n, out_h, out_wp, c = (int(d) for d in conv.shape)
     if out_wp == out_w:
         return conv
-    return te.compute((n, out_h, out_w, n_ob * ob), lambda b, y, x, o: conv[b, y, x, o], name="conv2d_nhwc_crop")
+    return te.compute((n, out_h, out_w, c), lambda b, y, x, o: conv[b, y, x, o], name="conv2d_nhwc_crop")
+
+
+def choose_depthwise_tile(out_w: int, channels: int, lanes: int, acc_regs: int) -> ConvTile | None:
+    """Register tile of the depthwise kernel: ``tx`` pixels x ``nvec`` channel vectors.
+
+    Every multiply-add loads its own input vector (no reuse across output channels), so the
+    kernel is load-bound; tiles of 8-12 accumulators keep the FMA pipes fed while the weight
+    vectors stay in registers. The score is the fill of 8 accumulators times the useful
+    fraction of the width rounded up to whole tiles."""
+    if channels % lanes:
+        return None
+    best, best_score = None, 0.0
+    for nvec in (n for n in (2, 1, 3, 4) if (channels // lanes) % n == 0):
+        for tx in range(1, acc_regs // nvec + 1):
+            padded = -(-out_w // tx) * tx
+            score = min(1.0, tx * nvec / 8) * out_w / padded * (1.0 + 0.01 * tx * nvec)
+            if score > best_score + 1e-9:
+                best, best_score = ConvTile(1, tx, nvec, lanes), score
+    return best
 
 
 # ---------------------------------------------------------------------------- legalization
@@ -161,43 +224,55 @@ def legalize_conv2d(facts):
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     def legalize(bb, call):
-        tile = _tile_for(call, facts)
+        kind, tile = _tile_for(call, facts)
         if tile is None:
             return default(bb, call)
         attrs = call.attrs
-        packed = pack_weight(call.args[1].value.numpy(), tile.block)
+        weight = call.args[1].value.numpy()
+        if kind == "depthwise":  # OHWI (C, KH, KW, 1) -> (KH, KW, C)
+            packed, te_func = np.ascontiguousarray(weight[..., 0].transpose(1, 2, 0)), depthwise_nhwc_packed
+        else:
+            packed, te_func = pack_weight(weight, tile.block), conv2d_nhwc_packed
         padding = [int(p) for p in attrs.padding]
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
         padding = padding * 2 if len(padding) == 2 else padding
 
         def compute(data, weight):  # call_te converts keyword arguments; the tile is no TVM object
-            return conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile)
+            return te_func(data, weight, strides, padding, dilation, tile)
 
         return bb.call_te(compute, call.args[0], relax.const(packed, "float32"), primfunc_name_hint="conv2d")
 
     return legalize
 
 
-def _tile_for(call, facts) -> ConvTile | None:
-    """The tile when ``call`` is a conv the packed kernel handles, else None."""
+def _tile_for(call, facts) -> tuple[str, ConvTile | None]:
+    """``("conv" | "depthwise", tile)`` when ``call`` is a conv one of the packed kernels
+    handles, else ``("", None)``."""
     import tvm
 
     attrs = call.attrs
     data, weight = call.args
+    none = ("", None)
     if not isinstance(weight, tvm.ir.expr.GenericConst):
-        return None
+        return none
     layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
-    if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1:
-        return None
+    if layouts != ("NHWC", "OHWI", "NHWC"):
+        return none
     out_dtype = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
     if str(data.ty.dtype) != "float32" or str(weight.ty.dtype) != "float32" or out_dtype not in ("", "void", "float32"):
-        return None
+        return none
     try:
         _, out_h, out_w, out_c = (int(d) for d in call.ty.shape)
+        in_c = int(data.ty.shape[3])
     except (TypeError, ValueError):  # symbolic shapes: the tile must be static
-        return None
-    return choose_tile(out_h, out_w, out_c, facts.lanes(32), facts.acc_regs)
+        return none
+    groups = int(attrs.groups)
+    if groups == 1:
+        return "conv", choose_tile(out_h, out_w, out_c, facts.lanes(32), facts.acc_regs)
+    if groups == in_c == out_c:  # depthwise, one filter per channel
+        return "depthwise", choose_depthwise_tile(out_w, out_c, facts.lanes(32), facts.acc_regs)
+    return none
 
 
 # ---------------------------------------------------------------------------- default schedule
@@ -206,9 +281,9 @@ def _tile_for(call, facts) -> ConvTile | None:
 def schedule_packed_conv(sch, facts) -> bool:
     """Default schedule of a (fused) packed conv kernel; False if ``sch`` holds none.
 
-    Output tiles ``(n, oc-block, row-block)`` in parallel, the reduction outside the register
-    tile, the tile written back through the inlined epilogue; the padding copy a parallel,
-    vectorized stage of its own.
+    Output tiles ``(n, oc-block, row-block)`` in parallel (depthwise: ``(n, row)``), the
+    reduction outside the register tile, the tile written back through the inlined epilogue;
+    the padding copy a parallel, vectorized stage of its own.
     """
     from tvm.s_tir.dlight.analysis import get_root_block
 
@@ -220,31 +295,46 @@ def schedule_packed_conv(sch, facts) -> bool:
     lanes = facts.lanes(32)
     names = {sch.get(b).name_hint: b for b in blocks}
 
-    b, y, x, o, ry, rx, rc = sch.get_loops(conv)
-    yo, yi = sch.split(y, [None, ty])
-    xo, xi = sch.split(x, [None, tx])
-    oo, om, ol = sch.split(o, [None, nvec, lanes])
-    sch.reorder(b, oo, yo, xo, ry, rx, rc, yi, xi, om, ol)
-    write_back = sch.cache_write(conv, 0, "local")
-    sch.reverse_compute_at(write_back, xo, preserve_unit_loops=True)
-    sch.parallel(sch.fuse(b, oo, yo))
-    sch.unroll(yi)
+    loops = sch.get_loops(conv)
+    if len(loops) == 7:  # conv: b, y, x, o | ry, rx, rc
+        b, y, x, o, ry, rx, rc = loops
+        yo, yi = sch.split(y, [None, ty])
+        xo, xi = sch.split(x, [None, tx])
+        oo, om, ol = sch.split(o, [None, nvec, lanes])
+        sch.reorder(b, oo, yo, xo, ry, rx, rc, yi, xi, om, ol)
+        write_back = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(write_back, xo, preserve_unit_loops=True)
+        sch.parallel(sch.fuse(b, oo, yo))
+        sch.unroll(yi)
+        depth = 2  # parallel, xo
+    else:  # depthwise: b, y, x, c | ry, rx; each pixel's channels are contiguous
+        b, y, x, o, ry, rx = loops
+        xo, xi = sch.split(x, [None, tx])
+        oo, om, ol = sch.split(o, [None, nvec, lanes])
+        sch.reorder(b, y, xo, oo, ry, rx, xi, om, ol)
+        write_back = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(write_back, oo, preserve_unit_loops=True)
+        sch.parallel(sch.fuse(b, y))
+        sch.unroll(ry)
+        sch.unroll(rx)
+        depth = 3  # parallel, xo, oo
     sch.unroll(xi)
     sch.unroll(om)
     sch.vectorize(ol)
     init = sch.decompose_reduction(conv, ry)
-    _unroll_vectorize(sch, sch.get_loops(init)[2:], lanes)
+    _unroll_vectorize(sch, sch.get_loops(init)[depth:], lanes)
 
+    cropped = "conv2d_nhwc_crop" in names
     tail = write_back
-    if "conv2d_nhwc_crop" in names:
+    if cropped:
         tail = names["conv2d_nhwc_crop"]
         sch.reverse_compute_at(tail, xo, preserve_unit_loops=True)
-        _unroll_vectorize(sch, sch.get_loops(write_back)[2:], lanes)
+        _unroll_vectorize(sch, sch.get_loops(write_back)[depth:], lanes)
     while True:  # the elementwise epilogue, one consumer at a time
         consumers = sch.get_consumers(tail)
         if len(consumers) != 1 or not _try(sch.reverse_compute_inline, consumers[0]):
             break
-    _unroll_vectorize(sch, sch.get_loops(tail)[2:], lanes)
+    _unroll_vectorize(sch, sch.get_loops(tail)[2 if cropped else depth:], lanes)
 
     if "data_pad" in names:
         pad = names["data_pad"]

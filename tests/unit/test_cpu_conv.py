@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hwcompress.backends.cpu_conv import TILE_ATTR, ConvTile, choose_tile, pack_weight
+from hwcompress.backends.cpu_conv import TILE_ATTR, ConvTile, choose_depthwise_tile, choose_tile, pack_weight
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -45,6 +45,15 @@ def test_tile_wastes_little_and_fills_the_registers():
 
 def test_no_tile_without_a_whole_vector_of_channels():
     assert choose_tile(14, 14, 10, 8, 12) is None
+    assert choose_depthwise_tile(14, 12, 8, 12) is None
+
+
+@pytest.mark.parametrize("out_w,channels", [(112, 32), (56, 96), (28, 144), (14, 384), (7, 960), (13, 24)])
+def test_depthwise_tile_fits_and_fills(out_w, channels):
+    tile = choose_depthwise_tile(out_w, channels, 8, 12)
+    assert tile.ty == 1 and tile.tx * tile.nvec <= 12 and channels % tile.block == 0
+    assert tile.padded_width(out_w) - out_w < tile.tx
+    assert tile.tx * tile.nvec >= min(8, out_w)
 
 
 def test_pack_weight_puts_the_block_of_output_channels_last():
@@ -93,6 +102,10 @@ CASES = {
     "dilated": dict(cin=8, cout=16, h=17, w=17, k=3, pads=(2, 2, 2, 2), dilation=2),
     "asymmetric_pads": dict(cin=8, cout=16, h=15, w=12, k=3, pads=(0, 1, 2, 0)),
     "batch2_residual": dict(cin=16, cout=16, h=9, w=9, k=3, pads=(1, 1, 1, 1), batch=2, residual=True),
+    "depthwise": dict(cin=32, cout=32, h=16, w=16, k=3, pads=(1, 1, 1, 1), group=32),
+    "depthwise_stride2_odd": dict(cin=24, cout=24, h=15, w=15, k=3, stride=2, pads=(1, 1, 1, 1), group=24),
+    "depthwise_5x5_cropped": dict(cin=16, cout=16, h=11, w=13, k=5, pads=(2, 2, 2, 2), group=16),
+    "depthwise_residual": dict(cin=16, cout=16, h=9, w=9, k=3, pads=(1, 1, 1, 1), group=16, batch=2, residual=True),
 }
 
 
@@ -141,9 +154,10 @@ def test_packed_kernel_takes_a_packed_constant_and_inlines_its_epilogue():
     assert {int(tvm.tirx.ForKind.PARALLEL), int(tvm.tirx.ForKind.VECTORIZED), int(tvm.tirx.ForKind.UNROLLED)} <= kinds
 
 
-@pytest.mark.parametrize("case", [dict(cin=32, cout=32, h=16, w=16, k=3, pads=(1, 1, 1, 1), group=32), dict(cin=8, cout=10, h=8, w=8, k=3)])
+@pytest.mark.parametrize("case", [dict(cin=16, cout=32, h=12, w=12, k=3, pads=(1, 1, 1, 1), group=4), dict(cin=8, cout=10, h=8, w=8, k=3),
+                                  dict(cin=12, cout=12, h=8, w=8, k=3, group=12)])  # fmt: skip
 def test_ineligible_convs_keep_topi_and_still_match(case):
-    """Depthwise convs and output channels without a whole vector stay TOPI's conv."""
+    """Grouped (not depthwise) convs, and output channels without a whole vector, stay TOPI's."""
     model = _conv_model(**case)
     spec, mod = _lowered(model)
     (func,) = _conv_kernels(mod).values()
