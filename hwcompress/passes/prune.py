@@ -124,8 +124,10 @@ class PrunePlan:
 
 def prune_groups(mod):
     """The channel dependency groups of ``mod["main"]`` (``hwc inspect --prune-groups``)."""
+    from .fuse import canonicalize_clip
     from .prune_groups import analyze
 
+    mod = canonicalize_clip(mod)  # ReLU6 as R.clip follows its channels; the importer's kernels do not
     return analyze(mod["main"], mod).groups
 
 
@@ -148,8 +150,10 @@ def plan_prune(mod, config: ChannelPrune, spec=None) -> PrunePlan:
     """
     from .. import analysis
     from ..errors import RecipeError
+    from .fuse import canonicalize_clip
     from .prune_groups import analyze
 
+    mod = canonicalize_clip(mod)  # idempotent; prune() passes it canonical already
     a = analyze(mod["main"], mod)
     multiple = _multiple(config, spec)
     total = analysis.summarize(mod).params
@@ -199,12 +203,14 @@ def plan_prune(mod, config: ChannelPrune, spec=None) -> PrunePlan:
     if calib is not None and config.ratio > 0:
         sensitivity = calib.sensitivity(orders, choices, floor)
 
-        def cost(g, w):
+        def measured_cost(g, w):
             curve = sensitivity.get(g, {})
             if w in curve:
                 return curve[w]
             xs = sorted(curve)
             return float(np.interp(w, xs, [curve[x] for x in xs])) if xs else 0.0
+
+        cost = measured_cost
 
     widths = distribute(choices, params, (1 - config.ratio) * total, cost, floor)
     removed = set()
@@ -252,8 +258,11 @@ def prune(mod, config: ChannelPrune, spec=None):
     """
     from .prune_groups import analyze
 
+    from .fuse import canonicalize_clip
+
     if config.ratio == 0 and not config.per_layer:
         return mod
+    mod = canonicalize_clip(mod)  # ReLU6 as R.clip follows its channels; the importer's kernels do not
     plan = plan_prune(mod, config, spec)
     for g in plan.groups:
         if not g.prunable and g.channels > 1:

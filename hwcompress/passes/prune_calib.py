@@ -178,8 +178,6 @@ class CalibRunner:
     def _probe_outputs(self):
         """``{consumer data var: samples}`` of the unpruned module."""
         if self._probe is None:
-            from tvm import relax
-
             from .prune_rewrite import _rebuild, _with_main
 
             wanted = []

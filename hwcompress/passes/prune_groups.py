@@ -316,6 +316,8 @@ def _unary(a: Analysis, var, call):
     if not _tracked(a, x):
         return None
     for arg in call.args[1:]:
+        if type(arg).__name__ in ("IntImm", "FloatImm", "PrimValue"):  # scalar bounds (R.clip)
+            continue
         c = _const_value(a, arg)
         if c is None or c.size != 1:  # per-channel PReLU slopes etc.: keep it simple
             if not (c is not None and _slice_axis(c, len(_shape(var)), a.axis[x], len(a.chan[x])) is not None):

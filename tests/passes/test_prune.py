@@ -13,6 +13,7 @@ import pytest
 import pass_graphs as G
 from hwcompress.errors import DataError, RecipeError
 from hwcompress.passes import ChannelPrune, fold_bn, prune
+from hwcompress.passes.fuse import canonicalize_clip
 from hwcompress.passes.prune import apply_removal, mask_channels, plan_prune, prune_groups
 from hwcompress.passes.prune_groups import analyze, format_groups
 from hwcompress.passes.prune_importance import allowed_widths, distribute, filter_norms, lstsq_refit, nearest_width, thinet_order
@@ -159,8 +160,10 @@ def test_groups_depthwise_follows_expand():
 
 
 def test_groups_unknown_kernels_lock_and_say_why():
-    """The importer's Clip (ReLU6) is a call_tir kernel with the shape baked in: locked."""
-    groups = prune_groups(_import(G.inverted_residual(c=8, expand=3)))
+    """A call_tir kernel (here the importer's Clip, before prune's canonicalization turns it
+    into R.clip) has its shapes baked in: its channels are locked, with the reason."""
+    mod = _import(G.inverted_residual(c=8, expand=3))
+    groups = analyze(mod["main"], mod).groups
     assert not any(g.prunable for g in groups)
     assert any("call_tir" in g.reason for g in groups)
 
@@ -209,6 +212,7 @@ GRAPHS = {
     "concat_residual": _concat_graph,
     "split_concat": _split_concat_graph,
     "flatten_gemm": _flatten_graph,
+    "inverted_residual_relu6": lambda: G.inverted_residual(),  # ReLU6 (Clip) + depthwise follow
 }
 
 
@@ -221,6 +225,7 @@ def test_pruned_matches_masked_original(name, fold):
 
     model = GRAPHS[name]()
     mod = _import(model) if fold else G.raw_import(model)  # unfolded: batch_norm follows channels
+    mod = canonicalize_clip(mod)  # as prune() does: the importer's Clip kernels become R.clip
     a = analyze(mod["main"], mod)
     assert any(g.prunable for g in a.groups)
     cfg = ChannelPrune(per_layer={g.name: 0.5 for g in a.groups if g.prunable}, round_to=1)
@@ -234,6 +239,13 @@ def test_pruned_matches_masked_original(name, fold):
     ref, got = _run(masked, x), _run(pruned, x)
     assert np.abs(got - ref).max() <= RTOL * max(np.abs(ref).max(), 1.0)
     assert np.abs(_run(mod, x) - ref).max() > 1e-3  # the masks really changed something
+
+
+def test_relu6_and_depthwise_follow_their_channels():
+    groups = prune_groups(_import(G.inverted_residual()))
+    expanded = [g for g in groups if any(m.role == "depthwise" for m in g.members)]
+    assert len(expanded) == 1 and expanded[0].prunable and expanded[0].channels == 24
+    assert any(m.op == "clip" for m in expanded[0].members)
 
 
 def test_parameter_counts_by_hand():
