@@ -3,7 +3,8 @@
     .venv/bin/python tools/bench_fusion.py                      # both models, 5 rounds
     .venv/bin/python tools/bench_fusion.py --models resnet18 --rounds 9 --variants unfused,fused,bn-unfused
 
-Variants (all built with ``hwcompress.build.schedule``'s default schedules for ``--target``):
+Variants (all in the target's conv layout, NHWC on the CPU targets, without Winograd, built
+with ``hwcompress.build.schedule``'s default schedules for ``--target``):
 
 * ``unfused``: the usual import (ONNX Runtime's basic folding already puts Conv+BN into the
   conv weights), legalized with ``legalize_passes(fuse=False)``: every op its own kernel.
@@ -58,11 +59,16 @@ def build_variant(variant: str, model, shapes, spec):
     from hwcompress import build as B
     from hwcompress.build import legalize_passes
     from hwcompress.passes import fold_bn, fuse
+    from hwcompress.passes.layout import ConvLayout, convert_layout
 
     t0 = time.perf_counter()
     mod = _raw_import(model, shapes) if variant == "bn-unfused" else hwcompress.import_onnx(model, shapes)
     if variant == "fused":
-        mod = fuse(fold_bn(mod))
+        mod = fold_bn(mod)
+    # the target's conv layout (NHWC on the CPUs), as `hwc build` runs it, in every variant
+    mod = convert_layout(mod, ConvLayout(spec.hardware.conv_layout))
+    if variant == "fused":
+        mod = fuse(mod)
     with spec.tvm_target():
         passes = legalize_passes(fuse=variant in ("stock", "fused"), legalize_map=B.backend_legalize_map(spec))
         mod = tvm.transform.Sequential(passes)(mod)

@@ -364,6 +364,7 @@ def _unroll_vectorize(sch, loops, lanes: int) -> None:
 
 
 def _vectorize_tail(sch, loop, lanes: int) -> None:
+    """Vectorize an innermost elementwise loop by ``lanes`` when it divides evenly."""
     n = int(sch.get(loop).extent)
     if n == lanes:
         sch.vectorize(loop)

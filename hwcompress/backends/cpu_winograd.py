@@ -8,6 +8,7 @@ rule gives these kernels a schedule ~20x slower than the direct conv.
 from __future__ import annotations
 
 from ..passes.winograd_te import STAGE_ATTR
+from .cpu_conv import _try, _vectorize_tail
 
 # A weight slice (one (eps, nu) GEMM's I x O) up to this size stays in L2 while every row tile
 # runs over all its column blocks; larger ones are walked column block by column block.
@@ -146,26 +147,3 @@ def _split_lanes(sch, loop, lanes: int):
 
 def _present(*loops) -> list:
     return [loop for loop in loops if loop is not None]
-
-
-def _vectorize_or_unroll(sch, *loops) -> None:
-    """Vectorize each loop that exists (``_split_lanes`` gives None when it cannot)."""
-    for loop in loops:
-        if loop is not None:
-            sch.vectorize(loop)
-
-
-def _vectorize_tail(sch, loop, lanes: int) -> None:
-    """Vectorize an innermost elementwise loop by ``lanes`` when it divides evenly."""
-    n = _extent(sch, loop)
-    if n % lanes == 0:
-        _, inner = sch.split(loop, [None, lanes])
-        sch.vectorize(inner)
-
-
-def _try(primitive, *args) -> bool:
-    try:
-        primitive(*args)
-        return True
-    except Exception:  # ScheduleError: not legal here; the schedule is unchanged
-        return False
