@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--prune-groups", action="store_true", help="print the channel pruning groups (what is cut together)")
+    i.add_argument("--calib", metavar="DIR", help="with --prune-groups: also each group's sensitivity (output error vs kept width) on this data")
+    i.add_argument("--target", default="host", help="with --calib: the target whose channel_multiple rounds the widths (default host)")
 
     u = sub.add_parser("tune", help="autotune the model's kernels for a target (MetaSchedule + XGBoost)")
     u.add_argument("model", help="ONNX model file")
@@ -288,13 +290,24 @@ def _cmd_inspect(args) -> int:
         from .passes.prune import prune_groups
         from .passes.prune_groups import format_groups
 
-        groups = prune_groups(fold_bn(mod))  # as `hwc build` prunes: BN folded first
+        mod = fold_bn(mod)  # as `hwc build` prunes: BN folded first
+        groups = prune_groups(mod)
+        curves = {}
+        if args.calib:
+            from .passes.prune import prune_sensitivity
+
+            from .targets import load_target
+
+            curves = prune_sensitivity(mod, args.calib, load_target(args.target))
         if args.json:
             print(json.dumps([{"name": g.name, "channels": g.channels, "prunable": g.prunable, "reason": g.reason,
-                               "members": [vars(m) for m in g.members]} for g in groups]))  # fmt: skip
+                               "members": [vars(m) for m in g.members], "sensitivity": curves.get(g.name)}
+                              for g in groups]))  # fmt: skip
         else:
-            print(format_groups(groups))
+            print(format_groups(groups, curves))
         return 0
+    if args.calib:
+        raise DataError("--calib needs --prune-groups")
     summary = analysis.summarize(mod)
     print(json.dumps(summary.to_dict()) if args.json else analysis.format_table(summary))
     return 0

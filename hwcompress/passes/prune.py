@@ -131,6 +131,19 @@ def prune_groups(mod):
     return analyze(mod["main"], mod).groups
 
 
+def prune_sensitivity(mod, calib, spec=None, round_to: int | None = None) -> dict:
+    """Per prunable group, how much the model's output moves as the group narrows.
+
+    ``{group name: {kept width: error}}``: the relative squared error of the first output on
+    the calibration data ``calib`` (a directory, an array or ``{input: array}``) with the
+    group's least important channels (ThiNet order, as ``hwc build --prune --calib`` uses)
+    zeroed down to that width; widths on the target's ``channel_multiple`` (or ``round_to``).
+    This is the curve the global ratio is distributed by (``hwc inspect --prune-groups --calib``).
+    """
+    plan = plan_prune(mod, ChannelPrune(ratio=0.5, criterion="reconstruct", calib=calib, round_to=round_to), spec)
+    return {plan.groups[g].name: dict(sorted(curve.items(), reverse=True)) for g, curve in plan.sensitivity.items()}
+
+
 def _multiple(config: ChannelPrune, spec) -> int:
     if config.round_to is not None:
         return config.round_to

@@ -500,12 +500,16 @@ def _make_groups(a: Analysis) -> None:
             a.group_of[c] = i
 
 
-def format_groups(groups) -> str:
-    """The groups as printed by ``hwc inspect --prune-groups``."""
+def format_groups(groups, sensitivity: dict | None = None) -> str:
+    """The groups as printed by ``hwc inspect --prune-groups``; ``sensitivity`` (``{group name:
+    {width: output error}}``, from ``prune.prune_sensitivity``) adds a line per group."""
     lines = []
     for g in groups:
         state = "prunable" if g.prunable else f"locked: {g.reason or 'a single channel'}"
         lines.append(f"{g.name}: {g.channels} channels, {state}")
+        curve = (sensitivity or {}).get(g.name)
+        if curve:
+            lines.append("  output err  " + "  ".join(f"{w}ch {err:.2e}" for w, err in curve.items()))
         for role in ("source", "depthwise", "follow", "consumer"):
             names = [f"{m.var}({m.op})" for m in g.members if m.role == role]
             if names:

@@ -331,3 +331,26 @@ def test_cli_prune_groups_and_bad_calib(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "calibration input 'input'" in err[0]
     assert main(["-q", "build", str(path), "--prune", "0.3", "--prune-criterion", "reconstruct"]) == 2
+
+
+def test_cli_prints_each_groups_sensitivity(tmp_path, capsys):
+    """``inspect --prune-groups --calib``: output error per kept width, 0 at full width and
+    growing as channels go (the curve the global ratio is distributed by)."""
+    import json
+
+    from hwcompress.cli import main
+
+    path = tmp_path / "m.onnx"
+    model = _separable_graph()
+    onnx.save(model, path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "b0.npy", _input(model))
+    assert main(["-q", "inspect", str(path), "--prune-groups", "--calib", str(calib), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    curves = [g["sensitivity"] for g in groups if g["prunable"]]
+    assert curves and all(c for c in curves)
+    for curve in curves:
+        errs = [err for _, err in sorted(((int(w), e) for w, e in curve.items()), reverse=True)]
+        assert errs[0] == 0.0 and errs[-1] > 0 and errs == sorted(errs)
+    assert main(["-q", "inspect", str(path), "--calib", str(calib)]) == 2  # --calib needs --prune-groups
