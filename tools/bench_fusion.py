@@ -9,7 +9,7 @@ with ``hwcompress.build.schedule``'s default schedules for ``--target``):
 * ``unfused``: the usual import (ONNX Runtime's basic folding already puts Conv+BN into the
   conv weights), legalized with ``legalize_passes(fuse=False)``: every op its own kernel.
 * ``stock``: the usual import, ``legalize_passes(fuse=True)`` (what ``build.legalize`` does).
-* ``fused``: ``fuse(fold_bn(mod))`` then ``legalize_passes(fuse=True)``.
+* ``fused``: ``fuse(fold_bn(mod), spec=spec)`` then ``legalize_passes(fuse=True)`` (convs the backend packs are left to FuseOps).
 * ``bn-unfused``: imported *without* ONNX Runtime's folding, no fold, no fusion: BN runs as
   separate subtract/divide/multiply/add kernels (the "nothing folded, nothing fused" baseline).
 
@@ -68,7 +68,7 @@ def build_variant(variant: str, model, shapes, spec):
     # the target's conv layout (NHWC on the CPUs), as `hwc build` runs it, in every variant
     mod = convert_layout(mod, ConvLayout(spec.hardware.conv_layout))
     if variant == "fused":
-        mod = fuse(mod)
+        mod = fuse(mod, spec=spec)
     with spec.tvm_target():
         passes = legalize_passes(fuse=variant in ("stock", "fused"), legalize_map=B.backend_legalize_map(spec))
         mod = tvm.transform.Sequential(passes)(mod)

@@ -243,6 +243,8 @@ def legalize_conv2d(facts):
 
         return bb.call_te(compute, call.args[0], relax.const(packed, "float32"), primfunc_name_hint="conv2d")
 
+    # passes that would hide the constant weight (the ``fuse`` technique's groups) ask this
+    legalize.handles = lambda call: _tile_for(call, facts)[1] is not None
     return legalize
 
 

@@ -25,7 +25,7 @@ from .winograd import Winograd, winograd
 __all__ = ["ChannelPrune", "ConvLayout", "FoldBatchNorm", "Fuse", "Winograd", "convert_layout", "fold_bn", "fuse", "prune", "winograd"]
 
 register_technique("fold-bn", FoldBatchNorm, lambda mod, cfg, spec: fold_bn(mod, cfg))
-register_technique("fuse", Fuse, lambda mod, cfg, spec: fuse(mod, cfg))
+register_technique("fuse", Fuse, lambda mod, cfg, spec: fuse(mod, cfg, spec))
 register_technique("winograd", Winograd, lambda mod, cfg, spec: winograd(mod, cfg, spec))
 register_technique("prune", ChannelPrune, lambda mod, cfg, spec: prune(mod, cfg, spec), exact=False)
 register_technique("layout", ConvLayout, lambda mod, cfg, spec: convert_layout(mod, cfg))

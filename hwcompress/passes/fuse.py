@@ -175,11 +175,14 @@ def _activations():
     }
 
 
-def epilogue_patterns(config: Fuse, depends_on):
+def epilogue_patterns(config: Fuse, depends_on, backend_owns=None):
     """``FusionPattern`` list, longest first: anchor [+ bias] [+ residual] [+ activation].
 
     ``depends_on(expr, var)`` tells whether ``expr`` is computed from ``var``; a residual
     operand computed from the group's own output would make the group its own input.
+    ``backend_owns(call)``: the target's backend lowers this anchor itself and needs its
+    constant weight (the CPU's packed conv), which a group would turn into a parameter; such
+    anchors are left to TVM's FuseOps, which fuses the same epilogue after legalization.
     """
     from tvm.relax.dpl import is_const, is_op, wildcard
     from tvm.relax.transform import FusionPattern
@@ -193,6 +196,8 @@ def epilogue_patterns(config: Fuse, depends_on):
     bias = is_op("relax.add")(anchor, is_const() | is_op("relax.reshape")(is_const(), wildcard()))
 
     def check(ctx) -> bool:
+        if backend_owns is not None and backend_owns(ctx.annotated_expr["anchor"]):
+            return False
         other = ctx.annotated_expr.get("residual")
         if other is None:
             return True
@@ -213,6 +218,23 @@ def epilogue_patterns(config: Fuse, depends_on):
             if res or base_name == "conv_bias":
                 patterns.append(FusionPattern(f"hwc.{stem}", body, annotations, check))
     return patterns
+
+
+def _backend_owns(spec):
+    """``call -> bool`` for the ops ``spec``'s backend legalizes itself, or None."""
+    if spec is None:
+        return None
+    from ..build import backend_legalize_map
+
+    owners = {name: fn.handles for name, fn in (backend_legalize_map(spec) or {}).items() if hasattr(fn, "handles")}
+    if not owners:
+        return None
+
+    def owns(call) -> bool:
+        handles = owners.get(getattr(call.op, "name", ""))
+        return bool(handles and handles(call))
+
+    return owns
 
 
 def _depends_on_fn(mod):
@@ -245,7 +267,7 @@ def _depends_on_fn(mod):
 # ---------------------------------------------------------------------------- verb + legalize
 
 
-def fuse(mod, config: Fuse = Fuse()):
+def fuse(mod, config: Fuse = Fuse(), spec=None):
     """Group conv / matmul + bias (+ residual add) + activation into one kernel each.
 
     Parameters
@@ -253,6 +275,9 @@ def fuse(mod, config: Fuse = Fuse()):
     mod : tvm.IRModule
         A Relax module as imported (run ``fold_bn`` first so that BN is in the weights).
     config : Fuse
+    spec : TargetSpec or None
+        Anchors that the target's backend lowers itself (``Backend.legalize_map`` functions
+        with a ``handles(call)`` attribute) are not grouped: see ``epilogue_patterns``.
 
     Returns
     -------
@@ -265,5 +290,5 @@ def fuse(mod, config: Fuse = Fuse()):
     mod = canonicalize_clip(mod)
     if config.residual:
         mod = order_residual_adds(mod)
-    patterns = epilogue_patterns(config, _depends_on_fn(mod))
+    patterns = epilogue_patterns(config, _depends_on_fn(mod), _backend_owns(spec))
     return relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=False)(mod)

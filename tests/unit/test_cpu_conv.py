@@ -177,3 +177,17 @@ def _loop_kinds(func) -> set:
     kinds = set()
     tvm_ffi.structural_walk(func.body, (tvm.tirx.For, lambda f: kinds.add(int(f.kind))), order="post")
     return kinds
+
+
+def test_fuse_technique_leaves_packed_convs_to_fuseops():
+    """The ``fuse`` recipe step would make the weight a group parameter (no packing): with the
+    target given, it leaves the conv to TVM's FuseOps, which fuses the same epilogue."""
+    from hwcompress.passes.fuse import fuse
+
+    model = _conv_model(cin=16, cout=32, h=16, w=16, k=3, pads=(1, 1, 1, 1), residual=True)
+    spec = load_target("host")
+    mod = fuse(convert_layout(fe.import_onnx(model), ConvLayout("NHWC")), spec=spec)
+    mod = B.schedule(B.legalize(mod, spec), spec)
+    (func,) = _conv_kernels(mod).values()  # one kernel: conv + bias + residual add + relu
+    assert TILE_ATTR in func.script()
+    _run_and_compare(model, spec, mod)
