@@ -25,7 +25,7 @@ compute and the generic schedule (ONNX Runtime: 1.56 ms).
 
 Measured on one core of the 2-core Zen 3 host: ResNet-18's 3x3 stride-1 layers 92-94 GFLOP/s
 (the core's FP32 peak is ~97 at the clock it runs), the 7x7 stem 90, the 512-channel 7x7 layer
-~75 (tools/bench_default_schedule.py has the whole-model figures).
+~75 (BENCHMARKS.md has the whole-model figures, ``tools/bench.py``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import numpy as np
 # blocks marked "None", where its generic rules should tune these kernels like any other.)
 TILE_ATTR = "hwc.conv_tile"
 
-# At most this many accumulator vectors per row-tile dimension: more rows per tile than
-# this gave spills on AVX2 (7 and 8 pixels x 2 vectors: 41 and 36 GFLOP/s against 92).
+# Widest pixel row of a tile. The accumulator count itself is capped by ``acc_regs`` (12 of
+# AVX2's 16 vector registers): 7 and 8 pixels x 2 vectors spilled, 41 and 36 GFLOP/s against 92.
 _MAX_ROWS = 12
 
 
