@@ -207,19 +207,9 @@ def _user_inputs(verify_inputs, inputs: list[dict]) -> list[np.ndarray] | None:
     return None if verify_inputs is None else check_inputs(inputs, verify_inputs)
 
 
-def _compressed_outputs(mod, arrays) -> list[np.ndarray]:
-    """Outputs of the compressed Relax module, built for this host with TVM's default pipeline."""
-    import tvm
-    from tvm import relax
-
-    ex = tvm.compile(mod, load_target("host").tvm_target())
-    res = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(np.asarray(a)) for a in arrays))
-    return [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
-
-
 def _verify(directory, spec, mode, front: Imported, rtol, atol) -> dict:
     from .runtime import Artifact
-    from .verify import compare, random_inputs, reference_outputs
+    from .verify import compare, graph_reference, random_inputs, reference_outputs
 
     # the artifact is still in its staging directory: run it from there, before it is final
     artifact = Artifact(directory, {"inputs": front.inputs, "outputs": front.outputs, "target": spec.to_dict()}, mode)
@@ -227,12 +217,16 @@ def _verify(directory, spec, mode, front: Imported, rtol, atol) -> dict:
     cases = [("random(seed=0)", random_inputs(front.inputs, seed=0))]
     if front.verify_inputs is not None:
         cases.append(("user", front.verify_inputs))
+    exact = front.recipe.exact
+    # pruning changes the outputs on purpose: then the reference is the compressed graph run by
+    # TVM's plain pipeline on this host (built once), which checks lowering, schedules, codegen
+    reference = (lambda arrays: reference_outputs(front.original, names, arrays)) if exact else graph_reference(front.mod)
     results, skipped = [], []
     for label, arrays in cases:
         # the reference first: inputs ORT rejects (random ints that are no valid indices) can
         # crash the compiled module, whose gathers do not check bounds
         try:
-            want = reference_outputs(front.original, names, arrays) if front.recipe.exact else _compressed_outputs(front.mod, arrays)
+            want = reference(arrays)
         except Exception as e:  # ORT's own error types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if label != "user" and front.verify_inputs is not None:
@@ -249,15 +243,11 @@ def _verify(directory, spec, mode, front: Imported, rtol, atol) -> dict:
         if not result["passed"]:
             detail = result.get("reason") or f"max abs err {result['max_abs_err']:.3g}, max rel err {result['max_rel_err']:.3g}"
             raise VerificationError(
-                f"verification against {'ONNX Runtime' if front.recipe.exact else 'the compressed graph'} failed on {label} inputs: {detail} "
+                f"verification against {'ONNX Runtime' if exact else 'the compressed graph'} failed on {label} inputs: {detail} "
                 f"(tolerance rtol={rtol}, atol={atol}; change with --rtol/--atol or skip with --no-verify)"
             )
-    reference = "onnxruntime"
-    if not front.recipe.exact:
-        # pruning changes the outputs on purpose: the reference is the compressed graph run by
-        # TVM's plain pipeline on this host, which checks lowering, schedules and codegen
-        reference = "compressed graph (TVM default pipeline, this host)"
-    verification = {"status": "passed", "mode": mode, "reference": reference, "cases": results}
+    source = "onnxruntime" if exact else "compressed graph (TVM default pipeline, this host)"
+    verification = {"status": "passed", "mode": mode, "reference": source, "cases": results}
     if skipped:
         verification["skipped_inputs"] = skipped
     return verification

@@ -1,4 +1,5 @@
-"""Verification of a built module against ONNX Runtime on the original model."""
+"""Verification of a built module against ONNX Runtime on the original model (or, for a
+lossy recipe, against the compressed graph built by TVM's default pipeline)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,33 @@ def reference_outputs(proto, input_names: Sequence[str], arrays: Sequence[np.nda
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, dict(zip(input_names, arrays)))
+
+
+def host_vm(mod):
+    """``mod`` (a Relax module) built by TVM's own default pipeline for this host, as a
+    ``VirtualMachine``: the reference for graphs that no longer match the ONNX model (pruned)
+    and the runner of calibration modules. No hwc backend or schedule is involved."""
+    import tvm
+    from tvm import relax
+
+    from .targets import load_target
+
+    return relax.VirtualMachine(tvm.compile(mod, load_target("host").tvm_target()), tvm.cpu())
+
+
+def graph_reference(mod):
+    """``arrays -> outputs`` of ``mod`` run by ``host_vm``, built on the first call only."""
+    import tvm
+
+    vm = []
+
+    def run(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if not vm:
+            vm.append(host_vm(mod))
+        res = vm[0]["main"](*(tvm.runtime.tensor(np.asarray(a)) for a in arrays))
+        return [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
+
+    return run
 
 
 def compare(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray], rtol: float, atol: float) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..verify import host_vm
 from .prune_importance import im2col, lstsq_refit, thinet_order
 
 __all__ = ["Calibration", "CalibRunner"]
@@ -116,15 +117,6 @@ class CalibRunner:
 
     # -------------------------------------------------------------------- modules
 
-    def _build(self, mod):
-        import tvm
-        from tvm import relax
-
-        from ..targets import load_target
-
-        ex = tvm.compile(mod, load_target("host").tvm_target())
-        return relax.VirtualMachine(ex, tvm.cpu())
-
     def _run(self, vm, extra=(), samples=None):
         import tvm
 
@@ -142,7 +134,7 @@ class CalibRunner:
         from tvm import relax
 
         if self._masked is None:
-            self._masked = self._build(self._masked_module(relax))
+            self._masked = host_vm(self._masked_module(relax))
             self._reference = self._run(self._masked, [np.ones(self.size + 1, "float32")], SENSITIVITY_SAMPLES)[0].astype(np.float64)
         mask = np.ones(self.size + 1, "float32")
         for c in removed:
@@ -186,7 +178,7 @@ class CalibRunner:
                     wanted.append(data)
             func = self.mod["main"]
             probed = _rebuild(func, _emit_plain, extra_outputs=wanted)
-            vm = self._build(_with_main(self.mod, probed))
+            vm = host_vm(_with_main(self.mod, probed))
             res = self._run(vm)
             self._probe = dict(zip(wanted, res[1:]))
         return self._probe

@@ -354,3 +354,19 @@ def test_cli_prints_each_groups_sensitivity(tmp_path, capsys):
         errs = [err for _, err in sorted(((int(w), e) for w, e in curve.items()), reverse=True)]
         assert errs[0] == 0.0 and errs[-1] > 0 and errs == sorted(errs)
     assert main(["-q", "inspect", str(path), "--calib", str(calib)]) == 2  # --calib needs --prune-groups
+
+
+def test_pruned_build_is_verified_against_the_pruned_graph(tmp_path):
+    """A lossy recipe cannot match ONNX Runtime on the original model: the build is checked
+    against the pruned graph run by TVM's own pipeline, on random and on the user's inputs."""
+    import hwcompress
+    from hwcompress.recipe import Recipe
+
+    model = _separable_graph()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    art = hwcompress.compile(str(path), out=str(tmp_path / "art"), recipe=Recipe((ChannelPrune(0.3, round_to=1),)),
+                             verify_inputs=[_input(model)])  # fmt: skip
+    v = art.manifest["verification"]
+    assert v["status"] == "passed" and v["reference"].startswith("compressed graph")
+    assert [c["inputs"] for c in v["cases"]] == ["random(seed=0)", "user"]
