@@ -179,22 +179,18 @@ def _build_recipe(args):
 
 def _read_inputs(items: list[str]):
     """``FILE.npy`` (positional), ``NAME=FILE.npy`` (by name), or one ``.npz`` keyed by name."""
-    import numpy as np
+    from .runtime import load_array_file
 
     named, positional = {}, []
     for item in items:
         name, sep, file = item.partition("=")
         if not sep:
             name, file = None, item
-        path = Path(file)
-        if not path.is_file():
+        if not Path(file).is_file():
             raise DataError(f"input file not found: {file}")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise DataError(f"{file}: not a readable .npy/.npz file ({e})") from None
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            named.update({k: loaded[k] for k in loaded.files})
+        loaded = load_array_file(file)
+        if isinstance(loaded, dict):
+            named.update(loaded)
         elif name:
             named[name] = loaded
         else:

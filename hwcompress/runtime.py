@@ -122,6 +122,19 @@ class Artifact:
         )
 
 
+def load_array_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
+    """A ``.npy`` file's array, or a ``.npz`` file's arrays by name; ``DataError`` naming the
+    file when it cannot be read (no pickles)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable .npy/.npz file ({e})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    return loaded
+
+
 def check_inputs(specs: Sequence[dict], inputs) -> list[np.ndarray]:
     """Order ``inputs`` (an array, a list in input order, or a dict by name) as ``specs``
     lists them and check shapes and dtypes; ``DataError`` names the offending input."""

@@ -93,14 +93,9 @@ def _read_dir(path: Path, names: list[str]) -> list:
     files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
     if not files:
         raise DataError(f"{path}: no .npy or .npz calibration files")
-    batches = []
-    for f in files:
-        try:
-            loaded = np.load(f, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise DataError(f"{f}: not a readable .npy/.npz file ({e})") from None
-        batches.append(dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded)
-    return batches
+    from ..runtime import load_array_file
+
+    return [load_array_file(f) for f in files]
 
 
 class CalibRunner:
