@@ -52,6 +52,7 @@ def ship(work_dirs: list[Path], out: Path, target: str = "host", emit=print) -> 
     from hwcompress.backends import get_backend
     from hwcompress.build import database_files
     from hwcompress.targets import load_target
+    from hwcompress.tuning import mean_seconds
 
     spec = load_target(target)
     make = get_backend(spec).default_trace
@@ -62,7 +63,7 @@ def ship(work_dirs: list[Path], out: Path, target: str = "host", emit=print) -> 
         db = ms.database.JSONDatabase(path_workload=str(workload), path_tuning_record=str(records))
         seeded = _seeded_tasks(work)
         for record in db.get_all_tuning_records():
-            secs = _mean_secs(record)
+            secs = mean_seconds(record.run_secs)  # None: a failed run
             if secs is None or not record.trace.insts:  # MetaSchedule never applies an empty trace
                 continue
             key = tvm_ffi.structural_hash(record.workload.mod)
@@ -101,13 +102,6 @@ def ship(work_dirs: list[Path], out: Path, target: str = "host", emit=print) -> 
     for row in rows:
         emit("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:4], widths[1:])] + [row[4]]))
     return count
-
-
-def _mean_secs(record) -> float | None:
-    """Mean run time of a record; None for a failed run (no times, or MetaSchedule's 1e10 s)."""
-    from hwcompress.tuning import mean_seconds
-
-    return mean_seconds(record.run_secs)
 
 
 def _default_kernel(schedule_of, workload_mod):

@@ -59,7 +59,11 @@ class ConvTile:
         return self.nvec * self.lanes
 
     def padded_width(self, out_w: int) -> int:
-        return -(-out_w // self.tx) * self.tx
+        return _round_up(out_w, self.tx)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _efficiency(ty: int, tx: int, nvec: int) -> float:
@@ -93,8 +97,7 @@ def choose_tile(out_h: int, out_w: int, out_c: int, lanes: int, acc_regs: int) -
             for tx in range(1, min(_MAX_ROWS, acc_regs) + 1):
                 if ty * tx * nvec > acc_regs:
                     break
-                padded = -(-out_w // tx) * tx
-                score = _efficiency(ty, tx, nvec) * out_w / padded
+                score = _efficiency(ty, tx, nvec) * out_w / _round_up(out_w, tx)
                 if score > best_score + 1e-9:
                     best, best_score = ConvTile(ty, tx, nvec, lanes), score
     return best
@@ -205,8 +208,7 @@ def choose_depthwise_tile(out_w: int, channels: int, lanes: int, acc_regs: int) 
     best, best_score = None, 0.0
     for nvec in (n for n in (2, 1, 3, 4) if (channels // lanes) % n == 0):
         for tx in range(1, acc_regs // nvec + 1):
-            padded = -(-out_w // tx) * tx
-            score = min(1.0, tx * nvec / 8) * out_w / padded * (1.0 + 0.01 * tx * nvec)
+            score = min(1.0, tx * nvec / 8) * out_w / _round_up(out_w, tx) * (1.0 + 0.01 * tx * nvec)
             if score > best_score + 1e-9:
                 best, best_score = ConvTile(1, tx, nvec, lanes), score
     return best

@@ -6,7 +6,7 @@ the most specialized to the simplest and keeping the first whose schedule applie
 
 0. ``packed_conv`` and ``winograd``: the kernels that the backend's own conv lowering
    (``cpu_conv``: NHWC conv with a packed weight) and the Winograd pass emit, recognised by
-   their blocks' annotations (``hwc.conv_tile``, Winograd's ``schedule_rule``).
+   their blocks' annotations (``hwc.conv_tile``, ``hwc.winograd``).
 1. ``tiled_reduction``: a register-tiled schedule of the one reduction block (conv2d, matmul /
    dense / GEMV, pooling) with its padding producers and elementwise epilogue.
 2. ``per_block``: inline injective producers, then parallelize + vectorize every remaining

@@ -107,18 +107,18 @@ def _schedule_transform(sch, second, first, lanes: int) -> None:
     anchor = sch.get_loops(second)[0]
     sch.set_scope(first, 0, "local")
     sch.compute_at(first, anchor, preserve_unit_loops=True)
-    *spatial, red = sch.get_loops(first)[1:]  # i, b, p (1), c | r: under the parallel loop
-    inner = spatial[-1] if c_i is not None else None
-    if inner is not None:
-        sch.reorder(red, inner)
-    for block, loops, red, inner in ((second, (a, j, r), r, c_i), (first, (*spatial[:-1], red), red, inner)):
-        for loop in loops:
+    *spatial, first_r = sch.get_loops(first)[1:]  # i, b, p (1), c | r: under the parallel loop
+    first_c = spatial[-1] if c_i is not None else None
+    if first_c is not None:
+        sch.reorder(first_r, first_c)
+    # per block: the loops unrolled, its reduction loop, its channel loop (None: not vectorized)
+    for block, unrolled, red, channels in ((second, (a, j), r, c_i), (first, spatial[:-1], first_r, first_c)):
+        for loop in (*unrolled, red):
             sch.unroll(loop)
-        if inner is None:
-            sch.unroll(red)
+        if channels is None:
             sch.decompose_reduction(block, red)
             continue
-        sch.vectorize(inner)  # before decompose_reduction: after it the update is no reduction
+        sch.vectorize(channels)  # before decompose_reduction: after it the update is no reduction
         init = sch.decompose_reduction(block, red)
         sch.vectorize(sch.get_loops(init)[-1])
 
