@@ -102,7 +102,8 @@ class ChannelPrune:
 @dataclass
 class PrunePlan:
     """What ``prune`` will cut: per group its width before and after, and why locked ones
-    are left alone; ``sensitivity[g]`` maps widths to output error when calibration ran."""
+    are left alone; ``sensitivity[g]`` maps widths to output error when calibration ran.
+    ``module`` is the module the plan is for (ReLU6 canonicalized), ``analysis`` its groups."""
 
     groups: list
     widths: list[int]
@@ -111,6 +112,8 @@ class PrunePlan:
     sensitivity: dict
     params_before: int
     params_estimate: int
+    module: object = None
+    analysis: object = None
 
     def summary(self) -> str:
         lines = []
@@ -166,7 +169,7 @@ def plan_prune(mod, config: ChannelPrune, spec=None) -> PrunePlan:
     from .fuse import canonicalize_clip
     from .prune_groups import analyze
 
-    mod = canonicalize_clip(mod)  # idempotent; prune() passes it canonical already
+    mod = canonicalize_clip(mod)  # ReLU6 as R.clip follows its channels; the importer's kernels do not
     a = analyze(mod["main"], mod)
     multiple = _multiple(config, spec)
     total = analysis.summarize(mod).params
@@ -235,7 +238,7 @@ def plan_prune(mod, config: ChannelPrune, spec=None) -> PrunePlan:
             "prune: reached %.1f%% fewer parameters, not the %.1f%% asked (locked groups, widths rounded to %d)",
             100 * (1 - params(widths) / total), 100 * config.ratio, multiple,
         )
-    return PrunePlan(groups, widths, removed, refit, sensitivity, total, int(round(params(widths))))
+    return PrunePlan(groups, widths, removed, refit, sensitivity, total, int(round(params(widths))), mod, a)
 
 
 def _orders(a, config: ChannelPrune, calib) -> list[list[int]]:
@@ -269,16 +272,11 @@ def prune(mod, config: ChannelPrune, spec=None):
     tvm.IRModule
         A new module with reduced weight shapes; locked groups are logged and left alone.
     """
-    from .prune_groups import analyze
-
-    from .fuse import canonicalize_clip
-
     if config.ratio == 0 and not config.per_layer:
         return mod
-    mod = canonicalize_clip(mod)  # ReLU6 as R.clip follows its channels; the importer's kernels do not
     plan = plan_prune(mod, config, spec)
     for g in plan.groups:
         if not g.prunable and g.channels > 1:
             log.info("prune: %s (%d channels) left unpruned: %s", g.name, g.channels, g.reason)
     log.info("prune: %s", "; ".join(f"{g.name} {g.channels}->{w}" for g, w in zip(plan.groups, plan.widths) if g.prunable))
-    return apply_removal(mod, analyze(mod["main"], mod), plan.removed, plan.refit)
+    return apply_removal(plan.module, plan.analysis, plan.removed, plan.refit)
