@@ -143,7 +143,7 @@ def prune_sensitivity(mod, calib, spec=None, round_to: int | None = None) -> dic
     zeroed down to that width; widths on the target's ``channel_multiple`` (or ``round_to``).
     This is the curve the global ratio is distributed by (``hwc inspect --prune-groups --calib``).
     """
-    plan = plan_prune(mod, ChannelPrune(ratio=0.5, criterion="reconstruct", calib=calib, round_to=round_to), spec)
+    plan = plan_prune(mod, ChannelPrune(ratio=0.5, criterion="reconstruct", calib=calib, round_to=round_to), spec, refit=False)
     return {plan.groups[g].name: dict(sorted(curve.items(), reverse=True)) for g, curve in plan.sensitivity.items()}
 
 
@@ -153,7 +153,7 @@ def _multiple(config: ChannelPrune, spec) -> int:
     return spec.hardware.channel_multiple if spec is not None else 1
 
 
-def plan_prune(mod, config: ChannelPrune, spec=None) -> PrunePlan:
+def plan_prune(mod, config: ChannelPrune, spec=None, refit: bool = True) -> PrunePlan:
     """Decide which channels go, without rewriting the module.
 
     Parameters
@@ -163,6 +163,9 @@ def plan_prune(mod, config: ChannelPrune, spec=None) -> PrunePlan:
     config : ChannelPrune
     spec : TargetSpec or None
         Read for ``channel_multiple`` when ``config.round_to`` is None.
+    refit : bool
+        Solve the least-squares refit of ``reconstruct`` (False: only the choice of channels
+        and the sensitivity curves are wanted; ``plan.refit`` stays empty).
     """
     from .. import analysis
     from ..errors import RecipeError
@@ -232,13 +235,13 @@ def plan_prune(mod, config: ChannelPrune, spec=None) -> PrunePlan:
     removed = set()
     for g, w in enumerate(widths):
         removed.update(orders[g][: groups[g].channels - w])
-    refit = calib.refit(removed) if calib is not None and config.criterion is Criterion.RECONSTRUCT and removed else {}
+    refitted = calib.refit(removed) if refit and calib is not None and config.criterion is Criterion.RECONSTRUCT and removed else {}
     if config.ratio > 0 and params(widths) > (1 - config.ratio) * total + 0.5:
         log.warning(
             "prune: reached %.1f%% fewer parameters, not the %.1f%% asked (locked groups, widths rounded to %d)",
             100 * (1 - params(widths) / total), 100 * config.ratio, multiple,
         )
-    return PrunePlan(groups, widths, removed, refit, sensitivity, total, int(round(params(widths))), mod, a)
+    return PrunePlan(groups, widths, removed, refitted, sensitivity, total, int(round(params(widths))), mod, a)
 
 
 def _orders(a, config: ChannelPrune, calib) -> list[list[int]]:
