@@ -5,12 +5,10 @@ and per-group sensitivity curves."""
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..data import read_batches
 from ..verify import host_vm
 from .prune_importance import im2col, lstsq_refit, thinet_order
 
@@ -41,61 +39,8 @@ class Calibration:
     def of(calib, func) -> list[list[np.ndarray]]:
         """Batches of positional input arrays, each batch shaped like ``func``'s parameters."""
         data = calib.data if isinstance(calib, Calibration) else calib
-        params = [(p.name, tuple(int(d) for d in p.ty.shape.values), str(p.ty.dtype)) for p in func.params]
-        samples = _as_named(data, [n for n, _s, _d in params])
-        batches = None
-        for name, shape, dtype in params:
-            if name not in samples:
-                raise DataError(f"calibration data has no input {name!r} (has: {', '.join(sorted(samples)) or 'nothing'})")
-            arr = samples[name]
-            if arr.ndim != len(shape) or arr.shape[1:] != shape[1:]:
-                raise DataError(f"calibration input {name!r}: samples of shape {list(arr.shape[1:])}, the model takes {list(shape[1:])}")
-            if not np.can_cast(arr.dtype, dtype, "same_kind"):
-                raise DataError(f"calibration input {name!r}: dtype {arr.dtype}, the model takes {dtype}")
-            arr = arr[:MAX_SAMPLES].astype(dtype)
-            count = arr.shape[0] // shape[0]
-            if count == 0:
-                raise DataError(f"calibration input {name!r}: {arr.shape[0]} samples, fewer than the model's batch of {shape[0]}")
-            split = [arr[i * shape[0] : (i + 1) * shape[0]] for i in range(count)]
-            batches = [[b] for b in split] if batches is None else [old + [b] for old, b in zip(batches, split)]
-        return batches
-
-
-def _as_named(data, names: list[str]) -> dict[str, np.ndarray]:
-    """Every accepted form as ``{input name: samples along axis 0}``."""
-    if isinstance(data, (str, os.PathLike)):
-        data = _read_dir(Path(data), names)
-    if isinstance(data, np.ndarray):
-        data = [data]
-    if isinstance(data, dict):
-        return {k: np.asarray(v) for k, v in data.items()}
-    if not isinstance(data, (list, tuple)) or not data:
-        raise DataError(f"calibration data must be a directory, an array, a list of batches or a mapping, got {type(data).__name__}")
-    named: dict[str, list] = {}
-    for batch in data:
-        if isinstance(batch, np.ndarray):
-            if len(names) != 1:
-                raise DataError(f"the model has {len(names)} inputs: give calibration batches keyed by input name (.npz)")
-            batch = {names[0]: batch}
-        if not isinstance(batch, dict):
-            raise DataError(f"a calibration batch must be an array or a mapping of input name to array, got {type(batch).__name__}")
-        for k, v in batch.items():
-            named.setdefault(k, []).append(np.asarray(v))
-    try:
-        return {k: np.concatenate(v, axis=0) for k, v in named.items()}
-    except ValueError as e:
-        raise DataError(f"calibration batches do not stack: {e}") from None
-
-
-def _read_dir(path: Path, names: list[str]) -> list:
-    if not path.is_dir():
-        raise DataError(f"calibration directory not found: {path}")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
-    if not files:
-        raise DataError(f"{path}: no .npy or .npz calibration files")
-    from ..runtime import load_array_file
-
-    return [load_array_file(f) for f in files]
+        inputs = [(p.name, [int(d) for d in p.ty.shape.values], str(p.ty.dtype)) for p in func.params]
+        return list(read_batches(data, inputs, max_samples=MAX_SAMPLES))
 
 
 class CalibRunner:
