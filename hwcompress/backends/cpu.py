@@ -22,9 +22,11 @@ def _default_trace(target):
 
 def _legalize_map(target):
     from .cpu_conv import legalize_conv2d
+    from .cpu_int8 import legalize_matmul_int8
     from .cpu_schedule import CpuFacts
 
-    return {"relax.nn.conv2d": legalize_conv2d(CpuFacts.from_target(target))}
+    facts = CpuFacts.from_target(target)
+    return {"relax.nn.conv2d": legalize_conv2d(facts), "relax.matmul": legalize_matmul_int8(facts)}
 
 
 def _finalize(target):

@@ -223,9 +223,14 @@ def legalize_conv2d(facts):
     import tvm
     from tvm import relax
 
+    from .cpu_int8 import legalize_conv2d_int8
+
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+    int8 = legalize_conv2d_int8(facts)
 
     def legalize(bb, call):
+        if int8.handles(call):  # uint8 x int8 -> int32: the integer kernels
+            return int8(bb, call)
         kind, tile = _tile_for(call, facts)
         if tile is None:
             return default(bb, call)
@@ -246,7 +251,7 @@ def legalize_conv2d(facts):
         return bb.call_te(compute, call.args[0], relax.const(packed, "float32"), primfunc_name_hint="conv2d")
 
     # passes that would hide the constant weight (the ``fuse`` technique's groups) ask this
-    legalize.handles = lambda call: _tile_for(call, facts)[1] is not None
+    legalize.handles = lambda call: int8.handles(call) or _tile_for(call, facts)[1] is not None
     return legalize
 
 

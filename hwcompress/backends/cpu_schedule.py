@@ -25,8 +25,10 @@ import logging
 from dataclasses import dataclass
 
 from .cpu_conv import schedule_packed_conv
+from .cpu_int8 import schedule_int8
 from .cpu_rules import per_block, tiled_reduction
 from .cpu_winograd import schedule_winograd
+from .x86_intrin import DotIntrin, dot_intrin_for
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class CpuFacts:
 
     num_cores: int
     vector_bits: int
+    int8_dot: DotIntrin | None = None  # the int8 kernels' dot instruction (cpu_int8); None: none
 
     def __post_init__(self):
         if self.num_cores < 1 or self.vector_bits < 64:
@@ -51,7 +54,7 @@ class CpuFacts:
     @classmethod
     def from_target(cls, target) -> "CpuFacts":
         cores = int(target.attrs.get("num-cores", 1) or 1)
-        return cls(num_cores=max(cores, 1), vector_bits=_vector_bits(target))
+        return cls(num_cores=max(cores, 1), vector_bits=_vector_bits(target), int8_dot=dot_intrin_for(target))
 
     def lanes(self, dtype_bits: int) -> int:
         return max(self.vector_bits // dtype_bits, 1)
@@ -197,6 +200,7 @@ def _check_lowers(func, target) -> None:
 
 _RULES = (
     ("packed_conv", schedule_packed_conv),
+    ("int8", schedule_int8),
     ("winograd", schedule_winograd),
     ("tiled_reduction", tiled_reduction),
     ("per_block", per_block),
