@@ -1,4 +1,4 @@
-"""CUDA backend: dlight GPU default schedules; device code compiled ahead of time with nvcc.
+"""CUDA backend: dlight GPU default schedules (Winograd kernels: ``cuda_winograd``); device code compiled ahead of time with nvcc.
 
 An artifact for a CUDA target (``cuda-sm80``, ``jetson-orin``) carries SASS for exactly the
 target's ``[tvm].arch``, compiled at build time; the device needs no CUDA compiler (no NVRTC,
@@ -53,9 +53,72 @@ from .cuda_binary import (  # noqa: F401  (cuda_modules, device_archs: re-export
 def _default_schedule(target):
     from tvm.s_tir import dlight as dl
 
-    return dl.ApplyDefaultSchedule(
-        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+    from .cuda_winograd import winograd_rule
+
+    rules = (
+        dl.gpu.Matmul(),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
     )
+    wide = {"GeneralReduction"}  # rules that spread the reduction over threads: see _declining
+    return dl.ApplyDefaultSchedule(
+        winograd_rule(),
+        *(_declining(rule, _MIN_THREAD_REDUCTION if type(rule).__name__ in wide else 0) for rule in rules),
+        dl.gpu.Fallback(),
+    )
+
+
+# A kernel whose every reduction is shorter than this (a depthwise conv's 9 taps) runs one
+# thread per output (``Fallback``) rather than one thread block per output row: measured on an
+# H100, GeneralReduction's depthwise kernels made MobileNetV2 1.27x slower than running
+# nothing fused (BENCHMARKS.md, "GPU").
+_MIN_THREAD_REDUCTION = 32
+
+
+def _declining(rule, min_reduction: int = 0):
+    """``rule`` that declines (returns None, so the next rule is tried) where it raises a
+    ScheduleError, or where no reduction of the kernel is ``min_reduction`` long.
+
+    dlight's ``GeneralReduction`` raises on kernels whose reduction stages feed each other
+    (e.g. a Winograd kernel's transform stages) instead of declining, which failed the whole
+    build; ``Fallback`` schedules such kernels."""
+    from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+    from tvm.s_tir.schedule import ScheduleError
+
+    class Declining(GPUScheduleRule):
+        def apply(self, func, target, tunable):
+            if min_reduction and _longest_reduction(func) < min_reduction:
+                return None
+            try:
+                return rule.apply(func, target, tunable)
+            except ScheduleError:
+                return None
+
+        def __repr__(self):
+            return f"Declining({type(rule).__name__})"
+
+    return Declining()
+
+
+def _longest_reduction(func) -> int:
+    """The largest product of reduction-axis extents over the blocks of ``func`` (0: none;
+    symbolic extents count as long)."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import SBlock
+
+    blocks = []
+    tvm_ffi.structural_walk(func.body, (SBlock, blocks.append), order="post")
+    longest = 0
+    for block in blocks:
+        axes = [iv.dom.extent for iv in block.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+        if axes:
+            size = 1
+            for extent in axes:
+                size *= int(extent) if isinstance(extent, tvm.tirx.IntImm) else 1 << 30
+            longest = max(longest, size)
+    return longest
 
 
 def _finalize(target):
