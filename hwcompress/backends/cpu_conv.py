@@ -157,6 +157,18 @@ def depthwise_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTi
     return _cropped(conv, out_w)
 
 
+def conv_geometry(size, kernel, strides, padding, dilation, tile: ConvTile) -> tuple[int, int, int, int, int]:
+    """``(out_h, out_w, out_wp, rows, cols)`` of a conv on an ``size = (h, w)`` input:
+    the output size, its width rounded up to whole register tiles, and the input rows and
+    columns (padding included) that the rounded-up output reads."""
+    (h, w), (kh, kw), (sh, sw), (dh, dw) = size, kernel, strides, dilation
+    pt, pl, pb, pr = padding
+    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out_wp = tile.padded_width(out_w)
+    return out_h, out_w, out_wp, (out_h - 1) * sh + dh * (kh - 1) + 1, (out_wp - 1) * sw + dw * (kw - 1) + 1
+
+
 def _padded_source(data, kernel, strides, padding, dilation, tile: ConvTile):
     """The zero-padded input (extra columns when the width is rounded up to whole tiles; the
     input itself when no padding is needed), the output geometry, strides and dilation."""
@@ -164,15 +176,10 @@ def _padded_source(data, kernel, strides, padding, dilation, tile: ConvTile):
     from tvm.topi.utils import get_const_tuple
 
     n, h, w, ci = get_const_tuple(data.shape)
-    kh, kw = kernel
     sh, sw = strides
     dh, dw = dilation
-    pt, pl, pb, pr = padding
-    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    out_wp = tile.padded_width(out_w)
-    rows = (out_h - 1) * sh + dh * (kh - 1) + 1
-    cols = (out_wp - 1) * sw + dw * (kw - 1) + 1
+    pt, pl = padding[:2]
+    out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), kernel, strides, padding, dilation, tile)
     dtype = str(data.dtype)
     if pt or pl or rows > h + pt or cols > w + pl:
 

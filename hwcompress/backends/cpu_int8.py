@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_tile
+from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_tile, conv_geometry
 from .x86_intrin import DotIntrin, intrin_named, register
 
 TILE_ATTR = "hwc.int8_tile"
@@ -99,12 +99,8 @@ def conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile: ConvTile, i
     if ob != tile.block or group != intrin.group or n_rc * group < ci or n_ob * ob < out_c:
         raise ValueError(f"packed weight {weight.shape} does not fit data {data.shape} / tile {tile} / {intrin.name}")
     (sh, sw), (dh, dw) = strides, dilation
-    pt, pl, pb, pr = padding
-    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    out_wp = tile.padded_width(out_w)
-    rows = (out_h - 1) * sh + dh * (kh - 1) + 1
-    cols = (out_wp - 1) * sw + dw * (kw - 1) + 1
+    pt, pl = padding[:2]
+    out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), (kh, kw), strides, padding, dilation, tile)
     src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin.data_dtype, pad_value)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
