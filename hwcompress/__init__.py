@@ -22,6 +22,7 @@ __all__ = [
     "Artifact",
     "ChannelPrune",
     "HwcError",
+    "Int8Static",
     "Optimize",
     "Recipe",
     "TargetSpec",
@@ -31,6 +32,7 @@ __all__ = [
     "load",
     "load_target",
     "prune",
+    "quantize",
     "tune",
 ]
 
@@ -70,7 +72,19 @@ def prune(mod, config, spec=None):
     return _prune(mod, config, spec)
 
 
+def quantize(mod, config, spec=None):
+    """INT8 quantization of a Relax module with integer kernels (``Int8Static``); see
+    ``hwcompress.passes.quantize.int8.quantize``."""
+    from .passes.quantize.int8 import quantize as _quantize
+
+    return _quantize(mod, config, spec)
+
+
 def __getattr__(name):
+    if name == "Int8Static":
+        from .passes.quantize.int8 import Int8Static
+
+        return Int8Static
     if name == "ChannelPrune":
         from .passes.prune import ChannelPrune
 

@@ -32,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prune", type=float, metavar="RATIO", help="channel pruning: remove this fraction of the parameters (e.g. 0.4)")
     b.add_argument("--prune-criterion", choices=("l1", "l2", "reconstruct"), default=None,
                    help="channel importance (default: reconstruct with --calib, else l1; reconstruct needs --calib)")
-    b.add_argument("--calib", metavar="DIR", help="calibration data for pruning: .npy files (one batch each) or .npz keyed by input name")
+    b.add_argument("--int8", action="store_true", help="static INT8 quantization with integer kernels (needs --calib)")
+    b.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default=None,
+                   help="with --int8: how activation ranges are chosen (default minmax)")
+    b.add_argument("--calib", metavar="DIR",
+                   help="calibration data for --prune and --int8: .npy files of samples, .npz keyed by input name, or images")
     _optimize_args(b)
 
     r = sub.add_parser("run", help="run an artifact on inputs, optionally timing it")
@@ -147,34 +151,57 @@ def _cmd_build(args) -> int:
     v = artifact.manifest["verification"]
     if v["status"] == "passed":
         worst = max(c["max_abs_err"] for c in v["cases"])
-        ref = "ONNX Runtime" if v.get("reference", "onnxruntime") == "onnxruntime" else "the pruned graph"
+        ref = "ONNX Runtime" if v.get("reference", "onnxruntime") == "onnxruntime" else "the compressed graph"
         check = f"verified vs {ref} ({v['mode']}), max abs err {worst:.2e}"
     else:
         check = f"not verified: {v['reason']}"
     print(f"{artifact.path}: {artifact.spec.name} artifact; {check}")
+    q = artifact.manifest.get("quantization")
+    if q is not None:
+        fallback = ", ".join(f"{f['name']} ({f['reason']})" for f in q["float_fallback"]) or "none"
+        print(f"int8: {len(q['layers'])} layers, output SQNR {q.get('output_sqnr_db')} dB on calibration data; float fallback: {fallback}")
     return 0
 
 
 def _build_recipe(args):
-    """``--recipe`` plus a ``prune`` step from ``--prune`` (None: no recipe)."""
-    if args.prune is None:
-        if args.calib or args.prune_criterion is not None:
-            raise RecipeError("--calib and --prune-criterion need --prune RATIO")
+    """``--recipe`` plus a ``prune`` step from ``--prune`` and an ``int8`` step from ``--int8``;
+    ``--calib`` feeds both, and a recipe file's int8 step without data (None: no recipe)."""
+    if args.prune is None and args.prune_criterion is not None:
+        raise RecipeError("--prune-criterion needs --prune RATIO")
+    if not args.int8 and args.calibration is not None:
+        raise RecipeError("--calibration needs --int8")
+    if args.prune is None and not args.int8 and not args.calib:
         return args.recipe
-    from .passes.prune import ChannelPrune
+    from dataclasses import replace
+
+    from .passes import ChannelPrune, Int8Static
     from .recipe import Recipe, as_recipe
 
     recipe = as_recipe(args.recipe)
-    if any(isinstance(s, ChannelPrune) for s in recipe.steps):
-        raise RecipeError("the recipe already has a prune step; drop --prune or the step")
-    try:
-        # data-free L1 lost 39 points on the Fashion classifier at 20% where reconstruct lost
-        # 0.3 (BENCHMARKS.md): with calibration data, reconstruct is the default
-        criterion = args.prune_criterion or ("reconstruct" if args.calib else "l1")
-        step = ChannelPrune(ratio=args.prune, criterion=criterion, calib=args.calib)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"--prune: {e}") from None
-    return Recipe((*recipe.steps, step))
+    steps = list(recipe.steps)
+    waiting = [i for i, s in enumerate(steps) if isinstance(s, Int8Static) and s.data is None]
+    if args.calib and args.prune is None and not args.int8 and not waiting:
+        raise RecipeError("--calib needs --prune RATIO or --int8")
+    for i in waiting if args.calib else ():
+        steps[i] = replace(steps[i], data=args.calib)
+    if args.prune is not None:
+        if any(isinstance(s, ChannelPrune) for s in steps):
+            raise RecipeError("the recipe already has a prune step; drop --prune or the step")
+        try:
+            # data-free L1 lost 39 points on the Fashion classifier at 20% where reconstruct lost
+            # 0.3 (BENCHMARKS.md): with calibration data, reconstruct is the default
+            criterion = args.prune_criterion or ("reconstruct" if args.calib else "l1")
+            steps.append(ChannelPrune(ratio=args.prune, criterion=criterion, calib=args.calib))
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"--prune: {e}") from None
+    if args.int8:
+        if any(isinstance(s, Int8Static) for s in steps):
+            raise RecipeError("the recipe already has an int8 step; drop --int8 or the step")
+        if not args.calib:
+            raise RecipeError("--int8 needs calibration data: --calib DIR (.npy/.npz samples or images); data-free int8 is not implemented")
+        method = {"calibration": args.calibration} if args.calibration else {}
+        steps.append(Int8Static(data=args.calib, **method))
+    return Recipe(tuple(steps))
 
 
 def _read_inputs(items: list[str]):

@@ -7,10 +7,14 @@ Winograd follows the target's ``[hardware].winograd`` and the conv layout its
 options into the ordered steps that really run: BN folding first (pruning and quantization
 want BN already in the weights), the user's steps, the conv layout, then Winograd last (it
 needs the final channel counts, and quantized convs are not eligible). The layout step goes
-before Winograd and before a ``fuse`` step of the recipe: both turn convs into kernels or groups
-that ``ConvertLayout`` cannot see, while Winograd reads NHWC convs directly. It is skipped when
-the layout resolves to ``NCHW``, the layout ONNX imports. A technique the user's recipe already
-names is not added a second time: the recipe's own settings win.
+before the recipe's first ``int8``, ``fuse`` or Winograd step: int8 quantizes the convs in the
+layout its kernels read (NHWC / OHWI on CPU targets), and ``fuse`` and Winograd turn convs into
+kernels or groups that ``ConvertLayout`` cannot see, while Winograd reads NHWC convs directly.
+Pruning runs before the layout (its groups follow NCHW imports) and before int8 (it cuts float
+weights); a recipe ordering them otherwise is refused, as is ``fuse`` / Winograd before int8
+(the convs would no longer be there to quantize). The layout step is skipped when the layout
+resolves to ``NCHW``, the layout ONNX imports. A technique the user's recipe already names is
+not added a second time: the recipe's own settings win.
 """
 
 from __future__ import annotations
@@ -93,15 +97,16 @@ def as_optimize(value) -> Optimize:
 
 def effective_recipe(recipe, optimize: Optimize, spec):
     """The steps a build runs: default BN folding, the recipe's steps, the conv layout (before
-    the recipe's first ``fuse`` / ``winograd`` step, if any), default Winograd.
+    the recipe's first ``int8`` / ``fuse`` / ``winograd`` step, if any), default Winograd.
 
     Returns a ``Recipe``; the user's recipe is never changed.
     """
     from .errors import RecipeError
-    from .passes import ConvLayout, FoldBatchNorm, Fuse, Winograd
+    from .passes import ConvLayout, FoldBatchNorm, Fuse, Int8Static, Winograd
     from .recipe import Recipe, as_recipe
 
     recipe = as_recipe(recipe)
+    _check_int8_order(recipe.steps)
     named = {type(step) for step in recipe.steps}
     if not optimize.fold_bn and FoldBatchNorm in named:
         raise RecipeError("the recipe has a fold-bn step but BN folding is switched off (--no-fold-bn)")
@@ -117,6 +122,24 @@ def effective_recipe(recipe, optimize: Optimize, spec):
     steps = list(recipe.steps)
     layout = optimize.layout_for(spec)
     if layout is not DataLayout.NCHW and not mine:
-        at = next((i for i, s in enumerate(steps) if isinstance(s, (Fuse, Winograd))), len(steps))
+        at = next((i for i, s in enumerate(steps) if isinstance(s, (Int8Static, Fuse, Winograd))), len(steps))
         steps.insert(at, ConvLayout(layout))
     return Recipe((*head, *steps, *tail))
+
+
+def _check_int8_order(steps) -> None:
+    """Pruning and a layout step before ``int8``; ``fuse`` and Winograd after it."""
+    from .errors import RecipeError
+    from .passes import ChannelPrune, ConvLayout, Fuse, Int8Static, Winograd
+
+    at = next((i for i, s in enumerate(steps) if isinstance(s, Int8Static)), None)
+    if at is None:
+        return
+    for step in steps[:at]:
+        if isinstance(step, (Fuse, Winograd)):
+            name = type(step).__name__.lower()
+            raise RecipeError(f"the recipe runs {name} before int8, which then finds no convs to quantize; put int8 first")
+    for step in steps[at + 1 :]:
+        if isinstance(step, (ChannelPrune, ConvLayout)):
+            name = "prune" if isinstance(step, ChannelPrune) else "layout"
+            raise RecipeError(f"the recipe runs {name} after int8; it must come before int8 (it rewrites float convs)")

@@ -136,3 +136,45 @@ def test_bad_destination_and_database(tmp_path, tiny_model_path):
     assert (tmp_path / "file").read_text() == "x"
     assert_one_line_error(hwc("build", tiny_model_path, "-o", tmp_path / "o", "--db", tmp_path / "nodb"), "nodb", "not a tuning database")
     assert not (tmp_path / "o").exists()
+
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_build_int8_fashion(tmp_path):
+    """``hwc build --int8 --calib DIR``: integer kernels, the recipe's int8 step without its
+    data, the quantization report (per-layer SQNR, float fallbacks) in the manifest, verified
+    against the quantized graph."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "sample.npy", np.load(EXAMPLES / "fashion_sample.npy"))
+    out = tmp_path / "art"
+    r = hwc("build", EXAMPLES / "fashion_resnet.onnx", "--target", "host", "--int8", "--calib", calib,
+            "--input-shape", "input=8,1,28,28", "-o", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "verified vs the compressed graph" in r.stdout and "int8: 10 layers" in r.stdout and "float fallback: none" in r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps = manifest["recipe"]["steps"]
+    assert [s["technique"] for s in steps] == ["fold-bn", "layout", "int8", "winograd"]
+    assert steps[2] == {"technique": "int8", "calibration": "minmax", "per_channel": True, "max_samples": 256}
+    q = manifest["quantization"]
+    assert q["float_fallback"] == [] and "relax.mean" in q["float_ops"]
+    assert len(q["layers"]) == 10 and all(layer["sqnr_db"] > 30 for layer in q["layers"])
+    assert manifest["verification"]["status"] == "passed"
+    assert sum("int8" in k for k in manifest["kernels"]["default_schedule"]) == 10
+    r = hwc("run", out, "--input", EXAMPLES / "fashion_sample.npy", "--output", tmp_path / "y.npy")
+    assert r.returncode == 0, r.stderr
+    labels = np.load(EXAMPLES / "fashion_sample_labels.npy")
+    assert (np.load(tmp_path / "y.npy").argmax(1) == labels).mean() >= 0.875
+
+
+def test_int8_flag_errors(tmp_path):
+    model = EXAMPLES / "fashion_resnet.onnx"
+    shape = ("--input-shape", "input=8,1,28,28")
+    assert_one_line_error(hwc("build", model, *shape, "--int8", "-o", tmp_path / "o"), "--int8", "--calib")
+    assert_one_line_error(hwc("build", model, *shape, "--calibration", "entropy", "-o", tmp_path / "o"), "--calibration", "--int8")
+    assert_one_line_error(hwc("build", model, *shape, "--calib", tmp_path, "-o", tmp_path / "o"), "--calib", "--int8")
+    np.save(tmp_path / "bad.npy", np.zeros((8, 3, 28, 28), np.float32))
+    r = hwc("build", model, *shape, "--int8", "--calib", tmp_path / "bad.npy", "-o", tmp_path / "o")
+    assert_one_line_error(r, "'input'", "bad.npy")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,187 @@
+"""Static INT8 quantization with integer kernels: ``quantize(mod, Int8Static(data=...))``.
+
+Every ``conv2d`` (one group) and ``matmul`` with a constant float32 weight runs on uint8
+activations and int8 weights with int32 sums (``int8_graph`` has the rewrite and its math):
+
+* activations: uint8, per tensor, asymmetric (scale and zero point from the range an observer
+  saw on calibration data: ``minmax``, ``percentile`` or ``entropy``), so a ReLU output uses
+  all 256 levels and a signed input (a normalized image) is still represented;
+* weights: int8, symmetric, one scale per output channel (``per_channel=False``: one scale);
+* the int32 accumulator is dequantized with ``s_x * s_w[o]`` and the zero-point correction
+  ``zp_x * sum(Wq[o])``; bias, activation and residual adds follow in float32 and fuse into
+  the kernel's epilogue together with the next layer's ``quantize``.
+
+Grouped / depthwise convs, ops whose weight is no constant and every other op stay float;
+``int8_report(mod)`` says which, and gives each int8 layer's SQNR against float on the
+calibration data (``hwc build --int8`` puts it into the manifest).
+
+Run it after BN folding and after the conv layout step (``optimize.effective_recipe`` orders
+it so): on CPU targets the convs are then NHWC / OHWI, the layout of the CPU backend's int8
+kernels (``backends/cpu_int8.py``). Data-free quantization is not implemented: calibration
+data is required.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .observers import QParams, asymmetric_qparams, symmetric_qparams, weight_qparams
+from .observers import quantize as quantize_array
+
+__all__ = ["REPORT_ATTR", "CalibrationMethod", "Int8Static", "int8_report", "plan_layer", "quantize"]
+
+log = logging.getLogger("hwcompress")
+
+REPORT_ATTR = "hwc.int8_report"  # IRModule attribute holding the JSON report
+
+
+class CalibrationMethod(str, enum.Enum):
+    """How an activation's clipping range is chosen from the calibration data."""
+
+    MINMAX = "minmax"  # observed min / max: nothing clipped
+    PERCENTILE = "percentile"  # |x| clipped at its 99.99th percentile
+    ENTROPY = "entropy"  # TensorRT's KL-divergence threshold
+
+
+@dataclass(frozen=True)
+class Int8Static:
+    """Static INT8 quantization calibrated on data.
+
+    Parameters
+    ----------
+    calibration : CalibrationMethod or str
+        ``minmax``, ``percentile`` or ``entropy``: how activation ranges are chosen.
+    per_channel : bool
+        One weight scale per output channel (True) or one per weight tensor.
+    data : str, ndarray, list or mapping
+        Calibration data, anything ``data.read_batches`` reads: a directory (``.npy`` files of
+        samples, ``.npz`` keyed by input name, images), an array, batches, ``{input: samples}``.
+        Required to quantize; never written to recipe files or manifests.
+    max_samples : int
+        Calibrate on at most this many samples (the first ones).
+    """
+
+    calibration: CalibrationMethod = CalibrationMethod.MINMAX
+    per_channel: bool = True
+    data: object = field(default=None, compare=False)
+    max_samples: int = 256
+
+    def __post_init__(self):
+        from ..prune_calib import Calibration
+
+        try:
+            object.__setattr__(self, "calibration", CalibrationMethod(self.calibration))
+        except ValueError:
+            choices = ", ".join(m.value for m in CalibrationMethod)
+            raise ValueError(f"Int8Static.calibration must be one of {choices}, got {self.calibration!r}") from None
+        if not isinstance(self.per_channel, bool):
+            raise TypeError(f"Int8Static.per_channel must be a bool, got {self.per_channel!r}")
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 1:
+            raise ValueError(f"Int8Static.max_samples must be a positive int, got {self.max_samples!r}")
+        if self.data is not None and not isinstance(self.data, Calibration):
+            object.__setattr__(self, "data", Calibration(self.data))  # kept out of recipes and manifests
+
+
+def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True):
+    """The ``Int8Layer`` of ``site``: uint8 parameters of its input range, int8 weight."""
+    from .int8_graph import Int8Layer
+
+    w = site.weight()
+    axis = site.weight_out_axis
+    if per_channel:
+        wqp = weight_qparams(w, axis)
+    else:
+        scale = symmetric_qparams(float(w.min()), float(w.max())).scale
+        channels = w.shape[axis]
+        wqp = QParams(np.full(channels, scale, np.float32), np.zeros(channels, np.int32), "int8", axis)
+    return Int8Layer(site, asymmetric_qparams(*input_range), quantize_array(w, wqp), np.asarray(wqp.scale, np.float32))
+
+
+def quantize(mod, config: Int8Static, spec=None):
+    """Static INT8 quantization of ``mod["main"]``.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        A Relax module as imported, BN folded, convs in the target's layout.
+    config : Int8Static
+        With calibration data (``data``).
+    spec : TargetSpec or None
+        Read for ``[hardware].int8``: without int8 dot-product instructions the integer
+        kernels are plain loops (a warning).
+
+    Returns
+    -------
+    tvm.IRModule
+        ``main`` with the quantizable convs / matmuls in int8; the report (``int8_report``)
+        as a module attribute.
+    """
+    from ...errors import RecipeError
+    from .int8_calib import calibrate, measure
+    from .int8_graph import find_sites, rewrite
+
+    if config.data is None:
+        raise RecipeError(
+            "int8: calibration data is needed (Int8Static(data=...), or `hwc build --int8 --calib DIR`); "
+            "data-free int8 quantization is not implemented"
+        )
+    if spec is not None and spec.hardware.int8.value == "none":
+        log.warning("int8: target %s has no int8 dot-product instructions ([hardware].int8 = none): integer kernels are plain loops", spec.name)
+    func = mod["main"]
+    sites = find_sites(func)
+    todo = [s for s in sites if s.reason is None]
+    report = {
+        "scheme": "uint8 activations (asymmetric, per tensor) x int8 weights (symmetric, "
+        + ("per output channel" if config.per_channel else "per tensor") + ") -> int32",
+        "calibration": config.calibration.value,
+        "float_fallback": [{"name": s.name, "reason": s.reason} for s in sites if s.reason is not None],
+        "float_ops": _float_ops(func, {s.var for s in todo}),
+    }
+    for s in sites:
+        if s.reason is not None:
+            log.info("int8: %s stays float: %s", s.name, s.reason)
+    if not todo:
+        log.warning("int8: no conv2d / matmul can be quantized; the module stays float")
+        return mod.with_attr(REPORT_ATTR, json.dumps({**report, "layers": []}))
+    ranges, kept, seen = calibrate(mod, todo, config.calibration.value, config.data.data, config.max_samples)
+    layers = [plan_layer(s, ranges[s.data], config.per_channel) for s in todo]
+    measured = measure(mod, layers, kept)
+    measured["layers"] = [
+        {"name": layer.site.name, "op": layer.site.op, "input_scale": float(layer.act.scale),
+         "input_zero_point": int(layer.act.zero_point), **{k: v for k, v in row.items() if k != "name"}}
+        for layer, row in zip(layers, measured["layers"])
+    ]  # fmt: skip
+    report = {**report, "calibration_samples": seen, **measured}
+    log.info("int8: %d layers in int8, %d stay float; output SQNR %s dB", len(layers), len(report["float_fallback"]), measured["output_sqnr_db"])
+    return rewrite(mod, layers).with_attr(REPORT_ATTR, json.dumps(report))
+
+
+def _float_ops(func, quantized: set) -> dict[str, int]:
+    """``{op name: count}`` of the calls of ``func`` that stay float (the quantized sites left out)."""
+    from tvm import relax
+
+    counts = Counter()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and binding.var not in quantized:
+                counts[getattr(value.op, "name", None) or getattr(value.op, "name_hint", "call")] += 1
+    return dict(sorted(counts.items()))
+
+
+def int8_report(mod) -> dict | None:
+    """The report ``quantize`` attached to ``mod`` (None if it was not quantized): the scheme,
+    per int8 layer its input parameters and SQNR against float (``sqnr_db`` alone,
+    ``sqnr_db_network`` inside the int8 network), the output SQNR and top-1 agreement on the
+    calibration data, and the conv / matmul ops that stayed float with the reason
+    (``float_fallback``) plus every other op left float (``float_ops``)."""
+    attrs = mod.attrs
+    if attrs is None or REPORT_ATTR not in attrs:
+        return None
+    return json.loads(str(attrs[REPORT_ATTR]))
