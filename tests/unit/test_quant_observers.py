@@ -206,3 +206,48 @@ def test_sqnr_db():
     assert sqnr_db(np.zeros(3), np.ones(3)) == -math.inf
     with pytest.raises(ValueError, match="shapes"):
         sqnr_db(np.ones(3), np.ones(4))
+
+
+def test_entropy_threshold_ignores_single_aliased_candidates():
+    """The first ReLU output of the Fashion classifier on its shipped sample images: a plain
+    background makes a few values repeat thousands of times, and the raw KL curve has an
+    isolated minimum that clips 17% of the activations; the median-filtered one clips ~1%."""
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    from hwcompress.passes.quantize.observers import NUM_BINS, AbsHistogram, _kl_candidate, kl_threshold
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    model = onnx.load(str(root / "fashion_resnet.onnx"))
+    relu = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(relu, onnx.TensorProto.FLOAT, None))
+    x = np.load(root / "fashion_sample.npy").astype(np.float32)
+    act = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run([relu], {"input": x})[0]
+    hist = AbsHistogram(float(np.abs(act).max()))
+    hist.add(act)
+    counts = hist.counts.astype(np.float64)
+    counts[0] -= hist.zeros
+    tail = np.cumsum(counts[::-1])[::-1]
+    extent = int(np.flatnonzero(counts)[-1]) + 1
+
+    def clipped(i):
+        return tail[min(i, NUM_BINS - 1)] / counts.sum()
+
+    raw = min(range(128, extent), key=lambda i: _kl_candidate(counts[:i], tail[i] if i < NUM_BINS else 0.0, 128))
+    smoothed = int(round(kl_threshold(counts, hist.edge) / hist.edge * NUM_BINS))
+    assert clipped(raw) > 0.1 and clipped(smoothed) < 0.03
+
+
+def test_fixed_range_histogram_uses_every_bin():
+    from hwcompress.passes.quantize.observers import NUM_BINS, AbsHistogram
+
+    x = np.random.default_rng(4).standard_normal(10_000)
+    grown, fixed = AbsHistogram(), AbsHistogram(float(np.abs(x).max()))
+    for part in np.array_split(x, 10):
+        grown.add(part)
+        fixed.add(part)
+    assert fixed.counts.sum() == grown.counts.sum() == x.size
+    assert np.flatnonzero(fixed.counts)[-1] >= NUM_BINS - 2  # the largest value lands in the last bins
+    assert fixed.edge <= grown.edge

@@ -76,21 +76,47 @@ def calibrate(mod, sites, method: str, data, max_samples: int):
 
     n_results = len(emit_results(func))
     vm = host_vm(module_with_main(mod, func, outputs, as_tuple=True))
-    observers = {v: OBSERVERS[method]() for v in wanted}
     names = {site.data: site.name for site in reversed(sites)}
+    histogram = method != "minmax"
+    # histogram methods take two passes: the exact range first, so that the histogram's bins
+    # span exactly [0, max |x|] (see observers.AbsHistogram); a one-shot iterable is held in
+    # memory for the second pass (at most max_samples samples)
+    replay = [] if histogram and not _rereadable(data) else None
+    observers = {v: (MinMaxObserver() if histogram else OBSERVERS[method]()) for v in wanted}
     kept, seen = [], 0
     for batch in itertools.chain([first], batches):
-        outs = _run(vm, batch)
-        for v, x in zip(wanted, outs[n_results:]):
-            try:
-                observers[v].observe(x)
-            except ValueError as e:
-                raise DataError(f"int8 calibration: the input of {names[v]} on the calibration data: {e}") from None
+        _observe(vm, batch, observers, wanted, n_results, names)
         if seen < REPORT_SAMPLES:
             kept.append(batch)
+        if replay is not None:
+            replay.append(batch)
         seen += batch[0].shape[0]
+    if histogram:
+        amax = {v: max(abs(lo), abs(hi)) for v, (lo, hi) in ((v, observers[v].range()) for v in wanted)}
+        observers = {v: OBSERVERS[method](amax=amax[v]) for v in wanted}
+        again = replay if replay is not None else read_batches(data, function_inputs(func), max_samples=max_samples)
+        for batch in again:
+            _observe(vm, batch, observers, wanted, n_results, names)
     log.info("int8: calibrated %d tensors on %d samples (%s)", len(wanted), seen, method)
     return {v: observers[v].range() for v in wanted}, kept, seen
+
+
+def _observe(vm, batch, observers, wanted, n_results, names) -> None:
+    outs = _run(vm, batch)
+    for v, x in zip(wanted, outs[n_results:]):
+        try:
+            observers[v].observe(x)
+        except ValueError as e:
+            raise DataError(f"int8 calibration: the input of {names[v]} on the calibration data: {e}") from None
+
+
+def _rereadable(data) -> bool:
+    """Whether ``read_batches(data)`` yields the same batches a second time (paths, arrays,
+    mappings, lists; not generators or other one-shot iterables)."""
+    import os
+    from collections.abc import Mapping
+
+    return isinstance(data, (str, os.PathLike, np.ndarray, Mapping, list, tuple))
 
 
 def emit_results(func) -> list:
