@@ -22,6 +22,7 @@ __all__ = [
     "Artifact",
     "ChannelPrune",
     "HwcError",
+    "Int8DataFree",
     "Int8Static",
     "Optimize",
     "Recipe",
@@ -81,10 +82,10 @@ def quantize(mod, config, spec=None):
 
 
 def __getattr__(name):
-    if name == "Int8Static":
-        from .passes.quantize.int8 import Int8Static
+    if name in ("Int8Static", "Int8DataFree"):
+        from .passes.quantize import int8
 
-        return Int8Static
+        return getattr(int8, name)
     if name == "ChannelPrune":
         from .passes.prune import ChannelPrune
 

@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prune-criterion", choices=("l1", "l2", "reconstruct"), default=None,
                    help="channel importance (default: reconstruct with --calib, else l1; reconstruct needs --calib)")
     b.add_argument("--int8", action="store_true", help="static INT8 quantization with integer kernels (needs --calib)")
-    b.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default=None,
-                   help="with --int8: how activation ranges are chosen (default minmax)")
+    b.add_argument("--calibration", choices=("minmax", "percentile", "entropy", "data-free"), default=None,
+                   help="with --int8: how activation ranges are chosen (default minmax); data-free: no --calib, "
+                        "DFQ weight steps and ranges from synthetic inputs")
     b.add_argument("--calib", metavar="DIR",
                    help="calibration data for --prune and --int8: .npy files of samples, .npz keyed by input name, or images")
     _optimize_args(b)
@@ -174,12 +175,12 @@ def _build_recipe(args):
         return args.recipe
     from dataclasses import replace
 
-    from .passes import ChannelPrune, Int8Static
+    from .passes import ChannelPrune, Int8DataFree, Int8Static
     from .recipe import Recipe, as_recipe
 
     recipe = as_recipe(args.recipe)
     steps = list(recipe.steps)
-    waiting = [i for i, s in enumerate(steps) if isinstance(s, Int8Static) and s.data is None]
+    waiting = [i for i, s in enumerate(steps) if type(s) is Int8Static and s.data is None]
     if args.calib and args.prune is None and not args.int8 and not waiting:
         raise RecipeError("--calib needs --prune RATIO or --int8")
     for i in waiting if args.calib else ():
@@ -197,10 +198,15 @@ def _build_recipe(args):
     if args.int8:
         if any(isinstance(s, Int8Static) for s in steps):
             raise RecipeError("the recipe already has an int8 step; drop --int8 or the step")
-        if not args.calib:
-            raise RecipeError("--int8 needs calibration data: --calib DIR (.npy/.npz samples or images); data-free int8 is not implemented")
-        method = {"calibration": args.calibration} if args.calibration else {}
-        steps.append(Int8Static(data=args.calib, **method))
+        if args.calibration == "data-free":
+            if args.calib and args.prune is None:
+                raise RecipeError("--calibration data-free takes no --calib (with data choose minmax, percentile or entropy)")
+            steps.append(Int8DataFree())
+        elif not args.calib:
+            raise RecipeError("--int8 needs calibration data: --calib DIR (.npy/.npz samples or images), or --calibration data-free")
+        else:
+            method = {"calibration": args.calibration} if args.calibration else {}
+            steps.append(Int8Static(data=args.calib, **method))
     return Recipe(tuple(steps))
 
 

@@ -53,6 +53,9 @@ def _load_builtin() -> None:
 
 
 def _technique_of(config) -> Technique:
+    for tech in _TECHNIQUES.values():  # the exact class first: a config may subclass another's
+        if type(config) is tech.config:
+            return tech
     for tech in _TECHNIQUES.values():
         if isinstance(config, tech.config):
             return tech

@@ -12,7 +12,9 @@
 * ``layout``: ``convert_layout(mod, ConvLayout("NHWC"))`` runs the convs (and the ops between
   them) in NHWC or blocked NCHW{b}c; transposes remain only at the graph's edges.
 * ``int8``: ``quantize_int8(mod, Int8Static(data=calib))`` runs the convs and matmuls on uint8
-  activations x int8 weights with int32 sums, calibrated on data (``quantize.int8``).
+  activations x int8 weights with int32 sums, calibrated on data (``quantize.int8``);
+  ``int8-data-free``: ``Int8DataFree()``, the same without data (DFQ weight steps, activation
+  ranges from synthetic inputs).
 
 Importing this package stays light (numpy only): TVM is imported when a pass runs.
 """
@@ -22,12 +24,12 @@ from .fold_bn import FoldBatchNorm, fold_bn
 from .fuse import Fuse, fuse
 from .layout import ConvLayout, convert_layout
 from .prune import ChannelPrune, prune
-from .quantize.int8 import Int8Static
+from .quantize.int8 import Int8DataFree, Int8Static
 from .quantize.int8 import quantize as quantize_int8
 from .winograd import Winograd, winograd
 
 __all__ = [
-    "ChannelPrune", "ConvLayout", "FoldBatchNorm", "Fuse", "Int8Static", "Winograd",
+    "ChannelPrune", "ConvLayout", "FoldBatchNorm", "Fuse", "Int8DataFree", "Int8Static", "Winograd",
     "convert_layout", "fold_bn", "fuse", "prune", "quantize_int8", "winograd",
 ]  # fmt: skip
 
@@ -37,3 +39,4 @@ register_technique("winograd", Winograd, lambda mod, cfg, spec: winograd(mod, cf
 register_technique("prune", ChannelPrune, lambda mod, cfg, spec: prune(mod, cfg, spec), exact=False)
 register_technique("layout", ConvLayout, lambda mod, cfg, spec: convert_layout(mod, cfg))
 register_technique("int8", Int8Static, lambda mod, cfg, spec: quantize_int8(mod, cfg, spec), exact=False)
+register_technique("int8-data-free", Int8DataFree, lambda mod, cfg, spec: quantize_int8(mod, cfg, spec), exact=False)

@@ -156,7 +156,8 @@ def test_build_int8_fashion(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     steps = manifest["recipe"]["steps"]
     assert [s["technique"] for s in steps] == ["fold-bn", "layout", "int8", "winograd"]
-    assert steps[2] == {"technique": "int8", "calibration": "minmax", "per_channel": True, "max_samples": 256}
+    assert steps[2] == {"technique": "int8", "calibration": "minmax", "per_channel": True, "max_samples": 256,
+                        "equalize": False, "bias_correction": False}  # fmt: skip
     q = manifest["quantization"]
     assert q["float_fallback"] == [] and "relax.mean" in q["float_ops"]
     assert len(q["layers"]) == 10 and all(layer["sqnr_db"] > 30 for layer in q["layers"])
@@ -168,12 +169,25 @@ def test_build_int8_fashion(tmp_path):
     assert (np.load(tmp_path / "y.npy").argmax(1) == labels).mean() >= 0.875
 
 
+def test_build_int8_data_free(tmp_path):
+    """``--calibration data-free``: no data; the manifest's report says how ranges were set."""
+    out = tmp_path / "art"
+    r = hwc("build", EXAMPLES / "fashion_resnet.onnx", "--target", "host", "--int8", "--calibration", "data-free",
+            "--input-shape", "input=8,1,28,28", "-o", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["steps"][2]["technique"] == "int8-data-free"
+    assert manifest["quantization"]["calibration"].startswith("data-free") and len(manifest["quantization"]["layers"]) == 10
+
+
 def test_int8_flag_errors(tmp_path):
     model = EXAMPLES / "fashion_resnet.onnx"
     shape = ("--input-shape", "input=8,1,28,28")
     assert_one_line_error(hwc("build", model, *shape, "--int8", "-o", tmp_path / "o"), "--int8", "--calib")
     assert_one_line_error(hwc("build", model, *shape, "--calibration", "entropy", "-o", tmp_path / "o"), "--calibration", "--int8")
     assert_one_line_error(hwc("build", model, *shape, "--calib", tmp_path, "-o", tmp_path / "o"), "--calib", "--int8")
+    r = hwc("build", model, *shape, "--int8", "--calibration", "data-free", "--calib", tmp_path, "-o", tmp_path / "o")
+    assert_one_line_error(r, "data-free", "--calib")
     np.save(tmp_path / "bad.npy", np.zeros((8, 3, 28, 28), np.float32))
     r = hwc("build", model, *shape, "--int8", "--calib", tmp_path / "bad.npy", "-o", tmp_path / "o")
     assert_one_line_error(r, "'input'", "bad.npy")

@@ -27,7 +27,7 @@ from hwcompress.backends.cpu_int8 import TILE_ATTR  # noqa: E402
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
 from hwcompress.errors import DataError, RecipeError  # noqa: E402
 from hwcompress.optimize import Optimize, effective_recipe  # noqa: E402
-from hwcompress.passes import ChannelPrune, Int8Static, Winograd, quantize_int8  # noqa: E402
+from hwcompress.passes import ChannelPrune, Int8DataFree, Int8Static, Winograd, quantize_int8  # noqa: E402
 from hwcompress.passes.quantize import int8_report, sqnr_db  # noqa: E402
 from hwcompress.passes.quantize import quantize as quantize_array  # noqa: E402
 from hwcompress.passes.quantize.int8_graph import emit_main, find_sites, module_with_main, rewrite  # noqa: E402
@@ -183,9 +183,29 @@ def test_config_validates_and_keeps_data_out_of_recipes():
             Int8Static(**bad)
     cfg = Int8Static(calibration="entropy", per_channel=False, data=np.zeros((4, 3)), max_samples=64)
     plain = Recipe((cfg,)).to_dict()
-    assert plain == {"steps": [{"technique": "int8", "calibration": "entropy", "per_channel": False, "max_samples": 64}]}
+    assert plain == {"steps": [{"technique": "int8", "calibration": "entropy", "per_channel": False, "max_samples": 64,
+                                "equalize": False, "bias_correction": False}]}  # fmt: skip
     again = Recipe.from_dict(plain).steps[0]
     assert again == cfg and again.data is None
+    free = Recipe((Int8DataFree(samples=8),))
+    assert free.to_dict()["steps"][0]["technique"] == "int8-data-free"
+    assert Recipe.from_dict(free.to_dict()) == free
+    for bad in ({"data": np.zeros((4, 3))}, {"calibration": "entropy"}, {"samples": 0}):
+        with pytest.raises(ValueError):
+            Int8DataFree(**bad)
+
+
+def test_data_free_quantizes_without_data_and_says_how():
+    """No calibration data: DFQ's weight steps, activation ranges from synthetic inputs; the
+    kernels are the same integer kernels and the report names the method."""
+    mod = G.raw_import(G.conv_bn())
+    q = quantize_int8(mod, Int8DataFree(samples=4))
+    report = int8_report(q)
+    assert report["calibration"].startswith("data-free") and report["layers"]
+    assert "dfq" in report and "bias_correction" in report["dfq"]
+    assert "relax.nn.conv2d" in _ops(q) and "relax.quantize" in _ops(q)
+    kernels = _mac_kernels(B.legalize(q, load_target("host")))
+    assert kernels and all(k["integer"] for k in kernels)
 
 
 def test_missing_calibration_data_is_a_clear_error():

@@ -7,7 +7,8 @@ static INT8 technique on Relax graphs with integer kernels (``int8``: ``Int8Stat
 ``quantize_int8`` (``int8.quantize``). Importing this package stays light (numpy only).
 """
 
-from .int8 import CalibrationMethod, Int8Static, int8_report
+from .dfq import DataFree, apply_dfq
+from .int8 import CalibrationMethod, Int8DataFree, Int8Static, int8_report
 from .int8 import quantize as quantize_int8
 from .observers import (
     EntropyObserver,
@@ -26,12 +27,15 @@ from .observers import (
 
 __all__ = [
     "CalibrationMethod",
+    "DataFree",
     "EntropyObserver",
+    "Int8DataFree",
     "Int8Static",
     "MinMaxObserver",
     "Observer",
     "PercentileObserver",
     "QParams",
+    "apply_dfq",
     "asymmetric_qparams",
     "dequantize",
     "int8_report",

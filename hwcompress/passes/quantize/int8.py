@@ -65,16 +65,26 @@ class Int8Static:
         Required to quantize; never written to recipe files or manifests.
     max_samples : int
         Calibrate on at most this many samples (the first ones).
+    equalize, bias_correction : bool
+        Data-free quantization's weight steps first (``dfq.apply_dfq``: cross-layer
+        equalization; the expected int8 weight error taken out of the biases, measured on
+        ``data``). Off by default: with per-channel weight scales equalization measured
+        slightly worse on the Fashion classifier (BENCHMARKS.md).
     """
 
     calibration: CalibrationMethod = CalibrationMethod.MINMAX
     per_channel: bool = True
     data: object = field(default=None, compare=False)
     max_samples: int = 256
+    equalize: bool = False
+    bias_correction: bool = False
 
     def __post_init__(self):
         from ..prune_calib import Calibration
 
+        for name in ("equalize", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{type(self).__name__}.{name} must be a bool, got {getattr(self, name)!r}")
         try:
             object.__setattr__(self, "calibration", CalibrationMethod(self.calibration))
         except ValueError:
@@ -86,6 +96,47 @@ class Int8Static:
             raise ValueError(f"Int8Static.max_samples must be a positive int, got {self.max_samples!r}")
         if self.data is not None and not isinstance(self.data, Calibration):
             object.__setattr__(self, "data", Calibration(self.data))  # kept out of recipes and manifests
+
+
+@dataclass(frozen=True)
+class Int8DataFree(Int8Static):
+    """INT8 quantization without calibration data (Qualcomm's DFQ).
+
+    The weights go through cross-layer equalization and bias correction from BatchNorm
+    statistics (``dfq.apply_dfq``; only where the module still holds BN, i.e. imported with
+    ``fold_bn=False`` — elsewhere the report lists the layers left uncorrected). Activation
+    ranges come from ``samples`` synthetic inputs drawn from a standard normal distribution
+    (min/max): the input normalization most image models are trained with. ``data`` must stay
+    empty: with data use ``Int8Static(equalize=True, bias_correction=True, data=...)``.
+    """
+
+    equalize: bool = True
+    bias_correction: bool = True
+    samples: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.data is not None:
+            raise ValueError("Int8DataFree takes no calibration data (use Int8Static(data=...) with equalize / bias_correction)")
+        if self.calibration is not CalibrationMethod.MINMAX:
+            raise ValueError("Int8DataFree ranges activations by min / max on synthetic inputs; calibration must stay minmax")
+        for name in ("samples", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "samples" else 0):
+                raise ValueError(f"Int8DataFree.{name} must be a {'positive' if name == 'samples' else 'non-negative'} int, got {value!r}")
+
+
+def synthetic_inputs(func, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """``samples`` standard-normal samples of every float input of ``func`` (integer inputs:
+    zeros), keyed by input name: the data-free mode's stand-in for calibration data."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p in func.params:
+        shape, dtype = [int(d) for d in p.ty.shape.values], str(p.ty.dtype)
+        full = [samples * shape[0], *shape[1:]]
+        out[p.name] = rng.standard_normal(full).astype(dtype) if dtype.startswith("float") else np.zeros(full, dtype)
+    return out
 
 
 def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True):
@@ -126,11 +177,18 @@ def quantize(mod, config: Int8Static, spec=None):
     from .int8_calib import calibrate, measure
     from .int8_graph import find_sites, rewrite
 
-    if config.data is None:
+    data_free = isinstance(config, Int8DataFree)
+    if config.data is None and not data_free:
         raise RecipeError(
             "int8: calibration data is needed (Int8Static(data=...), or `hwc build --int8 --calib DIR`); "
-            "data-free int8 quantization is not implemented"
+            "without data use Int8DataFree() (`--calibration data-free`)"
         )
+    dfq_report = None
+    if config.equalize or config.bias_correction:
+        from .dfq import DataFree, apply_dfq
+
+        dfq_config = DataFree(equalize=config.equalize, bias_correction=config.bias_correction)
+        mod, dfq_report = apply_dfq(mod, dfq_config, calib=None if data_free else config.data.data, per_channel=config.per_channel)
     if spec is not None and spec.hardware.int8.value == "none":
         log.warning("int8: target %s has no int8 dot-product instructions ([hardware].int8 = none): integer kernels are plain loops", spec.name)
     func = mod["main"]
@@ -139,7 +197,7 @@ def quantize(mod, config: Int8Static, spec=None):
     report = {
         "scheme": "uint8 activations (asymmetric, per tensor) x int8 weights (symmetric, "
         + ("per output channel" if config.per_channel else "per tensor") + ") -> int32",
-        "calibration": config.calibration.value,
+        "calibration": f"data-free: minmax on {config.samples} synthetic N(0,1) inputs" if data_free else config.calibration.value,
         "float_fallback": [{"name": s.name, "reason": s.reason} for s in sites if s.reason is not None],
         "float_ops": _float_ops(func, {s.var for s in todo}),
     }
@@ -149,7 +207,10 @@ def quantize(mod, config: Int8Static, spec=None):
     if not todo:
         log.warning("int8: no conv2d / matmul can be quantized; the module stays float")
         return mod.with_attr(REPORT_ATTR, json.dumps({**report, "layers": []}))
-    ranges, kept, seen = calibrate(mod, todo, config.calibration.value, config.data.data, config.max_samples)
+    if dfq_report is not None:
+        report["dfq"] = dfq_report.as_dict()
+    data = synthetic_inputs(func, config.samples, config.seed) if data_free else config.data.data
+    ranges, kept, seen = calibrate(mod, todo, config.calibration.value, data, config.max_samples)
     layers = [plan_layer(s, ranges[s.data], config.per_channel) for s in todo]
     measured = measure(mod, layers, kept)
     measured["layers"] = [
