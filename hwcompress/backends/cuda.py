@@ -1,4 +1,4 @@
-"""CUDA backend: dlight GPU default schedules (Winograd kernels: ``cuda_winograd``); device code compiled ahead of time with nvcc.
+"""CUDA backend: dlight GPU default schedules (Winograd kernels: ``cuda_winograd``; uint8 x int8 convs and matmuls: ``cuda_int8`` with dp4a); device code compiled ahead of time with nvcc.
 
 An artifact for a CUDA target (``cuda-sm80``, ``jetson-orin``) carries SASS for exactly the
 target's ``[tvm].arch``, compiled at build time; the device needs no CUDA compiler (no NVRTC,
@@ -53,6 +53,7 @@ from .cuda_binary import (  # noqa: F401  (cuda_modules, device_archs: re-export
 def _default_schedule(target):
     from tvm.s_tir import dlight as dl
 
+    from .cuda_int8 import int8_rule
     from .cuda_winograd import winograd_rule
 
     rules = (
@@ -63,6 +64,7 @@ def _default_schedule(target):
     )
     wide = {"GeneralReduction"}  # rules that spread the reduction over threads: see _declining
     return dl.ApplyDefaultSchedule(
+        int8_rule(),
         winograd_rule(),
         *(_declining(rule, _MIN_THREAD_REDUCTION if type(rule).__name__ in wide else 0) for rule in rules),
         dl.gpu.Fallback(),
@@ -119,6 +121,12 @@ def _longest_reduction(func) -> int:
                 size *= int(extent) if isinstance(extent, tvm.tirx.IntImm) else 1 << 30
             longest = max(longest, size)
     return longest
+
+
+def _legalize_map(target):
+    from .cuda_int8 import legalize_map
+
+    return legalize_map(target)
 
 
 def _finalize(target):
@@ -311,4 +319,5 @@ BACKEND = Backend(
     finalize_pipeline=_finalize,
     codegen_context=codegen_context,
     export=_export,
+    legalize_map=_legalize_map,
 )
