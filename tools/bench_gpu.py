@@ -18,7 +18,10 @@ Two halves, run on two machines:
 * every distinct 3x3 stride-1 layer of ResNet-18 as ``Conv(bias) + Relu``, ``direct`` vs
   ``winograd`` (the tile hwc's Winograd pass picks);
 * ``check``: the shipped Fashion-MNIST classifier with its weights, plus its input and ONNX
-  Runtime's output, so the run proves the GPU computes what the model means.
+  Runtime's output, so the run proves the GPU computes what the model means;
+* with ``--int8``: each model also as INT8 (``int8``: uint8 x int8 dp4a kernels, calibrated on
+  random inputs: speed only), and the Fashion classifier FP32 and INT8 (calibrated on 512
+  training images) at batch 100 with 2,000 test images: top-1 measured on the GPU.
 
 The timed modules have their large float constants (weights, packed or Winograd-transformed
 at build time) lifted into extra parameters (``lift_constants``), so an artifact is a few MB
@@ -50,6 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MIN_LIFT_BYTES = 4096  # float constants at least this large become parameters
 LAYERS = {"c64_56": (64, 56), "c128_28": (128, 28), "c256_14": (256, 14), "c512_7": (512, 7)}
+ACCURACY_IMAGES, ACCURACY_BATCH = 2000, 100  # Fashion-MNIST test images top-1 is measured on
 
 
 # ---------------------------------------------------------------------------- prepare (here)
@@ -94,12 +98,12 @@ def _zoo():
     return mod
 
 
-def _build(model, spec, optimize, shapes, lift: bool):
+def _build(model, spec, optimize, shapes, lift: bool, recipe=None):
     """Export-ready executable of ``model`` built the way ``hwc build`` builds it."""
     from hwcompress import build as B
     from hwcompress.api import import_model
 
-    front = import_model(model, spec, shapes, optimize=optimize)
+    front = import_model(model, spec, shapes, recipe=recipe, optimize=optimize)
     mod = B.schedule(B.legalize(front.mod, spec, fuse=optimize.fuse), spec)
     lifted = []
     if lift:
@@ -107,11 +111,13 @@ def _build(model, spec, optimize, shapes, lift: bool):
     return B.build(mod, spec), front.inputs, lifted
 
 
-def prepare(out: Path, target: str, models: list[str], layers: bool) -> None:
+def prepare(out: Path, target: str, models: list[str], layers: bool, int8: bool = False) -> None:
     import onnxruntime as ort
 
     from hwcompress.backends import get_backend
     from hwcompress.optimize import Optimize
+    from hwcompress.passes import Int8Static
+    from hwcompress.recipe import Recipe
     from hwcompress.targets import load_target
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -122,9 +128,9 @@ def prepare(out: Path, target: str, models: list[str], layers: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plan = {"target": spec.name, "arch": spec.to_dict()["tvm"].get("arch"), "groups": []}
 
-    def add(group: str, variant: str, model, optimize, shapes=None, lift=True):
+    def add(group: str, variant: str, model, optimize, shapes=None, lift=True, recipe=None):
         t0 = time.perf_counter()
-        ex, inputs, lifted = _build(model, spec, optimize, shapes, lift)
+        ex, inputs, lifted = _build(model, spec, optimize, shapes, lift, recipe)
         name = f"{group}-{variant}"
         backend.export(ex, out / f"{name}.so", spec)
         entry = {"name": name, "group": group, "variant": variant, "inputs": inputs,
@@ -143,6 +149,9 @@ def prepare(out: Path, target: str, models: list[str], layers: bool) -> None:
         if name == "resnet18":
             add(name, "winograd", model, Optimize(winograd="on"), shapes)
             add(name, "winograd-unfused", model, Optimize(fold_bn=False, fuse=False, winograd="on"), shapes)
+        if int8:  # speed only: calibrated on random inputs (the zoo's weights are random too)
+            calib = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+            add(name, "int8", model, Optimize(), shapes, recipe=Recipe((Int8Static(data=calib),)))
     if layers:
         for lname, (c, hw) in LAYERS.items():
             model = conv_relu_model(c, c, hw)
@@ -160,6 +169,17 @@ def prepare(out: Path, target: str, models: list[str], layers: bool) -> None:
         entry["check"] = {"input": "check_input.npy", "expected": "check_expected.npy"}
     np.save(out / "check_input.npy", x)
     np.save(out / "check_expected.npy", ref)
+    if int8:  # top-1 on the GPU: FP32 and INT8 (calibrated on 512 training images) builds
+        sys.path.insert(0, str(ROOT / "tools"))
+        from tasks import load_task
+
+        _path, calib, test_x, test_y = load_task("fashion")
+        n = ACCURACY_IMAGES
+        np.save(out / "acc_images.npy", test_x[:n])
+        np.save(out / "acc_labels.npy", test_y[:n])
+        for variant, recipe in (("fp32", None), ("int8", Recipe((Int8Static(data=calib),)))):
+            entry = add("accuracy", variant, check, Optimize(), {"input": [ACCURACY_BATCH, 1, 28, 28]}, lift=False, recipe=recipe)
+            entry["accuracy"] = {"images": "acc_images.npy", "labels": "acc_labels.npy", "batch": ACCURACY_BATCH}
     (out / "plan.json").write_text(json.dumps(plan, indent=1))
     print(f"wrote {out / 'plan.json'}")
 
@@ -230,6 +250,15 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int) -> dict:
     for entry in plan["groups"]:
         lib = tvm.runtime.load_module(str(plan_dir / f"{entry['name']}.so"))
         vm = VirtualMachine(lib, dev)
+        if "accuracy" in entry:
+            acc = entry["accuracy"]
+            images, labels = np.load(plan_dir / acc["images"]), np.load(plan_dir / acc["labels"])
+            b = acc["batch"]
+            pred = [vm["main"](tvm.runtime.tensor(images[i : i + b], dev)).numpy().argmax(1) for i in range(0, len(images) // b * b, b)]
+            top1 = float((np.concatenate(pred) == labels[: len(pred) * b]).mean())
+            results["groups"].setdefault("accuracy", {})[entry["variant"]] = {"top1": top1, "images": len(pred) * b}
+            print(f"accuracy {entry['variant']}: top-1 {top1:.4f} on {len(pred) * b} Fashion-MNIST test images", flush=True)
+            continue
         if "check" in entry:
             x = np.load(plan_dir / entry["check"]["input"])
             ref = np.load(plan_dir / entry["check"]["expected"])
@@ -262,7 +291,7 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int) -> dict:
             times[name].append((time.perf_counter() - t0) / reps)
     for name, (entry, _call) in runners.items():
         results["groups"].setdefault(entry["group"], {})[entry["variant"]] = {"ms": statistics.median(times[name]) * 1e3, "rounds_ms": [t * 1e3 for t in times[name]]}
-    torch_ms = _torch_reference([g for g in results["groups"] if g != "check"], rounds, reps)
+    torch_ms = _torch_reference([g for g in results["groups"] if g not in ("check", "accuracy")], rounds, reps)
     for name, secs in torch_ms.items():
         results["groups"][name]["torch_cudnn"] = {"ms": secs * 1e3}
     return results
@@ -271,7 +300,7 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int) -> dict:
 def table(results: dict) -> str:
     lines = [f"device: {results['device']}", "", "| group | variant | ms | x baseline |", "|---|---|---:|---:|"]
     for group, variants in results["groups"].items():
-        if group == "check":
+        if group in ("check", "accuracy"):
             continue
         base = variants.get("fused", variants.get("direct"))
         for variant, r in variants.items():
@@ -290,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", required=True, help="a CUDA target name or TOML path (the GPU's arch)")
     p.add_argument("--models", default="resnet18,mobilenet_v2")
     p.add_argument("--no-layers", action="store_true")
+    p.add_argument("--int8", action="store_true", help="also INT8 builds (speed per model; top-1 of the Fashion classifier)")
     r = sub.add_parser("run")
     r.add_argument("plan_dir", type=Path)
     r.add_argument("--site", type=Path, default=ROOT / ".dev" / "site")
@@ -299,7 +329,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         sys.path.insert(0, str(ROOT))
-        prepare(args.out, args.target, [m for m in args.models.split(",") if m], not args.no_layers)
+        prepare(args.out, args.target, [m for m in args.models.split(",") if m], not args.no_layers, args.int8)
         return 0
     results = run(args.plan_dir, args.site, args.rounds, args.reps)
     print(table(results))
