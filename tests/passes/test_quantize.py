@@ -10,6 +10,7 @@ against the same quantized graph run by TVM's plain pipeline (within one quantiz
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,19 @@ from tvm import relax  # noqa: E402
 
 from hwcompress import build as B  # noqa: E402
 from hwcompress.api import import_model  # noqa: E402
-from hwcompress.backends.cpu_int8 import TILE_ATTR  # noqa: E402
+from hwcompress.backends.cpu_int8 import DOT_ATTR, TILE_ATTR  # noqa: E402
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
+from hwcompress.backends.x86_intrin import Int8Dot, dot_for_weights  # noqa: E402
 from hwcompress.errors import DataError, RecipeError  # noqa: E402
 from hwcompress.optimize import Optimize, effective_recipe  # noqa: E402
 from hwcompress.passes import ChannelPrune, Int8DataFree, Int8Static, Winograd, quantize_int8  # noqa: E402
 from hwcompress.passes.quantize import int8_report, sqnr_db  # noqa: E402
 from hwcompress.passes.quantize import quantize as quantize_array  # noqa: E402
 from hwcompress.passes.quantize.int8_graph import emit_main, find_sites, module_with_main, rewrite  # noqa: E402
-from hwcompress.passes.quantize.int8 import plan_layer  # noqa: E402
+from hwcompress.passes.quantize.int8 import plan_layer, weight_qmax  # noqa: E402
+from hwcompress.passes.quantize.observers import weight_qparams  # noqa: E402
 from hwcompress.recipe import Recipe  # noqa: E402
-from hwcompress.targets import load_target  # noqa: E402
+from hwcompress.targets import Int8Kind, load_target  # noqa: E402
 from hwcompress.verify import host_vm  # noqa: E402
 
 HOST = load_target("host")
@@ -138,6 +141,30 @@ def test_zero_point_padding_matches_the_integer_arithmetic():
     # what zero-padding would have given: the correction assumes every tap is zp_x
     wrong = (_int_conv_nhwc(q, layer.weight, padding, 0) - layer.correction()) * layer.multiplier() + bias
     assert sqnr_db(ref[border], wrong[border]) < 15
+
+
+def test_avx2_targets_get_7_bit_weights():
+    """``[hardware].int8 = "avx2"``: weights in [-63, 63] per channel (each channel's largest
+    reaches 63), so that the CPU kernels multiply them with ``vpmaddubsw``; every other
+    target, and no target, keeps [-127, 127]."""
+    avx2 = dataclasses.replace(HOST, hardware=dataclasses.replace(HOST.hardware, int8=Int8Kind.AVX2))
+    assert weight_qmax(avx2) == 63
+    assert weight_qmax(None) == weight_qmax(load_target("x86-avx512")) == weight_qmax(load_target("arm-cortex-a76")) == 127
+    assert weight_qmax(HOST) == (63 if HOST.hardware.int8 is Int8Kind.AVX2 else 127)  # host: detected
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 3, (2, 9, 7, 6)).astype(np.float32)
+    w = (rng.standard_normal((8, 3, 3, 6)) * np.logspace(-2, 1, 8)[:, None, None, None]).astype(np.float32)
+    (site,) = find_sites(_conv_module(x.shape, w, (1, 1, 1, 1))["main"])
+    for per_channel in (True, False):
+        wide = plan_layer(site, (-1.0, 3.0), per_channel).weight
+        narrow = plan_layer(site, (-1.0, 3.0), per_channel, qmax=63).weight
+        assert np.abs(wide.astype(np.int16)).max() == 127 and np.abs(narrow.astype(np.int16)).max() == 63
+    per_channel = np.abs(plan_layer(site, (-1.0, 3.0), qmax=63).weight.astype(np.int16)).max(axis=(1, 2, 3))
+    np.testing.assert_array_equal(per_channel, 63)
+    np.testing.assert_allclose(weight_qparams(w, 0, 63).scale, np.abs(w).max(axis=(1, 2, 3)) / 63, rtol=1e-6)
+    for bad in (0, 128, True, 63.0):
+        with pytest.raises(ValueError, match="qmax"):
+            weight_qparams(w, 0, bad)
 
 
 def test_zero_point_zero_keeps_the_conv_padding():
@@ -323,6 +350,33 @@ def test_fashion_int8_agrees_with_fp32(fashion):
     assert all(layer["sqnr_db"] > LAYER_SQNR_DB and layer["sqnr_db_network"] > OUTPUT_SQNR_DB for layer in report["layers"])
     assert report["layers"][0]["input_zero_point"] > 0  # normalized images are signed
     assert report["output_sqnr_db"] > OUTPUT_SQNR_DB and report["top1_agreement"] >= 0.95
+
+
+def _int8_weights(mod) -> list[np.ndarray]:
+    """The constant int8 weights of the int8 convs / matmuls of ``mod["main"]``."""
+    found = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") in ("relax.nn.conv2d", "relax.matmul"):
+                weight = b.value.args[1]
+                if isinstance(weight, tvm.ir.expr.GenericConst) and str(weight.ty.dtype) == "int8":
+                    found.append(weight.value.numpy())
+    return found
+
+
+@pytest.mark.skipif(HOST.hardware.int8 is not Int8Kind.AVX2, reason="7-bit weights are for AVX2 without VNNI")
+def test_host_avx2_quantizes_to_7_bit_weights_for_vpmaddubsw(fashion):
+    """On this AVX2 host every int8 weight of the Fashion classifier lies in [-63, 63], the
+    report says why, and every int8 kernel is legalized with ``vpmaddubsw``."""
+    weights = _int8_weights(fashion["int8"])
+    assert len(weights) == 10
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) == 63
+    assert "7-bit weights for AVX2 vpmaddubsw" in int8_report(fashion["int8"])["scheme"]
+    fast = dot_for_weights(INT8_DOT, 63)
+    assert fast.kind is Int8Dot.PMADDUBSW
+    legalized = B.legalize(fashion["int8"], HOST)
+    kernels = [f.script() for _, f in legalized.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and TILE_ATTR in f.script()]
+    assert len(kernels) == 10 and all(f'"{DOT_ATTR}": "{fast.name}"' in k for k in kernels)
 
 
 def test_built_module_equals_the_quantized_graph_within_one_step(fashion):

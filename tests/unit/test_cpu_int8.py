@@ -1,6 +1,7 @@
 """The CPU backend's INT8 kernels (uint8 x int8 -> int32): weight packing, tile budget,
-bit-exact numerics against a numpy int64 reference on this host (``vpmaddwd``), the Relax
-dispatch with a fused requantization epilogue, and the VNNI (``vpdpbusd``) cross-build."""
+bit-exact numerics against a numpy int64 reference on this host (``vpmaddwd``; ``vpmaddubsw``
+for 7-bit weights, with its choice by the weights at legalization), the Relax dispatch with a
+fused requantization epilogue, and the VNNI (``vpdpbusd``) cross-build."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tvm import relax, s_tir, te  # noqa: E402
 
 from hwcompress import build as B  # noqa: E402
 from hwcompress.backends.cpu_int8 import (  # noqa: E402
+    DOT_ATTR,
     TILE_ATTR,
     conv2d_nhwc_int8,
     dense_int8,
@@ -23,12 +25,17 @@ from hwcompress.backends.cpu_int8 import (  # noqa: E402
     schedule_int8,
 )
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
-from hwcompress.backends.x86_intrin import DotIntrin, Int8Dot, dot_intrin_for  # noqa: E402
+from hwcompress.backends.x86_intrin import SATURATION_FREE_WEIGHT, DotIntrin, Int8Dot, dot_for_weights, dot_intrin_for  # noqa: E402
 from hwcompress.targets import load_target  # noqa: E402
 
 HOST = load_target("host")
 HOST_FACTS = CpuFacts.from_target(HOST.tvm_target())
 needs_x86 = pytest.mark.skipif(HOST_FACTS.int8_dot is None, reason="the int8 kernels are x86 only")
+FAST = DotIntrin(Int8Dot.PMADDUBSW, 8)  # AVX2's vpmaddubsw, for 7-bit weights
+needs_avx2 = pytest.mark.skipif(HOST_FACTS.int8_dot is None or HOST_FACTS.vector_bits < 256, reason="vpmaddubsw on ymm needs AVX2")
+# what legalization picks for 7-bit weights on this host: vpmaddubsw on AVX2 without VNNI
+HOST_FAST = dot_for_weights(HOST_FACTS.int8_dot, SATURATION_FREE_WEIGHT)
+needs_avx2_no_vnni = pytest.mark.skipif(HOST_FAST != FAST, reason="legalization picks vpmaddubsw on AVX2 without VNNI only")
 
 
 # ---------------------------------------------------------------------------- numpy references
@@ -49,8 +56,9 @@ def conv_ref(data, w_ohwi, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)
     return out
 
 
-def _full_range(rng, shape, dtype):
-    lo, hi = (0, 256) if dtype == np.uint8 else (-128, 128)
+def _full_range(rng, shape, dtype, w_max=None):
+    """Random ``dtype`` integers over the whole range (int8: ``[-w_max, w_max]`` if given)."""
+    lo, hi = (0, 256) if dtype == np.uint8 else (-128, 128) if w_max is None else (-w_max, w_max + 1)
     return rng.integers(lo, hi, shape, dtype=dtype)
 
 
@@ -76,7 +84,7 @@ def test_dense_weight_packing():
     assert not packed[:, 1, :, 3].any() and not packed[1, :, 4:].any()
 
 
-@pytest.mark.parametrize("intrin", [DotIntrin(Int8Dot.PMADDWD, 8), DotIntrin(Int8Dot.VNNI, 16)])
+@pytest.mark.parametrize("intrin", [DotIntrin(Int8Dot.PMADDWD, 8), FAST, DotIntrin(Int8Dot.VNNI, 16)])
 @pytest.mark.parametrize("out_h,out_w,out_c", [(56, 56, 64), (14, 14, 256), (7, 7, 2048), (1, 1, 1000), (9, 13, 10)])
 def test_tile_fits_the_register_budget(intrin, out_h, out_w, out_c):
     tile = conv_tile(out_h, out_w, out_c, intrin)
@@ -85,7 +93,7 @@ def test_tile_fits_the_register_budget(intrin, out_h, out_w, out_c):
     assert out_h % tile.ty == 0 and -(-out_c // intrin.lanes) * intrin.lanes % tile.block == 0
 
 
-@pytest.mark.parametrize("intrin", [DotIntrin(Int8Dot.PMADDWD, 8), DotIntrin(Int8Dot.VNNI, 16)])
+@pytest.mark.parametrize("intrin", [DotIntrin(Int8Dot.PMADDWD, 8), FAST, DotIntrin(Int8Dot.VNNI, 16)])
 def test_dense_tile_computes_no_padded_rows_for_gemv(intrin):
     for m, n in [(1, 1000), (2, 2048), (1, 10)]:
         tile = dense_tile(m, n, intrin)
@@ -104,6 +112,22 @@ def test_dot_instruction_follows_the_target():
         DotIntrin(Int8Dot.VNNI, 8)  # no 256-bit VNNI intrinsic here
 
 
+def test_vpmaddubsw_is_picked_only_for_7_bit_weights_without_vnni():
+    """``dot_for_weights``: AVX2 / AVX512-BW ``vpmaddwd`` becomes ``vpmaddubsw`` (groups of 4,
+    uint8 data) when every |w| <= 64, the largest that cannot saturate its int16 pair sums;
+    VNNI, SSE2 (no SSSE3 intrinsic here) and no dot at all stay as they are."""
+    pmaddwd = DotIntrin(Int8Dot.PMADDWD, 8)
+    assert SATURATION_FREE_WEIGHT * 255 * 2 <= 32767 < (SATURATION_FREE_WEIGHT + 1) * 255 * 2
+    assert dot_for_weights(pmaddwd, 64) == FAST and dot_for_weights(pmaddwd, 0) == FAST
+    assert dot_for_weights(pmaddwd, 65) == pmaddwd and dot_for_weights(pmaddwd, 128) == pmaddwd
+    assert dot_for_weights(DotIntrin(Int8Dot.PMADDWD, 16), 63) == DotIntrin(Int8Dot.PMADDUBSW, 16)
+    for unchanged in (DotIntrin(Int8Dot.VNNI, 16), DotIntrin(Int8Dot.PMADDWD, 4), None):
+        assert dot_for_weights(unchanged, 1) == unchanged
+    assert (FAST.group, FAST.data_dtype, FAST.name) == (4, "uint8", "hwc_dot_8x4_pmaddubsw")
+    with pytest.raises(ValueError):
+        DotIntrin(Int8Dot.PMADDUBSW, 4)  # pmaddubsw on xmm is SSSE3, not registered
+
+
 # ---------------------------------------------------------------------------- host kernels (TE level)
 
 CONVS = {  # (N, H, W, I), (O, K), strides, padding (t, l, b, r), dilation, pad value (zero point)
@@ -112,6 +136,7 @@ CONVS = {  # (N, H, W, I), (O, K), strides, padding (t, l, b, r), dilation, pad 
     "dilation2": ((1, 11, 11, 8), (8, 3), (1, 1), (2, 2, 2, 2), (2, 2), 255),
     "odd_channels_k_pad": ((2, 7, 9, 5), (10, 3), (1, 1), (1, 1, 1, 1), (1, 1), 3),  # I=5, O=10: both padded
     "1x1_no_pad": ((1, 7, 7, 64), (48, 1), (1, 1), (0, 0, 0, 0), (1, 1), 0),
+    "1x1_whole_tiles": ((1, 8, 8, 64), (48, 1), (1, 1), (0, 0, 0, 0), (1, 1), 0),  # nothing to pad
     "stem_7x7_stride2": ((1, 20, 20, 3), (16, 7), (2, 2), (3, 3, 3, 3), (1, 1), 128),
 }
 
@@ -122,14 +147,16 @@ def _build_te(tensors, facts, target):
     return sch, tvm.compile(sch.mod, target=target)
 
 
-def _host_conv(case):
+def _host_conv(case, intrin=None, w_max=None):
+    """``CONVS[case]`` built for the host with ``intrin`` (default: the CPU's exact one) on
+    random weights in ``[-w_max, w_max]``; its output, the numpy reference, schedule, library."""
     (n, h, w, ci), (co, k), strides, padding, dilation, zp = CONVS[case]
-    intrin = HOST_FACTS.int8_dot
+    intrin = intrin or HOST_FACTS.int8_dot
     out_h = (h + padding[0] + padding[2] - dilation[0] * (k - 1) - 1) // strides[0] + 1
     out_w = (w + padding[1] + padding[3] - dilation[1] * (k - 1) - 1) // strides[1] + 1
     tile = conv_tile(out_h, out_w, co, intrin)
     rng = np.random.default_rng(hash(case) % 1000)
-    x, wt = _full_range(rng, (n, h, w, ci), np.uint8), _full_range(rng, (co, k, k, ci), np.int8)
+    x, wt = _full_range(rng, (n, h, w, ci), np.uint8), _full_range(rng, (co, k, k, ci), np.int8, w_max)
     packed = pack_conv_weight(wt, tile.block, intrin.group)
     data, weight = te.placeholder(x.shape, "uint8", "data"), te.placeholder(packed.shape, "int8", "weight")
     out = conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile, intrin, co, pad_value=zp)
@@ -187,6 +214,84 @@ def test_host_dense_is_bit_exact(m, k, n):
     result = tvm.runtime.tensor(np.zeros((m, n), np.int32))
     lib(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
     np.testing.assert_array_equal(result.numpy(), x.astype(np.int64) @ wt.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------- vpmaddubsw (7-bit weights)
+
+
+@needs_avx2
+@pytest.mark.parametrize("case", sorted(CONVS))
+def test_vpmaddubsw_conv_is_bit_exact_on_7_bit_weights(case):
+    """Every conv shape (zero-point padding, stride, dilation, K padded to groups of 4, the
+    7x7 stem with 3 channels) on weights in [-64, 64] and full-range uint8 activations."""
+    out, ref, sch, _ = _host_conv(case, FAST, w_max=SATURATION_FREE_WEIGHT)
+    assert FAST.name in str(sch.trace)
+    np.testing.assert_array_equal(out, ref)
+
+
+@needs_avx2
+def test_vpmaddubsw_reads_uint8_in_place_and_has_the_instruction():
+    """1x1 conv, nothing to pad: no ``data_pad`` copy (``vpmaddwd`` widens one to int16), and
+    the assembly multiplies bytes with ``vpmaddubsw`` then sums pairs with ``vpmaddwd``."""
+    assert conv_tile(8, 8, 48, FAST).padded_width(8) == 8  # the case's width is whole tiles
+    out, ref, sch, lib = _host_conv("1x1_whole_tiles", FAST, w_max=SATURATION_FREE_WEIGHT)
+    np.testing.assert_array_equal(out, ref)
+    assert "data_pad" not in str(sch.mod)
+    asm = lib.mod.inspect_source("asm")
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "ymm" in asm
+    if HOST_FACTS.int8_dot.kind is Int8Dot.PMADDWD:
+        assert "data_pad" in str(_host_conv("1x1_whole_tiles")[2].mod)  # the int16 copy vpmaddubsw saves
+
+
+@needs_avx2
+@pytest.mark.parametrize("w", [SATURATION_FREE_WEIGHT, -SATURATION_FREE_WEIGHT, SATURATION_FREE_WEIGHT + 1])
+def test_vpmaddubsw_worst_case_does_not_saturate(w):
+    """All-255 activations (and padding) against all +-64 weights: every int16 pair sum is
+    +-32640, the largest that fits; the int32 sums are exact. At 65 the pairs (33150)
+    saturate to 32767: the bound is tight, and why legalization checks it."""
+    x = np.full((1, 4, 4, 64), 255, np.uint8)
+    wt = np.full((16, 3, 3, 64), w, np.int8)
+    tile = conv_tile(4, 4, 16, FAST)
+    packed = pack_conv_weight(wt, tile.block, FAST.group)
+    data, weight = te.placeholder(x.shape, "uint8", "data"), te.placeholder(packed.shape, "int8", "weight")
+    out = conv2d_nhwc_int8(data, weight, (1, 1), (1, 1, 1, 1), (1, 1), tile, FAST, 16, pad_value=255)
+    _, lib = _build_te([data, weight, out], HOST_FACTS, HOST.tvm_target())
+    result = tvm.runtime.tensor(np.zeros((1, 4, 4, 16), np.int32))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
+    pairs = 9 * 64 // 2
+    expected = 255 * w * 2 * pairs if abs(w) <= SATURATION_FREE_WEIGHT else 32767 * pairs
+    np.testing.assert_array_equal(result.numpy(), np.full((1, 4, 4, 16), expected))
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,k,n", [(1, 2048, 1000), (5, 37, 20), (16, 64, 64)])
+def test_vpmaddubsw_dense_is_bit_exact(m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    x, wt = _full_range(rng, (m, k), np.uint8), _full_range(rng, (k, n), np.int8, SATURATION_FREE_WEIGHT)
+    tile = dense_tile(m, n, FAST)
+    packed = pack_dense_weight(wt, tile.block, FAST.group)
+    data, weight = te.placeholder(x.shape, "uint8", "data"), te.placeholder(packed.shape, "int8", "weight")
+    out = dense_int8(data, weight, tile, FAST, n)
+    _, lib = _build_te([data, weight, out], HOST_FACTS, HOST.tvm_target())
+    result = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
+    np.testing.assert_array_equal(result.numpy(), x.astype(np.int64) @ wt.astype(np.int64))
+
+
+def test_avx512bw_without_vnni_builds_vpmaddubsw_on_zmm():
+    """Compiles only: Skylake-X has AVX512-BW but no VNNI; 7-bit weights get the 512-bit
+    ``vpmaddubsw``."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    facts = CpuFacts.from_target(target)
+    intrin = dot_for_weights(facts.int8_dot, SATURATION_FREE_WEIGHT)
+    assert intrin == DotIntrin(Int8Dot.PMADDUBSW, 16)
+    tile = conv_tile(6, 6, 32, intrin)
+    data = te.placeholder((1, 8, 8, 12), "uint8", "data")
+    weight = te.placeholder(pack_conv_weight(np.zeros((32, 3, 3, 12), np.int8), tile.block, 4).shape, "int8", "weight")
+    out = conv2d_nhwc_int8(data, weight, (1, 1), (0, 0, 0, 0), (1, 1), tile, intrin, 32)
+    _, lib = _build_te([data, weight, out], facts, target)
+    asm = lib.mod.inspect_source("asm")
+    assert "vpmaddubsw" in asm and "zmm" in asm
 
 
 # ---------------------------------------------------------------------------- Relax dispatch
@@ -260,9 +365,11 @@ def test_zero_point_padding_is_an_explicit_pad():
 
 
 @needs_x86
-def test_relax_matmul_dispatches_through_the_backend_map():
+@pytest.mark.parametrize("w_max", [None, SATURATION_FREE_WEIGHT])
+def test_relax_matmul_dispatches_through_the_backend_map(w_max):
+    """Full-range weights: the CPU's exact dot; 7-bit ones: ``vpmaddubsw`` on AVX2 without VNNI."""
     rng = np.random.default_rng(5)
-    wt, x = _full_range(rng, (96, 40), np.int8), _full_range(rng, (3, 96), np.uint8)
+    wt, x = _full_range(rng, (96, 40), np.int8, w_max), _full_range(rng, (3, 96), np.uint8)
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType(x.shape, "uint8"))
     with bb.function("main", [xv]):
@@ -271,9 +378,32 @@ def test_relax_matmul_dispatches_through_the_backend_map():
         bb.emit_func_output(out)
     mod = B.schedule(B.legalize(bb.get(), HOST), HOST)  # the CPU backend's map routes matmul
     (func,) = _kernels(mod).values()
-    assert TILE_ATTR in func.script() and "pmadd.wd" in func.script()
+    intrin = dot_for_weights(HOST_FACTS.int8_dot, int(np.abs(wt.astype(np.int16)).max()))
+    assert TILE_ATTR in func.script() and f'"{DOT_ATTR}": "{intrin.name}"' in func.script()
+    assert "pmadd.wd" in func.script() and ("pmadd.ub.sw" in func.script()) == (intrin.kind is Int8Dot.PMADDUBSW)
     out = relax.VirtualMachine(B.build(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(out, x.astype(np.int64) @ wt.astype(np.int64))
+
+
+@needs_avx2_no_vnni
+@pytest.mark.parametrize("w_max,fast", [(SATURATION_FREE_WEIGHT, True), (SATURATION_FREE_WEIGHT + 1, False)])
+def test_legalization_picks_vpmaddubsw_by_the_weights(w_max, fast):
+    """7-bit weights (the quantizer's ``qmax=63`` on AVX2, and 64 itself) get ``vpmaddubsw``;
+    one weight of 65 could saturate it, and the layer keeps the exact ``vpmaddwd``. Both
+    bit-exact, with the requantization epilogue fused."""
+    rng = np.random.default_rng(6)
+    wt, x = _full_range(rng, (16, 3, 3, 8), np.int8, SATURATION_FREE_WEIGHT), _full_range(rng, (1, 10, 10, 8), np.uint8)
+    wt[3, 1, 2, 5] = w_max
+    mod, func = _scheduled_kernel(_quantized_conv_module(wt, x.shape, (1, 1, 1, 1), requant=True), HOST)
+    assert DOT_ATTR in func.script()
+    assert (FAST.name in func.script()) == fast and ("pmadd.ub.sw" in func.script()) == fast
+    ex = B.build(mod, HOST)
+    asm = ex.mod.imports[0].inspect_source("asm")
+    assert ("vpmaddubsw" in asm) == fast and "vpmaddwd" in asm
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    scale = (np.arange(wt.shape[0]) % 5 + 1).astype(np.float32) * 1e-4
+    ref = np.clip(np.round(conv_ref(x, wt, padding=(1, 1, 1, 1)).astype(np.float32) * scale) + 128, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_other_integer_convs_keep_tvms_lowering():

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dfq_graph import _Graph, _op, _rewrite, _shape, clipped_normal_mean
-from .observers import QParams, dequantize, quantize, symmetric_qparams, weight_qparams
+from .observers import QParams, dequantize, quantize, weight_qparams
 
 __all__ = [
     "BiasReport",
@@ -147,13 +147,13 @@ def equalization_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
     return np.where(ok, np.sqrt(np.where(ok, r1, 1.0) / np.where(ok, r2, 1.0)), 1.0)
 
 
-def weight_quant_error(weight: np.ndarray, axis: int = 0, per_channel: bool = True) -> np.ndarray:
-    """``dequant(quant(W)) - W`` for symmetric int8, one scale per ``axis`` index (``int8``'s
-    weight scheme) or one per tensor; float64."""
+def weight_quant_error(weight: np.ndarray, axis: int = 0, per_channel: bool = True, qmax: int = 127) -> np.ndarray:
+    """``dequant(quant(W)) - W`` for symmetric int8 in ``[-qmax, qmax]``, one scale per
+    ``axis`` index (``int8``'s weight scheme) or one per tensor; float64."""
     w = np.asarray(weight, np.float32)
-    qp = weight_qparams(w, axis)
+    qp = weight_qparams(w, axis, qmax)
     if not per_channel:
-        scale = symmetric_qparams(float(w.min()), float(w.max())).scale
+        scale = weight_qparams(w.reshape(1, -1), 0, qmax).scale[0]
         qp = QParams(np.full(w.shape[axis], scale, np.float32), qp.zero_point, "int8", axis % w.ndim)
     return dequantize(quantize(w, qp), qp).astype(np.float64) - w
 
@@ -253,7 +253,7 @@ def equalize(mod, iterations: int = 16, rescale_clip: bool = True, stats: dict |
     return _rewrite(mod, changed, [b for p in pairs for b in p.bounds]), report
 
 
-def bias_correct(mod, calib=None, stats: dict | None = None, per_channel: bool = True, max_samples: int = MAX_SAMPLES):
+def bias_correct(mod, calib=None, stats: dict | None = None, per_channel: bool = True, max_samples: int = MAX_SAMPLES, qmax: int = 127):
     """Subtract the expected int8 weight error ``eps . E[x]`` from the bias of every
     ``conv2d`` (one group) and ``matmul`` with a constant float weight.
 
@@ -293,7 +293,7 @@ def bias_correct(mod, calib=None, stats: dict | None = None, per_channel: bool =
     for layer in layers:
         if layer.var not in means:
             continue
-        eps = weight_quant_error(layer.weight, 0, per_channel)
+        eps = weight_quant_error(layer.weight, 0, per_channel, qmax)
         shift = expected_output_error(eps, means[layer.var], layer.groups)
         layer.bias = (0.0 if layer.bias is None else layer.bias) - shift
         corrected.append({"name": layer.name, "source": "data" if calib is not None else "bn", "max_shift": float(np.abs(shift).max(initial=0.0))})
@@ -337,7 +337,7 @@ def _data_means(mod, g: _Graph, layers, calib, max_samples: int) -> dict:
     return {v: s / count for v, s in sums.items()}
 
 
-def apply_dfq(mod, config: DataFree = DataFree(), calib=None, per_channel: bool = True):
+def apply_dfq(mod, config: DataFree = DataFree(), calib=None, per_channel: bool = True, qmax: int = 127):
     """Data-free quantization steps of ``config`` on ``main``, before INT8 quantization.
 
     BN statistics are read first (``bn_statistics``) and the BNs folded (``fold_bn``) when
@@ -358,5 +358,5 @@ def apply_dfq(mod, config: DataFree = DataFree(), calib=None, per_channel: bool 
         mod, eq = equalize(mod, config.iterations, config.rescale_clip, stats)
         stats = eq.stats
     if config.bias_correction:
-        mod, bc = bias_correct(mod, calib=calib, stats=stats, per_channel=per_channel)
+        mod, bc = bias_correct(mod, calib=calib, stats=stats, per_channel=per_channel, qmax=qmax)
     return mod, DfqReport(eq, bc)

@@ -6,7 +6,9 @@ activations and int8 weights with int32 sums (``int8_graph`` has the rewrite and
 * activations: uint8, per tensor, asymmetric (scale and zero point from the range an observer
   saw on calibration data: ``minmax``, ``percentile`` or ``entropy``), so a ReLU output uses
   all 256 levels and a signed input (a normalized image) is still represented;
-* weights: int8, symmetric, one scale per output channel (``per_channel=False``: one scale);
+* weights: int8, symmetric, one scale per output channel (``per_channel=False``: one scale),
+  in ``[-127, 127]``; 7-bit ``[-63, 63]`` on ``[hardware].int8 = "avx2"`` (``weight_qmax``),
+  which the CPU backend multiplies with ``vpmaddubsw`` at twice ``vpmaddwd``'s rate;
 * the int32 accumulator is dequantized with ``s_x * s_w[o]`` and the zero-point correction
   ``zp_x * sum(Wq[o])``; bias, activation and residual adds follow in float32 and fuse into
   the kernel's epilogue together with the next layer's ``quantize``.
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .observers import QParams, asymmetric_qparams, symmetric_qparams, weight_qparams
+from ...targets import Int8Kind
+from .observers import QParams, asymmetric_qparams, weight_qparams
 from .observers import quantize as quantize_array
 
 __all__ = ["REPORT_ATTR", "CalibrationMethod", "Int8Static", "int8_report", "plan_layer", "quantize"]
@@ -39,6 +42,9 @@ __all__ = ["REPORT_ATTR", "CalibrationMethod", "Int8Static", "int8_report", "pla
 log = logging.getLogger("hwcompress")
 
 REPORT_ATTR = "hwc.int8_report"  # IRModule attribute holding the JSON report
+
+# Largest int8 weight per [hardware].int8 kind where it is not 127
+_WEIGHT_QMAX = {Int8Kind.AVX2: 63}
 
 
 class CalibrationMethod(str, enum.Enum):
@@ -139,19 +145,29 @@ def synthetic_inputs(func, samples: int, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True):
-    """The ``Int8Layer`` of ``site``: uint8 parameters of its input range, int8 weight."""
+def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True, qmax: int = 127):
+    """The ``Int8Layer`` of ``site``: uint8 parameters of its input range, int8 weight in
+    ``[-qmax, qmax]`` (``weight_qparams``)."""
     from .int8_graph import Int8Layer
 
     w = site.weight()
     axis = site.weight_out_axis
     if per_channel:
-        wqp = weight_qparams(w, axis)
+        wqp = weight_qparams(w, axis, qmax)
     else:
-        scale = symmetric_qparams(float(w.min()), float(w.max())).scale
+        scale = weight_qparams(w.reshape(1, -1), 0, qmax).scale[0]  # one "channel": the whole tensor
         channels = w.shape[axis]
         wqp = QParams(np.full(channels, scale, np.float32), np.zeros(channels, np.int32), "int8", axis)
-    return Int8Layer(site, asymmetric_qparams(*input_range), quantize_array(w, wqp), np.asarray(wqp.scale, np.float32))
+    # a guard on float32 rounding of |w| / s: the AVX2 kernels are exact only within qmax = 63
+    weight = np.clip(quantize_array(w, wqp), -qmax, qmax).astype(np.int8)
+    return Int8Layer(site, asymmetric_qparams(*input_range), weight, np.asarray(wqp.scale, np.float32))
+
+
+def weight_qmax(spec) -> int:
+    """Largest ``|w|`` of the int8 weights for ``spec`` (None: any target): 63 where the CPU
+    multiplies u8 x s8 with AVX2's ``vpmaddubsw``, whose int16 pair sums are exact only for
+    7-bit weights (``backends/x86_intrin.py``), else 127."""
+    return 127 if spec is None else _WEIGHT_QMAX.get(spec.hardware.int8, 127)
 
 
 def quantize(mod, config: Int8Static, spec=None):
@@ -165,7 +181,8 @@ def quantize(mod, config: Int8Static, spec=None):
         With calibration data (``data``).
     spec : TargetSpec or None
         Read for ``[hardware].int8``: without int8 dot-product instructions the integer
-        kernels are plain loops (a warning).
+        kernels are plain loops (a warning); ``avx2`` quantizes weights to 7 bits
+        (``weight_qmax``) so that the kernels use ``vpmaddubsw``.
 
     Returns
     -------
@@ -183,12 +200,14 @@ def quantize(mod, config: Int8Static, spec=None):
             "int8: calibration data is needed (Int8Static(data=...), or `hwc build --int8 --calib DIR`); "
             "without data use Int8DataFree() (`--calibration data-free`)"
         )
+    qmax = weight_qmax(spec)
     dfq_report = None
     if config.equalize or config.bias_correction:
         from .dfq import DataFree, apply_dfq
 
         dfq_config = DataFree(equalize=config.equalize, bias_correction=config.bias_correction)
-        mod, dfq_report = apply_dfq(mod, dfq_config, calib=None if data_free else config.data.data, per_channel=config.per_channel)
+        calib = None if data_free else config.data.data
+        mod, dfq_report = apply_dfq(mod, dfq_config, calib=calib, per_channel=config.per_channel, qmax=qmax)
     if spec is not None and spec.hardware.int8.value == "none":
         log.warning("int8: target %s has no int8 dot-product instructions ([hardware].int8 = none): integer kernels are plain loops", spec.name)
     func = mod["main"]
@@ -196,7 +215,8 @@ def quantize(mod, config: Int8Static, spec=None):
     todo = [s for s in sites if s.reason is None]
     report = {
         "scheme": "uint8 activations (asymmetric, per tensor) x int8 weights (symmetric, "
-        + ("per output channel" if config.per_channel else "per tensor") + ") -> int32",
+        + ("per output channel" if config.per_channel else "per tensor")
+        + (f"; 7-bit weights for AVX2 vpmaddubsw: [-{qmax}, {qmax}]" if qmax < 127 else "") + ") -> int32",
         "calibration": f"data-free: minmax on {config.samples} synthetic N(0,1) inputs" if data_free else config.calibration.value,
         "float_fallback": [{"name": s.name, "reason": s.reason} for s in sites if s.reason is not None],
         "float_ops": _float_ops(func, {s.var for s in todo}),
@@ -211,7 +231,7 @@ def quantize(mod, config: Int8Static, spec=None):
         report["dfq"] = dfq_report.as_dict()
     data = synthetic_inputs(func, config.samples, config.seed) if data_free else config.data.data
     ranges, kept, seen = calibrate(mod, todo, config.calibration.value, data, config.max_samples)
-    layers = [plan_layer(s, ranges[s.data], config.per_channel) for s in todo]
+    layers = [plan_layer(s, ranges[s.data], config.per_channel, qmax) for s in todo]
     measured = measure(mod, layers, kept)
     measured["layers"] = [
         {"name": layer.site.name, "op": layer.site.op, "input_scale": float(layer.act.scale),

@@ -98,15 +98,19 @@ def asymmetric_qparams(lo: float, hi: float) -> QParams:
     return QParams(scale, zero_point, "uint8")
 
 
-def weight_qparams(weight: np.ndarray, axis: int = 0) -> QParams:
+def weight_qparams(weight: np.ndarray, axis: int = 0, qmax: int = 127) -> QParams:
     """Symmetric int8 scales per output channel (``axis``) of a weight array: channels differ in
     magnitude by orders after BN folding, and one scale per tensor would flatten the small ones
-    to zero. An all-zero channel gets ``MIN_SCALE``, never 0."""
+    to zero. Each channel's largest ``|w|`` maps to ``qmax`` (63: 7-bit weights, which AVX2's
+    ``vpmaddubsw`` multiplies without saturating). An all-zero channel gets ``MIN_SCALE``,
+    never 0."""
+    if isinstance(qmax, bool) or not isinstance(qmax, (int, np.integer)) or not 1 <= qmax <= 127:
+        raise ValueError(f"weight_qparams: qmax must be an int in [1, 127], got {qmax!r}")
     w = np.asarray(weight)
     axis = axis % w.ndim
     others = tuple(a for a in range(w.ndim) if a != axis)
     amax = np.abs(w).max(axis=others) if others else np.abs(w)
-    scale = np.maximum(amax.astype(np.float64) / 127, MIN_SCALE).astype(np.float32)
+    scale = np.maximum(amax.astype(np.float64) / int(qmax), MIN_SCALE).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, np.int32), "int8", axis)
 
 
