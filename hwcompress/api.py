@@ -127,6 +127,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     from .optimize import as_optimize
     from .export import MODULE, check_destination, staging, write_manifest
     from .passes.quantize import int8_report
+    from .passes.quantize.qdq import qdq_report
     from .runtime import how_it_runs, load
     from .verify import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -182,6 +183,8 @@ def compile(  # noqa: A001 - the natural name of the verb
         }
         if quantization is not None:
             manifest["quantization"] = quantization
+        if (imported := qdq_report(front.mod)) is not None:
+            manifest["imported_quantization"] = imported  # a quantized model's ops: integer or float, why
         if runner_note:
             manifest["runner"] = runner_note
         write_manifest(tmp, manifest)
@@ -223,6 +226,20 @@ def _user_inputs(verify_inputs, inputs: list[dict]) -> list[np.ndarray] | None:
     return None if verify_inputs is None else check_inputs(inputs, verify_inputs)
 
 
+def _reference_proto(original):
+    """The ONNX graph ONNX Runtime checks an artifact against, and whether QOperator ops were
+    rewritten for it. QLinearConv / QLinearMatMul / ConvInteger run as their exact QDQ form
+    (the frontend's rewrite): ONNX Runtime's own u8 x s8 kernels for them saturate int16 sums
+    on AVX2 CPUs without VNNI (off by ~9 quantization steps on full-range weights), which
+    would fail a correct build."""
+    from .frontend.rewrites import REWRITES, apply_rewrites
+
+    quant = [r for r in REWRITES if r.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger")]
+    if not any(n.op_type in {r.op_type for r in quant} for n in original.graph.node):
+        return original, False
+    return apply_rewrites(original, quant), True
+
+
 def _verify(directory, spec, mode, front: Imported, rtol, atol, atol_fraction=None) -> dict:
     """Run the staged artifact on seeded random (and the user's) inputs against the reference;
     ``atol_fraction``: per case, ``atol`` is at least this times the largest reference output."""
@@ -238,7 +255,8 @@ def _verify(directory, spec, mode, front: Imported, rtol, atol, atol_fraction=No
     exact = front.recipe.exact
     # pruning changes the outputs on purpose: then the reference is the compressed graph run by
     # TVM's plain pipeline on this host (built once), which checks lowering, schedules, codegen
-    reference = (lambda arrays: reference_outputs(front.original, names, arrays)) if exact else graph_reference(front.mod)
+    proto, qoperator = _reference_proto(front.original)
+    reference = (lambda arrays: reference_outputs(proto, names, arrays)) if exact else graph_reference(front.mod)
     results, skipped = [], []
     for label, arrays in cases:
         # the reference first: inputs ORT rejects (random ints that are no valid indices) can
@@ -268,6 +286,8 @@ def _verify(directory, spec, mode, front: Imported, rtol, atol, atol_fraction=No
                 f"(tolerance rtol={rtol}, atol={case_atol:.3g}; change with --rtol/--atol or skip with --no-verify)"
             )
     source = "onnxruntime" if exact else "compressed graph (TVM default pipeline, this host)"
+    if exact and qoperator:
+        source += " (QOperator ops run as their QDQ form)"
     verification = {"status": "passed", "mode": mode, "reference": source, "cases": results}
     if skipped:
         verification["skipped_inputs"] = skipped

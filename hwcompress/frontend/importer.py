@@ -82,15 +82,22 @@ def import_onnx(model, input_shapes: Mapping[str, Sequence[int]] | None = None):
 
 
 def import_prepared(proto: onnx.ModelProto):
-    """Import a graph that ``prepare_onnx`` produced."""
+    """Import a graph that ``prepare_onnx`` produced.
+
+    Convs / matmuls of a quantized model (QDQ, or QOperator ops rewritten to QDQ) come out
+    as integer kernels (``passes.quantize.qdq.lower_qdq``, its report as a module attribute).
+    """
     from tvm.relax.frontend.onnx import from_onnx
+
+    from ..passes.quantize.qdq import lower_qdq
 
     inputs, _ = io_signature(proto)
     shape_dict = {i["name"]: i["shape"] for i in inputs}
     dtype_dict = {i["name"]: i["dtype"] for i in inputs}
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     try:
-        return from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtype_dict, opset=opset, keep_params_in_input=False)
+        mod = from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtype_dict, opset=opset, keep_params_in_input=False)
     except Exception as e:  # TVM raises many types here; wrap with the stage name
         msg = str(e).strip().splitlines()
         raise BuildError(f"import: TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from e
+    return lower_qdq(mod)[0]  # unchanged unless a conv / matmul reads a dequantize
