@@ -114,6 +114,10 @@ def ort_session(path: Path, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # ORT's pool threads spin after each run; with two sessions and TVM's pool interleaved in
+    # one process, the spinning threads took the cores from whichever runner came next (hwc
+    # INT8 measured slower on 2 threads than on 1)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

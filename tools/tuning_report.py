@@ -16,8 +16,18 @@ for BENCHMARKS.md, one row per tuned task (kernel), heaviest share of model time
 Peak FP32 GFLOP/s is the target spec's ``[hardware].peak_gflops_fp32`` when set; else, for a
 target that runs on this machine, cores (target ``num-cores``) x FLOPs/cycle/core (from the
 CPU flags: AVX-512 64, AVX2+FMA 32, AVX 16, SSE 8, NEON 16 -- two vector FP units assumed)
-x clock (cpufreq max, else /proc/cpuinfo "cpu MHz", else lscpu; ``--clock-ghz`` overrides).
-``--peak-gflops`` overrides the whole peak.
+x clock. The clock is *measured* by default (``--clock measured``): a C loop of 10 independent
+vector FMA chains (compiled with the system C compiler, ``-O2 -march=native``) runs ~0.3 s of
+CPU on one core; its GFLOP/s / FLOPs-per-cycle is the clock the core really runs at under
+load. The nominal clock (cpufreq max, else /proc/cpuinfo "cpu MHz", else lscpu) can be far
+below it (a VM's /proc/cpuinfo shows the base clock: 2.445 GHz here, the cores run ~3.1 GHz)
+and is the fallback without a compiler (``--clock nominal`` forces it; ``--clock-ghz`` sets
+it). The loop is timed by its thread's CPU time, so another process sharing the core does not
+lower it (the wall time then shows the contention); one core's clock is applied to all cores,
+whose all-core clock can be lower. ``--gemm-threads N`` adds numpy's SGEMM rate on N OpenBLAS
+threads as a cross-check of what real code reaches (on all cores it also loads all cores).
+``--peak-gflops`` overrides the whole peak. Run measurements pinned (``taskset -c 0``) on a
+quiet core.
 
     .venv/bin/python tools/tuning_report.py tuning/resnet18-host [more work dirs] [--target host] [--json]
 
@@ -97,8 +107,50 @@ def derive_peak(flags, ghz: float | None, cores: int, arch: str = "x86_64", cloc
     if not ghz:
         return Peak(None, f"unknown: {cores} cores x {per_cycle} FLOPs/cycle ({isa}), but no clock found")
     gflops = cores * per_cycle * ghz
-    src = f" from {clock_source}" if clock_source else ""
-    return Peak(gflops, f"{cores} cores x {per_cycle} FLOPs/cycle ({isa}) x {ghz:.3f} GHz{src} = {gflops:.1f} GFLOP/s")
+    src = f" (clock: {clock_source})" if clock_source else ""
+    return Peak(gflops, f"{cores} cores x {per_cycle} FLOPs/cycle ({isa}) x {ghz:.3f} GHz = {gflops:.1f} GFLOP/s{src}")
+
+
+FMA_ACCUMULATORS = 10  # independent chains: > FMA latency (4-5 cycles) x 2 units
+FMA_SOURCE = r"""
+typedef float vf __attribute__((vector_size(VEC)));
+#define EACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9)
+#define INIT(k) vf a##k = c * (float)(k + 1);
+#define STEP(k) a##k = a##k * m + c;
+#define SUM(k) for (unsigned i = 0; i < LANES; i++) s += a##k[i];
+#define LANES (sizeof(vf) / sizeof(float))
+double hwc_fma_loop(long iters, float mul, float add) {
+    vf m, c;
+    for (unsigned i = 0; i < LANES; i++) { m[i] = mul; c[i] = add; }
+    EACH(INIT)
+    for (long i = 0; i < iters; i++) { EACH(STEP) }  /* 10 independent FMAs per iteration */
+    double s = 0;
+    EACH(SUM)
+    return s;  /* returned, so the loop is not dead code */
+}
+"""
+
+
+def fma_vector_bytes(flags, arch: str = "x86_64") -> int:
+    """Vector width the FMA loop uses: the widest register ``flops_per_cycle`` counts."""
+    flags = set(flags.split() if isinstance(flags, str) else flags)
+    if arch in ("aarch64", "arm64") or "asimd" in flags or "neon" in flags:
+        return 16
+    return 64 if "avx512f" in flags else 32 if "avx" in flags else 16
+
+
+def fma_loop_flops(iters: int, vector_bytes: int) -> float:
+    """FP32 FLOPs of ``hwc_fma_loop(iters)``: accumulators x lanes x (mul + add) per iteration."""
+    return float(iters) * FMA_ACCUMULATORS * (vector_bytes // 4) * 2
+
+
+def clock_from_rate(gflops: float, per_cycle: int) -> float:
+    """GHz at which a core doing ``per_cycle`` FLOPs per cycle reaches ``gflops``."""
+    return gflops / per_cycle
+
+
+def gemm_flops(n: int) -> float:
+    return 2.0 * n**3
 
 
 def gflops_per_s(flops: float, ms: float | None) -> float | None:
@@ -135,9 +187,74 @@ def host_clock() -> tuple[float | None, str]:
     return clock_ghz(max_freq, cpuinfo, lscpu)
 
 
-def peak_for(spec, override: float | None = None, clock: float | None = None) -> Peak:
+@dataclass(frozen=True)
+class FmaRun:
+    gflops: float  # per CPU second of the thread
+    cpu_s: float
+    wall_s: float
+
+    def describe(self, vector_bytes: int, per_cycle: int) -> str:
+        shared = self.cpu_s < 0.9 * self.wall_s
+        return (f"measured, an FMA loop ({FMA_ACCUMULATORS} x {8 * vector_bytes}-bit chains) on 1 core ran "
+                f"{self.gflops:.1f} GFLOP/s / {per_cycle} FLOPs/cycle over {self.cpu_s:.2f} s of its CPU time"
+                + (f" (wall {self.wall_s:.2f} s: the core was shared)" if shared else ""))
+
+
+def measure_fma(vector_bytes: int, cpu_seconds: float = 0.3) -> FmaRun | str:
+    """Run the FMA loop on this thread (compiled with ``cc``); a string says why it could not."""
+    import ctypes
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = Path(tmp) / "fma.c", Path(tmp) / "fma.so"
+        src.write_text(FMA_SOURCE)
+        cmd = ["cc", "-O2", "-march=native", "-ffp-contract=fast", f"-DVEC={vector_bytes}", "-shared", "-fPIC", "-o", str(lib), str(src)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"no C compiler ({type(e).__name__})"
+        if done.returncode != 0:
+            return f"cc failed: {done.stderr.strip()[:200]}"
+        loop = ctypes.CDLL(str(lib)).hwc_fma_loop
+    loop.restype, loop.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_float, ctypes.c_float]
+    iters = 1 << 20
+    while True:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        loop(iters, 0.9999, 1e-4)  # stays finite and away from denormals
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        if cpu >= cpu_seconds or iters > 1 << 34:
+            return FmaRun(fma_loop_flops(iters, vector_bytes) / cpu / 1e9, cpu, wall)
+        iters *= 2 if cpu < cpu_seconds / 8 else 4 if cpu < cpu_seconds / 2 else 2
+
+
+def measured_clock(flags, arch: str) -> tuple[float | None, str]:
+    per_cycle, _ = flops_per_cycle(flags, arch)
+    width = fma_vector_bytes(flags, arch)
+    run = measure_fma(width)
+    if isinstance(run, str):
+        return None, run
+    return clock_from_rate(run.gflops, per_cycle), run.describe(width, per_cycle)
+
+
+def measure_gemm(threads: int, n: int = 2048) -> str:
+    """numpy SGEMM GFLOP/s on ``threads`` OpenBLAS threads (best of 3), in a subprocess so
+    the thread count takes effect."""
+    code = (f"import numpy as np, time\na = np.random.rand({n}, {n}).astype(np.float32)\nb = a.copy()\na @ b\nts = []\n"
+            f"for _ in range(3):\n    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)\n"
+            f"print({gemm_flops(n)} / min(ts) / 1e9)")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        return f"numpy SGEMM {n}x{n} on {threads} thread(s): {float(out.stdout.strip()):.1f} GFLOP/s"
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return f"numpy SGEMM on {threads} thread(s) failed ({type(e).__name__})"
+
+
+def peak_for(spec, override: float | None = None, clock: float | None = None, measure: bool = True, gemm_threads: int = 0) -> Peak:
     """The FP32 peak of ``spec``: ``override``, the spec's ``peak_gflops_fp32``, or derived for
-    a CPU target that runs on this machine."""
+    a CPU target that runs on this machine (clock: ``clock``, measured, else nominal; with
+    ``gemm_threads``, numpy's SGEMM rate is appended as a cross-check)."""
     from hwcompress.targets import host_arch, host_cpu_features, runnable_here
 
     if override:
@@ -148,8 +265,21 @@ def peak_for(spec, override: float | None = None, clock: float | None = None) ->
     if spec.kind != "llvm" or not ok:
         return Peak(None, f"unknown: target {spec.name} sets no [hardware].peak_gflops_fp32 and is not this machine ({why or spec.kind})")
     cores = int(spec.tvm.get("num-cores") or os.cpu_count() or 1)
-    ghz, source = (clock, "--clock-ghz") if clock else host_clock()
-    return derive_peak(host_cpu_features(), ghz, cores, host_arch(), source)
+    flags, arch = host_cpu_features(), host_arch()
+    nominal, nominal_source = host_clock()
+    ghz, source = (clock, "--clock-ghz") if clock else (None, "")
+    if not ghz and measure:
+        ghz, source = measured_clock(flags, arch)
+        if ghz and nominal:
+            source += f"; the nominal clock is {nominal:.3f} GHz, from {nominal_source}"
+        elif not ghz:
+            source = f"nominal {nominal_source} (measuring failed: {source})"
+    if not ghz:
+        ghz, source = nominal, source or nominal_source
+    peak = derive_peak(flags, ghz, cores, arch, source)
+    if gemm_threads:
+        peak = Peak(peak.gflops, f"{peak.how}; cross-check: {measure_gemm(gemm_threads)}")
+    return peak
 
 
 # ---------------------------------------------------------------------------- work dirs
@@ -420,6 +550,9 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="host", help="target spec the work dirs were tuned for (for the peak)")
     p.add_argument("--peak-gflops", type=float, default=None, help="override the FP32 peak")
     p.add_argument("--clock-ghz", type=float, default=None, help="clock for the derived peak (e.g. the all-core boost)")
+    p.add_argument("--clock", choices=("measured", "nominal"), default="measured",
+                   help="derived peak's clock: measured with an FMA loop on one core (default), or the nominal one the OS reports")
+    p.add_argument("--gemm-threads", type=int, default=0, help="also time numpy SGEMM on N threads as a cross-check (0: no)")
     p.add_argument("--model", default=None,
                    help="zoo model (tools/bench_tuning_efficiency.py MODELS) to recompute task weights from; "
                         "default: from the work dir's logs, else from a work dir named <model>-<target>")
@@ -429,7 +562,7 @@ def main(argv=None) -> int:
     from hwcompress.targets import load_target
 
     spec = load_target(args.target)
-    peak = peak_for(spec, args.peak_gflops, args.clock_ghz)
+    peak = peak_for(spec, args.peak_gflops, args.clock_ghz, args.clock == "measured", args.gemm_threads)
     reports = []
     for work in args.work_dirs:
         if not ((work / STATE).is_file() or (work / RECORDS).is_file()):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,44 @@ def test_clock_sources_in_order():
     ghz, source = report.clock_ghz(None, "model name: x\n", lscpu)
     assert ghz == pytest.approx(3.5) and "CPU max MHz" in source
     assert report.clock_ghz(None, None, None)[0] is None
+
+
+def test_fma_loop_arithmetic():
+    assert report.fma_vector_bytes(ZEN3_FLAGS) == 32
+    assert report.fma_vector_bytes(SKX_FLAGS) == 64
+    assert report.fma_vector_bytes("sse sse2") == 16
+    assert report.fma_vector_bytes("fp asimd", "aarch64") == 16
+    # 10 chains x 8 lanes x 2 FLOPs per iteration
+    assert report.fma_loop_flops(1_000_000, 32) == pytest.approx(1.6e8)
+    # one Zen 3 core at 101.5 GFLOP/s with 32 FLOPs/cycle runs at 3.17 GHz, not the nominal 2.445
+    assert report.clock_from_rate(101.5, 32) == pytest.approx(3.172, abs=1e-3)
+    assert report.derive_peak(ZEN3_FLAGS, 3.172, 2).gflops == pytest.approx(203.0, abs=0.1)
+
+
+def test_fma_run_reports_a_shared_core():
+    quiet = report.FmaRun(100.0, 0.30, 0.31).describe(32, 32)
+    shared = report.FmaRun(100.0, 0.30, 0.90).describe(32, 32)
+    assert "256-bit" in quiet and "100.0 GFLOP/s" in quiet and "shared" not in quiet
+    assert "the core was shared" in shared
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_measured_clock_is_plausible():
+    # a real measurement (~0.05 s of CPU): the clock of any core this runs on is 0.5-7 GHz,
+    # whether or not another process shares the core (the loop is timed by its CPU time)
+    from hwcompress.targets import host_arch, host_cpu_features
+
+    flags, arch = host_cpu_features(), host_arch()
+    run = report.measure_fma(report.fma_vector_bytes(flags, arch), cpu_seconds=0.05)
+    assert isinstance(run, report.FmaRun), run
+    per_cycle = report.flops_per_cycle(flags, arch)[0]
+    assert 0.5 < report.clock_from_rate(run.gflops, per_cycle) < 7.0
+    assert run.cpu_s >= 0.05 and run.wall_s >= 0.9 * run.cpu_s
+
+
+def test_gemm_cross_check_format():
+    line = report.measure_gemm(1, n=128)
+    assert re.fullmatch(r"numpy SGEMM 128x128 on 1 thread\(s\): [\d.]+ GFLOP/s", line), line
 
 
 # ---------------------------------------------------------------------------- GFLOP/s
@@ -139,3 +179,21 @@ def test_task_result_and_summary():
     assert agg["random_weighted_best_ms"] == pytest.approx(2.08)
     assert agg["xgb_fewer_trials_tasks"] == 1
     assert eff.geomean([2.0, 8.0]) == pytest.approx(4.0)
+
+
+def test_partial_results_saved_and_reported(tmp_path):
+    # an interrupted run: task "a" finished by both methods, task "b" stopped during xgb
+    done = eff.TaskResult(eff.TaskInfo("a", 1e8, 1), {"xgb": eff.Run("xgb", "x", [3.0, 1.0]),
+                                                     "random": eff.Run("random", "r", [2.0, 2.0])}, 2)
+    partial = eff.TaskResult(eff.TaskInfo("b", 2e8, 2), {"xgb": eff.Run("xgb", "x", [5.0], partial=True)}, 2)
+    meta = {"model": "m", "target": "host", "tasks": 2, "trials": 2, "per_iter": 64, "population": 512, "seed": 0}
+    agg = eff.save(tmp_path, meta, [done, partial])
+    assert agg["tasks"] == 1 and agg["xgb_trials_to_5pct_sum"] == 2 and agg["random_trials_to_5pct_sum"] == 2
+    assert not partial.complete and partial.trials_to_5pct("random") is None
+    meta2, results = eff.load(tmp_path)
+    assert meta2 == meta
+    assert [r.complete for r in results] == [True, False]
+    assert results[1].runs["xgb"].latencies_ms == [5.0] and results[1].runs["xgb"].partial
+    table = eff.markdown(results, eff.summary(results, 2), meta2)
+    assert "(1 trials so far)" in table and "(not run)" in table and "all 1 finished" in table
+    assert (tmp_path / "curves.csv").read_text().count("\n") == 1 + 4 + 1
