@@ -150,3 +150,33 @@ def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"input": x})[0]
+
+
+def mac_kernels(mod) -> list[dict]:
+    """Every reduction block of ``mod``'s kernels that multiplies two tensors (a conv or
+    matmul; a mean reads one): kernel name, operand and accumulator dtypes, whether it is
+    integer (8-bit operands widened at most to 16 bits, int32 sums, the kernel's inputs
+    uint8 x int8) and whether it is one of hwc's tiled CPU int8 kernels (``hwc.int8_tile``)."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import SBlock
+
+    found = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        blocks = []
+        tvm_ffi.structural_walk(func.body, (SBlock, blocks.append), order="post")
+        params = [str(getattr(p.ty, "dtype", "")) for p in func.params]
+        for block in blocks:
+            if not any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in block.iter_vars):
+                continue
+            written = {w.source.name for w in block.writes}
+            operands = [str(r.source.dtype) for r in block.reads if r.source.name not in written]
+            if len(operands) < 2:
+                continue
+            acc = [str(w.source.dtype) for w in block.writes]
+            integer = set(operands) <= {"uint8", "int8", "int16"} and acc == ["int32"] and params[:2] == ["uint8", "int8"]
+            found.append({"kernel": gv.name_hint, "operands": operands, "acc": acc, "integer": integer,
+                          "tiled": "hwc.int8_tile" in func.script()})  # fmt: skip
+    return found

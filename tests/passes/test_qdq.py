@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import pass_graphs as G
 from model_builders import make_model
 
 tvm = pytest.importorskip("tvm")
@@ -30,7 +31,6 @@ from tvm import relax  # noqa: E402
 import hwcompress  # noqa: E402
 from hwcompress import build as B  # noqa: E402
 from hwcompress.api import import_model  # noqa: E402
-from hwcompress.backends.cpu_int8 import TILE_ATTR  # noqa: E402
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
 from hwcompress.frontend import import_onnx  # noqa: E402
 from hwcompress.passes.quantize.qdq import lower_qdq, qdq_report  # noqa: E402
@@ -120,33 +120,6 @@ def _calls(mod, op: str) -> list:
     return [v for v in values if isinstance(v, relax.Call) and getattr(v.op, "name", "") == op]
 
 
-def _mac_kernels(mod) -> list[dict]:
-    """Reduction blocks multiplying two tensors (convs, matmuls), with whether they are integer
-    (8-bit operands widened at most to 16 bits, int32 sums, kernel inputs uint8 x int8)."""
-    import tvm_ffi
-    from tvm.s_tir import SBlock
-
-    found = []
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        blocks = []
-        tvm_ffi.structural_walk(func.body, (SBlock, blocks.append), order="post")
-        params = [str(getattr(p.ty, "dtype", "")) for p in func.params]
-        for block in blocks:
-            if not any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in block.iter_vars):
-                continue
-            written = {w.source.name for w in block.writes}
-            operands = [str(r.source.dtype) for r in block.reads if r.source.name not in written]
-            if len(operands) < 2:
-                continue
-            acc = [str(w.source.dtype) for w in block.writes]
-            narrow = set(operands) <= {"uint8", "int8", "int16"}
-            integer = narrow and acc == ["int32"] and params[:2] == ["uint8", "int8"]
-            found.append({"kernel": gv.name_hint, "integer": integer, "tiled": TILE_ATTR in func.script()})
-    return found
-
-
 def _built(mod):
     vm = relax.VirtualMachine(B.build(B.schedule(B.legalize(mod, HOST), HOST), HOST), tvm.cpu())
     return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -216,7 +189,7 @@ def test_legalized_kernels_are_integer(quantized, fmt):
     (the depthwise conv)."""
     front = import_model(quantized(fmt), HOST)
     assert [layer["name"] for layer in qdq_report(front.mod)["layers"]] == INTEGER
-    kernels = _mac_kernels(B.legalize(front.mod, HOST))
+    kernels = G.mac_kernels(B.legalize(front.mod, HOST))
     assert sorted(k["integer"] for k in kernels) == [False, True, True, True], kernels
     if INT8_DOT is not None:
         assert all(k["tiled"] for k in kernels if k["integer"])

@@ -231,7 +231,7 @@ def test_data_free_quantizes_without_data_and_says_how():
     assert report["calibration"].startswith("data-free") and report["layers"]
     assert "dfq" in report and "bias_correction" in report["dfq"]
     assert "relax.nn.conv2d" in _ops(q) and "relax.quantize" in _ops(q)
-    kernels = _mac_kernels(B.legalize(q, load_target("host")))
+    kernels = G.mac_kernels(B.legalize(q, load_target("host")))
     assert kernels and all(k["integer"] for k in kernels)
 
 
@@ -268,7 +268,7 @@ def test_depthwise_convs_stay_float_and_are_reported():
     assert "groups=24" in report["float_fallback"][0]["reason"]
     assert [layer["name"] for layer in report["layers"]] == ["conv2d[0]", "conv2d[2]"]
     assert all(layer["sqnr_db"] > LAYER_SQNR_DB for layer in report["layers"])
-    kernels = _mac_kernels(B.schedule(B.legalize(front.mod, HOST), HOST))
+    kernels = G.mac_kernels(B.schedule(B.legalize(front.mod, HOST), HOST))
     assert sorted(k["integer"] for k in kernels) == [False, True, True]
     x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
     (got,) = _run(_built_vm(front.mod), x)
@@ -290,42 +290,15 @@ def fashion():
     return {"images": images, "labels": labels, "fp32": fp32.mod, "int8": int8.mod}
 
 
-def _mac_kernels(mod) -> list[dict]:
-    """Every reduction block of ``mod``'s kernels that multiplies two tensors (a conv or
-    matmul; a mean reads one): its operand and accumulator dtypes and whether it is integer
-    (8-bit operands widened at most to 16 bits, int32 sums, the kernel's inputs uint8 x int8)."""
-    import tvm_ffi
-    from tvm.s_tir import SBlock
-
-    found = []
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        blocks = []
-        tvm_ffi.structural_walk(func.body, (SBlock, blocks.append), order="post")
-        params = [str(getattr(p.ty, "dtype", "")) for p in func.params]
-        for block in blocks:
-            if not any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in block.iter_vars):
-                continue
-            written = {w.source.name for w in block.writes}
-            operands = [str(r.source.dtype) for r in block.reads if r.source.name not in written]
-            if len(operands) < 2:
-                continue
-            acc = [str(w.source.dtype) for w in block.writes]
-            integer = set(operands) <= {"uint8", "int8", "int16"} and acc == ["int32"] and params[:2] == ["uint8", "int8"]
-            found.append({"kernel": gv.name_hint, "operands": operands, "acc": acc, "integer": integer})
-    return found
-
-
 def test_every_conv_and_matmul_of_the_built_module_is_integer(fashion):
     """The scheduled module: all 9 convs and the classifier's matmul are integer kernels
     (uint8 x int8 inputs, int32 sums), tensorized with the CPU's dot instruction where it has one."""
     scheduled = B.schedule(B.legalize(fashion["int8"], HOST), HOST)
-    kernels = _mac_kernels(scheduled)
+    kernels = G.mac_kernels(scheduled)
     assert len(kernels) == 10
     floats = [k for k in kernels if not k["integer"]]
     assert not floats, f"conv / matmul kernels still in float: {floats}"
-    fp32 = _mac_kernels(B.schedule(B.legalize(fashion["fp32"], HOST), HOST))
+    fp32 = G.mac_kernels(B.schedule(B.legalize(fashion["fp32"], HOST), HOST))
     assert len(fp32) == 10 and not any(k["integer"] for k in fp32)  # the walk does see float convs
     if INT8_DOT is not None:
         legalized = B.legalize(fashion["int8"], HOST)
