@@ -84,7 +84,7 @@ def lift_constants(mod, min_bytes: int = MIN_LIFT_BYTES):
     main = mod["main"]
     body = lift.visit_expr(main.body)
     func = relax.Function(list(main.params) + lift.params, body, main.ret_ty, main.is_pure, main.attrs)
-    out = mod.clone() if hasattr(mod, "clone") else mod
+    out = mod.clone()
     out["main"] = func
     return out, lift.values
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from benchlib import interleaved_times  # noqa: E402
-from tasks import BATCH, TASKS, load_task  # noqa: E402
+from tasks import BATCH, TASKS, load_task, top1  # noqa: E402
 
 HWC_METHODS = ("minmax", "percentile", "entropy", "data-free")
 ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -67,12 +67,6 @@ def int8_recipe(method: str, calib):
 
         return Recipe((Int8DataFree(),))
     return Recipe((Int8Static(calibration=method, data=calib),))
-
-
-def top1(run, x, y) -> float:
-    n = len(x) // BATCH * BATCH
-    pred = np.concatenate([run(x[i : i + BATCH]).argmax(1) for i in range(0, n, BATCH)])
-    return float((pred == y[:n]).mean())
 
 
 def _vm_runner(vm):

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from benchlib import interleaved_times  # noqa: E402
-from tasks import BATCH, load_task  # noqa: E402
+from tasks import BATCH, load_task, top1  # noqa: E402
 
 def _vm(mod):
     import tvm
@@ -45,9 +45,7 @@ def accuracy(mod, x, y) -> float:
     import tvm
 
     vm = _vm(mod)
-    n = len(x) // BATCH * BATCH
-    pred = [vm["main"](tvm.runtime.tensor(x[i : i + BATCH])).numpy().argmax(1) for i in range(0, n, BATCH)]
-    return float((np.concatenate(pred) == y[:n]).mean())
+    return top1(lambda batch: vm["main"](tvm.runtime.tensor(batch)).numpy(), x, y)
 
 
 def latency_runner(mod, spec):

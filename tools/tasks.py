@@ -80,3 +80,10 @@ def load_task(name: str):
     images, labels = load_mnist_5k()
     images = ((images - np.float32(0.1307)) / np.float32(0.3081)).astype(np.float32)
     return digits_model(), images[:CALIB], images[CALIB:], labels[CALIB:]
+
+
+def top1(run, x, y) -> float:
+    """Top-1 accuracy of ``run`` (a batch of images -> logits) over the whole batches of ``x``."""
+    n = len(x) // BATCH * BATCH
+    pred = np.concatenate([run(x[i : i + BATCH]).argmax(1) for i in range(0, n, BATCH)])
+    return float((pred == y[:n]).mean())

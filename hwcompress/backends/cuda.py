@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -56,17 +57,14 @@ def _default_schedule(target):
     from .cuda_int8 import int8_rule
     from .cuda_winograd import winograd_rule
 
-    rules = (
-        dl.gpu.Matmul(),
-        dl.gpu.GEMV(),
-        dl.gpu.Reduction(),
-        dl.gpu.GeneralReduction(),
-    )
-    wide = {"GeneralReduction"}  # rules that spread the reduction over threads: see _declining
     return dl.ApplyDefaultSchedule(
         int8_rule(),
         winograd_rule(),
-        *(_declining(rule, _MIN_THREAD_REDUCTION if type(rule).__name__ in wide else 0) for rule in rules),
+        _declining(dl.gpu.Matmul()),
+        _declining(dl.gpu.GEMV()),
+        _declining(dl.gpu.Reduction()),
+        # spreads the reduction over threads: not for a depthwise conv's few taps
+        _declining(dl.gpu.GeneralReduction(), min_reduction=_MIN_THREAD_REDUCTION),
         dl.gpu.Fallback(),
     )
 
@@ -116,10 +114,7 @@ def _longest_reduction(func) -> int:
     for block in blocks:
         axes = [iv.dom.extent for iv in block.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
         if axes:
-            size = 1
-            for extent in axes:
-                size *= int(extent) if isinstance(extent, tvm.tirx.IntImm) else 1 << 30
-            longest = max(longest, size)
+            longest = max(longest, math.prod(int(e) if isinstance(e, tvm.tirx.IntImm) else 1 << 30 for e in axes))
     return longest
 
 

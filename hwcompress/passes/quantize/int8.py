@@ -127,10 +127,10 @@ class Int8DataFree(Int8Static):
             raise ValueError("Int8DataFree takes no calibration data (use Int8Static(data=...) with equalize / bias_correction)")
         if self.calibration is not CalibrationMethod.MINMAX:
             raise ValueError("Int8DataFree ranges activations by min / max on synthetic inputs; calibration must stay minmax")
-        for name in ("samples", "seed"):
+        for name, least, what in (("samples", 1, "positive"), ("seed", 0, "non-negative")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "samples" else 0):
-                raise ValueError(f"Int8DataFree.{name} must be a {'positive' if name == 'samples' else 'non-negative'} int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Int8DataFree.{name} must be a {what} int, got {value!r}")
 
 
 def synthetic_inputs(func, samples: int, seed: int) -> dict[str, np.ndarray]:

@@ -92,8 +92,7 @@ def calibrate(mod, sites, method: str, data, max_samples: int):
             replay.append(batch)
         seen += batch[0].shape[0]
     if histogram:
-        amax = {v: max(abs(lo), abs(hi)) for v, (lo, hi) in ((v, observers[v].range()) for v in wanted)}
-        observers = {v: OBSERVERS[method](amax=amax[v]) for v in wanted}
+        observers = {v: OBSERVERS[method](amax=max(map(abs, observers[v].range()))) for v in wanted}
         again = replay if replay is not None else read_batches(data, function_inputs(func), max_samples=max_samples)
         for batch in again:
             _observe(vm, batch, observers, wanted, n_results, names)

@@ -32,7 +32,10 @@ import numpy as np
 
 from .observers import QParams
 
-__all__ = ["Int8Emitter", "Int8Layer", "Site", "emit_int8_graph", "emit_main", "find_sites", "function_inputs", "module_with_main", "rewrite"]
+__all__ = [
+    "Int8Emitter", "Int8Layer", "Site", "conv_float_reason", "emit_int8_graph", "emit_main", "find_sites",
+    "function_inputs", "module_with_main", "rewrite", "static_shape",
+]  # fmt: skip
 
 CONV2D, MATMUL = "relax.nn.conv2d", "relax.matmul"
 MAX_REDUCTION = (2**31 - 1) // (255 * 128)  # products per output that surely fit an int32 sum
@@ -107,25 +110,32 @@ def _float_reason(call) -> str | None:
     dtypes = {str(data.ty.dtype), str(weight.ty.dtype), str(call.ty.dtype)}
     if dtypes != {"float32"}:
         return f"dtype {'/'.join(sorted(dtypes))}: only float32 ops are quantized"
-    if _static(data.ty) is None or _static(call.ty) is None:
+    if static_shape(data.ty) is None or static_shape(call.ty) is None:
         return "dynamic shape"
     if call.op.name == CONV2D:
-        attrs = call.attrs
-        if int(attrs.groups) != 1:
-            return f"groups={int(attrs.groups)} (grouped / depthwise conv: no integer kernel)"
-        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
-        if sorted(layouts[0]) != sorted("NCHW") or sorted(layouts[1]) != sorted("OIHW") or layouts[2] != layouts[0]:
-            return f"layout {'/'.join(layouts)}: only plain 2D layouts (NCHW, NHWC) are quantized"
+        if (reason := conv_float_reason(call.attrs)) is not None:
+            return reason
     elif len(weight.ty.shape.values) != 2 or len(data.ty.shape.values) < 2:
         return "matmul that is not data [..., K] x weight [K, N]"
-    shape = _static(weight.ty)
+    shape = static_shape(weight.ty)
     out_axis = str(call.attrs.kernel_layout).index("O") if call.op.name == CONV2D else 1
     if int(np.prod(shape)) // shape[out_axis] > MAX_REDUCTION:
         return f"{int(np.prod(shape)) // shape[out_axis]} products per output: int32 sums could overflow"
     return None
 
 
-def _static(ty) -> tuple[int, ...] | None:
+def conv_float_reason(attrs) -> str | None:
+    """Why a ``conv2d`` with these attributes has no integer kernel (None: it has one)."""
+    if int(attrs.groups) != 1:
+        return f"groups={int(attrs.groups)} (grouped / depthwise conv: no integer kernel)"
+    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
+    if sorted(layouts[0]) != sorted("NCHW") or sorted(layouts[1]) != sorted("OIHW") or layouts[2] != layouts[0]:
+        return f"layout {'/'.join(layouts)}: only plain 2D layouts (NCHW, NHWC) have integer kernels"
+    return None
+
+
+def static_shape(ty) -> tuple[int, ...] | None:
+    """The static shape of a tensor type; None if any dimension is symbolic."""
     try:
         return tuple(int(d) for d in ty.shape.values)
     except (TypeError, ValueError, AttributeError):
@@ -138,7 +148,7 @@ def function_inputs(func) -> list[tuple[str, list[int], str]]:
 
     inputs = []
     for p in func.params:
-        shape = _static(p.ty)
+        shape = static_shape(p.ty)
         if shape is None:
             raise RecipeError(f"int8: input {p.name!r} has no static shape; fix it (--input-shape) to calibrate")
         inputs.append((p.name, list(shape), str(p.ty.dtype)))

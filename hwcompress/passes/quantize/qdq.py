@@ -38,7 +38,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .int8_graph import CONV2D, MATMUL, MAX_REDUCTION, Int8Emitter, Int8Layer, Site, emit_main, find_sites, module_with_main
+from .int8_graph import (
+    CONV2D,
+    MATMUL,
+    MAX_REDUCTION,
+    Int8Emitter,
+    Int8Layer,
+    Site,
+    conv_float_reason,
+    emit_main,
+    find_sites,
+    module_with_main,
+    static_shape,
+)
 from .observers import QParams
 
 __all__ = ["QDQ_REPORT_ATTR", "LowerQdq", "QdqReport", "lower_qdq", "lower_qdq_pass", "qdq_report"]
@@ -180,28 +192,16 @@ def _weight_params(expr, values) -> tuple[np.ndarray, np.ndarray, int | None] | 
     return wide.astype(np.int8), scale.astype(np.float32).reshape(-1), axis
 
 
-def _static(ty) -> bool:
-    try:
-        [int(d) for d in ty.shape.values]
-        return True
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
 def plan_site(site: Site, values, func_params) -> QdqLayer | str:
     """How ``site`` runs in integers, or the reason it stays float."""
     call = site.call
     if str(call.ty.dtype) != "float32":
         return f"output dtype {call.ty.dtype} (only float32 ops are lowered)"
-    if not (_static(call.args[0].ty) and _static(call.ty)):
+    if static_shape(call.args[0].ty) is None or static_shape(call.ty) is None:
         return "dynamic shape"
     if site.op == CONV2D:
-        attrs = call.attrs
-        if int(attrs.groups) != 1:
-            return f"groups={int(attrs.groups)} (grouped / depthwise conv: no integer kernel)"
-        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
-        if sorted(layouts[0]) != sorted("NCHW") or sorted(layouts[1]) != sorted("OIHW") or layouts[2] != layouts[0]:
-            return f"layout {'/'.join(layouts)}: only plain 2D layouts (NCHW, NHWC)"
+        if (reason := conv_float_reason(call.attrs)) is not None:
+            return reason
     elif len(call.args[0].ty.shape.values) < 2:
         return "matmul of a 1-D input"
     act = _input_params(call.args[0], values, func_params)
