@@ -26,6 +26,7 @@ __all__ = [
     "Int8Static",
     "Optimize",
     "Recipe",
+    "Sparse24",
     "TargetSpec",
     "compile",
     "import_onnx",
@@ -34,6 +35,7 @@ __all__ = [
     "load_target",
     "prune",
     "quantize",
+    "sparsify",
     "tune",
 ]
 
@@ -81,11 +83,23 @@ def quantize(mod, config, spec=None):
     return _quantize(mod, config, spec)
 
 
+def sparsify(mod, config=None, spec=None):
+    """2:4 structured sparsity of a Relax module's convs / matmuls (``Sparse24``); see
+    ``hwcompress.passes.sparsity.sparse24.sparsify``."""
+    from .passes.sparsity import Sparse24, sparsify as _sparsify
+
+    return _sparsify(mod, config if config is not None else Sparse24(), spec)
+
+
 def __getattr__(name):
     if name in ("Int8Static", "Int8DataFree"):
         from .passes.quantize import int8
 
         return getattr(int8, name)
+    if name == "Sparse24":
+        from .passes.sparsity import Sparse24
+
+        return Sparse24
     if name == "ChannelPrune":
         from .passes.prune import ChannelPrune
 

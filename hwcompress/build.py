@@ -53,13 +53,36 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True):
     import tvm
 
     target = spec.tvm_target()
-    return _run_stage("legalize", tvm.transform.Sequential(legalize_passes(fuse, backend_legalize_map(spec))), mod, target)
+    lmap = backend_legalize_map(spec, sparse=has_sparsity(mod))
+    return _run_stage("legalize", tvm.transform.Sequential(legalize_passes(fuse, lmap)), mod, target)
 
 
-def backend_legalize_map(spec: TargetSpec) -> dict | None:
-    """The backend's own legalizations for ``spec`` (None: TVM's for every op)."""
-    hook = get_backend(spec).legalize_map
-    return hook(spec.tvm_target()) if hook else None
+def has_sparsity(mod) -> bool:
+    """Whether the ``sparse-2-4`` technique ran on ``mod`` (its 2:4 layers get sparse kernels)."""
+    from .passes.sparsity.sparse24 import REPORT_ATTR
+
+    return mod.attrs is not None and REPORT_ATTR in mod.attrs
+
+
+def backend_legalize_map(spec: TargetSpec, sparse: bool = False) -> dict | None:
+    """The backend's own legalizations for ``spec`` (None: TVM's for every op); ``sparse``: convs
+    and matmuls with 2:4 weights become the backend's sparse kernel (``backends.sparse_lower``)
+    — only after the ``sparse-2-4`` technique, which keeps 2:4 weights exactly where sparse was
+    chosen (an imported model that happens to be 2:4 is not run sparse unmeasured)."""
+    backend = get_backend(spec)
+    target = spec.tvm_target()
+    lmap = backend.legalize_map(target) if backend.legalize_map else None
+    if not sparse or backend.sparse_kernel is None:
+        return lmap
+    import tvm
+
+    from .backends.sparse_lower import sparse_legalize
+
+    lmap = dict(lmap or {})
+    for op in ("relax.nn.conv2d", "relax.matmul"):
+        inner = lmap.get(op) or tvm.ir.Op.get(op).get_attr("FLegalize")
+        lmap[op] = sparse_legalize(inner, lambda m, n, k: backend.sparse_kernel(target, m, n, k))
+    return lmap
 
 
 def schedule(mod, spec: TargetSpec, databases: Sequence[str | Path] = ()):

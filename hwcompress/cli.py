@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--calibration", choices=("minmax", "percentile", "entropy", "data-free"), default=None,
                    help="with --int8: how activation ranges are chosen (default minmax); data-free: no --calib, "
                         "DFQ weight steps and ranges from synthetic inputs")
+    b.add_argument("--sparse-2-4", action="store_true",
+                   help="2:4 structured sparsity on sparse kernels, where measured faster than dense (no fine-tuning)")
     b.add_argument("--calib", metavar="DIR",
                    help="calibration data for --prune and --int8: .npy files of samples, .npz keyed by input name, or images")
     _optimize_args(b)
@@ -161,6 +163,10 @@ def _cmd_build(args) -> int:
     if q is not None:
         fallback = ", ".join(f"{f['name']} ({f['reason']})" for f in q["float_fallback"]) or "none"
         print(f"int8: {len(q['layers'])} layers, output SQNR {q.get('output_sqnr_db')} dB on calibration data; float fallback: {fallback}")
+    s = artifact.manifest.get("sparsity")
+    if s is not None:
+        how = "measured faster than dense" if s["measured"] else f"not measured: {s['not_measured_because']}"
+        print(f"sparse-2-4: {s['sparse_layers']} of {len(s['layers'])} conv/matmul layers sparse ({how})")
     return 0
 
 
@@ -171,11 +177,11 @@ def _build_recipe(args):
         raise RecipeError("--prune-criterion needs --prune RATIO")
     if not args.int8 and args.calibration is not None:
         raise RecipeError("--calibration needs --int8")
-    if args.prune is None and not args.int8 and not args.calib:
+    if args.prune is None and not args.int8 and not args.calib and not args.sparse_2_4:
         return args.recipe
     from dataclasses import replace
 
-    from .passes import ChannelPrune, Int8DataFree, Int8Static
+    from .passes import ChannelPrune, Int8DataFree, Int8Static, Sparse24
     from .recipe import Recipe, as_recipe
 
     recipe = as_recipe(args.recipe)
@@ -195,6 +201,10 @@ def _build_recipe(args):
             steps.append(ChannelPrune(ratio=args.prune, criterion=criterion, calib=args.calib))
         except (TypeError, ValueError) as e:
             raise RecipeError(f"--prune: {e}") from None
+    if args.sparse_2_4:
+        if any(isinstance(s, Sparse24) for s in steps):
+            raise RecipeError("the recipe already has a sparse-2-4 step; drop --sparse-2-4 or the step")
+        steps.append(Sparse24())
     if args.int8:
         if any(isinstance(s, Int8Static) for s in steps):
             raise RecipeError("the recipe already has an int8 step; drop --int8 or the step")
@@ -305,11 +315,16 @@ def _cmd_inspect(args) -> int:
 
         manifest = read_manifest(path)
         summary = manifest["inspect"]["after"]
+        offload = manifest.get("offload")  # NPU targets: what runs where
         if args.json:
-            print(json.dumps(summary))
+            print(json.dumps(summary if offload is None else {**summary, "offload": offload}))
         else:
             layers = tuple(analysis.Layer(**{**l, "shape": tuple(l["shape"])}) for l in summary["layers"])
             print(analysis.format_table(analysis.Summary(summary["params"], summary["flops"], summary["bytes"], layers)))
+            if offload is not None:
+                from .codegen.npu.offload import format_offload
+
+                print(format_offload(offload))
         return 0
     from .frontend import import_onnx
 

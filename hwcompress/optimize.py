@@ -102,7 +102,7 @@ def effective_recipe(recipe, optimize: Optimize, spec):
     Returns a ``Recipe``; the user's recipe is never changed.
     """
     from .errors import RecipeError
-    from .passes import ConvLayout, FoldBatchNorm, Fuse, Int8Static, Winograd
+    from .passes import ConvLayout, FoldBatchNorm, Fuse, Int8Static, Sparse24, Winograd
     from .recipe import Recipe, as_recipe
 
     recipe = as_recipe(recipe)
@@ -122,7 +122,7 @@ def effective_recipe(recipe, optimize: Optimize, spec):
     steps = list(recipe.steps)
     layout = optimize.layout_for(spec)
     if layout is not DataLayout.NCHW and not mine:
-        at = next((i for i, s in enumerate(steps) if isinstance(s, (Int8Static, Fuse, Winograd))), len(steps))
+        at = next((i for i, s in enumerate(steps) if isinstance(s, (Int8Static, Sparse24, Fuse, Winograd))), len(steps))
         steps.insert(at, ConvLayout(layout))
     return Recipe((*head, *steps, *tail))
 
@@ -130,11 +130,15 @@ def effective_recipe(recipe, optimize: Optimize, spec):
 def _check_int8_order(steps) -> None:
     """Pruning and a layout step before ``int8``; ``fuse`` and Winograd after it."""
     from .errors import RecipeError
-    from .passes import ChannelPrune, ConvLayout, Fuse, Int8Static, Winograd
+    from .passes import ChannelPrune, ConvLayout, Fuse, Int8Static, Sparse24, Winograd
 
     at = next((i for i, s in enumerate(steps) if isinstance(s, Int8Static)), None)
     if at is None:
         return
+    if any(isinstance(s, Sparse24) for s in steps):
+        # quantizing the 2:4 float weights would run them on the dense int8 kernels: a build
+        # that looks sparse and is not; 2:4 INT8 kernels do not exist yet
+        raise RecipeError("sparse-2-4 together with int8 is not supported yet (no 2:4 INT8 kernels); use one of them")
     for step in steps[:at]:
         if isinstance(step, (Fuse, Winograd)):
             name = type(step).__name__.lower()

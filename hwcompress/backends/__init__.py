@@ -25,6 +25,9 @@ class Backend:
     # (tvm Target) -> {op name: LegalizeFunc}: the backend's own lowering of some ops (e.g. a
     # conv with its weight repacked for the kernel), used by ``build.legalize``
     legalize_map: Callable | None = None
+    # (tvm Target, m, n, k) -> scheduled PrimFunc ``(x[m, k], values, meta, y[m, n])``: the 2:4
+    # sparse GEMM of ``backends.sparse_lower`` (raises ValueError for shapes it does not take)
+    sparse_kernel: Callable | None = None
 
 
 def get_backend(spec) -> Backend:

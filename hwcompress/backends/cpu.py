@@ -29,6 +29,12 @@ def _legalize_map(target):
     return {"relax.nn.conv2d": legalize_conv2d(facts), "relax.matmul": legalize_matmul_int8(facts)}
 
 
+def _sparse_kernel(target, m, n, k):
+    from .cpu_sparse import sparse24_kernel
+
+    return sparse24_kernel(m, n, k, target)
+
+
 def _finalize(target):
     from tvm.relax.backend.cpu_generic import pipeline
 
@@ -52,4 +58,5 @@ BACKEND = Backend(
     export=_export,
     default_trace=_default_trace,
     legalize_map=_legalize_map,
+    sparse_kernel=_sparse_kernel,
 )

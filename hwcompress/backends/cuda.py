@@ -124,6 +124,12 @@ def _legalize_map(target):
     return legalize_map(target)
 
 
+def _sparse_kernel(target, m, n, k):
+    from .cuda_sparse import sparse24_kernel_cuda
+
+    return sparse24_kernel_cuda(m, n, k, target)
+
+
 def _finalize(target):
     from tvm.relax.backend.cuda import pipeline
 
@@ -315,4 +321,5 @@ BACKEND = Backend(
     codegen_context=codegen_context,
     export=_export,
     legalize_map=_legalize_map,
+    sparse_kernel=_sparse_kernel,
 )

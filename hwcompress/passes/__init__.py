@@ -15,6 +15,9 @@
   activations x int8 weights with int32 sums, calibrated on data (``quantize.int8``);
   ``int8-data-free``: ``Int8DataFree()``, the same without data (DFQ weight steps, activation
   ranges from synthetic inputs).
+* ``sparse-2-4``: ``sparsify(mod, Sparse24(permute=True))`` prunes conv / matmul weights to
+  2:4 along the reduction axis; the backends run them on sparse kernels that read only the
+  kept values and their positions (``sparsity``).
 
 Importing this package stays light (numpy only): TVM is imported when a pass runs.
 """
@@ -26,11 +29,12 @@ from .layout import ConvLayout, convert_layout
 from .prune import ChannelPrune, prune
 from .quantize.int8 import Int8DataFree, Int8Static
 from .quantize.int8 import quantize as quantize_int8
+from .sparsity import Sparse24, sparsify
 from .winograd import Winograd, winograd
 
 __all__ = [
-    "ChannelPrune", "ConvLayout", "FoldBatchNorm", "Fuse", "Int8DataFree", "Int8Static", "Winograd",
-    "convert_layout", "fold_bn", "fuse", "prune", "quantize_int8", "winograd",
+    "ChannelPrune", "ConvLayout", "FoldBatchNorm", "Fuse", "Int8DataFree", "Int8Static", "Sparse24", "Winograd",
+    "convert_layout", "fold_bn", "fuse", "prune", "quantize_int8", "sparsify", "winograd",
 ]  # fmt: skip
 
 register_technique("fold-bn", FoldBatchNorm, lambda mod, cfg, spec: fold_bn(mod, cfg))
@@ -40,3 +44,4 @@ register_technique("prune", ChannelPrune, lambda mod, cfg, spec: prune(mod, cfg,
 register_technique("layout", ConvLayout, lambda mod, cfg, spec: convert_layout(mod, cfg))
 register_technique("int8", Int8Static, lambda mod, cfg, spec: quantize_int8(mod, cfg, spec), exact=False)
 register_technique("int8-data-free", Int8DataFree, lambda mod, cfg, spec: quantize_int8(mod, cfg, spec), exact=False)
+register_technique("sparse-2-4", Sparse24, lambda mod, cfg, spec: sparsify(mod, cfg, spec), exact=False)

@@ -226,7 +226,7 @@ def _backend_owns(spec):
         return None
     from ..build import backend_legalize_map
 
-    owners = {name: fn.handles for name, fn in (backend_legalize_map(spec) or {}).items() if hasattr(fn, "handles")}
+    owners = {name: fn.handles for name, fn in (backend_legalize_map(spec, sparse=True) or {}).items() if hasattr(fn, "handles")}
     if not owners:
         return None
 

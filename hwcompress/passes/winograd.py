@@ -151,10 +151,18 @@ def _tile_for(conv: _Conv, index: int | None, config: Winograd, spec) -> int:
     override = config.per_layer.get(str(index)) if index is not None else None
     if override is not None:
         return override
+    if spec is not None and spec.hardware.sparse_2_4 and _is_sparse(conv.weight_oihw):
+        return 0  # 2:4 weights run on the backend's sparse kernel (sparse-2-4 chose it by measurement)
     o, i = conv.weight_oihw.shape[:2]
     if min(o, i) < config.min_channels:
         return 0
     return config.tile or choose_tile(conv.out_hw, (i, o), spec)
+
+
+def _is_sparse(weight_oihw: np.ndarray) -> bool:
+    from .sparsity.mask24 import conv_rows, is_2to4
+
+    return is_2to4(conv_rows(weight_oihw.transpose(0, 2, 3, 1)))
 
 
 def _weight_block(out_channels: int, spec) -> int:
@@ -175,6 +183,8 @@ def _rewrite_conv(matched, bb, index_of, config: Winograd, spec):
     """Rewriter of ``_conv_pattern``: a ``call_tir`` of the Winograd kernel, or ``matched``."""
     from tvm import relax
 
+    if not isinstance(matched, relax.Call):  # a var aliasing the conv (``gv = lv``): its binding is rewritten
+        return matched
     conv = _eligible(matched)
     if conv is None:
         return matched

@@ -192,3 +192,15 @@ def test_int8_flag_errors(tmp_path):
     r = hwc("build", model, *shape, "--int8", "--calib", tmp_path / "bad.npy", "-o", tmp_path / "o")
     assert_one_line_error(r, "'input'", "bad.npy")
     assert not (tmp_path / "o").exists()
+
+
+def test_sparse_2_4_flag_errors(tmp_path):
+    model = EXAMPLES / "fashion_resnet.onnx"
+    shape = ("--input-shape", "input=1,1,28,28")
+    r = hwc("build", model, *shape, "--sparse-2-4", "--int8", "--calibration", "data-free", "-o", tmp_path / "o")
+    assert_one_line_error(r, "sparse-2-4", "int8")
+    (tmp_path / "r.toml").write_text('[[steps]]\ntechnique = "sparse-2-4"\ndecide = "sometimes"\n')
+    assert_one_line_error(hwc("build", model, *shape, "--recipe", tmp_path / "r.toml", "-o", tmp_path / "o"), "decide")
+    (tmp_path / "r.toml").write_text('[[steps]]\ntechnique = "sparse-2-4"\nlayers = ["conv2d[99]"]\n')
+    assert_one_line_error(hwc("build", model, *shape, "--recipe", tmp_path / "r.toml", "-o", tmp_path / "o"), "conv2d[99]")
+    assert not (tmp_path / "o").exists()

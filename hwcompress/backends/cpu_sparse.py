@@ -1,0 +1,346 @@
+"""CPU kernels for 2:4 structured-sparse weights: ``y[m, n] = sum_k x[m, k] W[n, k]`` with
+``W`` in the compressed form of ``passes.sparsity.mask24`` (``values [N, K/2]`` float32,
+``meta [N, ceil(K/8)]`` uint8, two 2-bit positions per group of 4 ``k``).
+
+``sparse24_kernel(m, n, k, target, variant)`` returns a hand-written, already scheduled
+PrimFunc ``(x, values, meta, y)`` (``y`` the output, DPS) for ``relax.call_tir``. Ways to
+gather the ``x`` that each kept weight multiplies:
+
+* x86 with AVX2 (``K % 16 == 0``): one 16-``k`` chunk (4 groups, 8 kept weights, 2 meta
+  bytes) of a row is one 8-lane vector of kept values; the matching ``x`` come from the
+  chunk's 16 ``x`` by two register permutes driven by the meta bits, a blend, then one FMA.
+  ``PERMPS``: ``vpermps`` (cross-lane, 3-bit indices) of ``x[16h:16h+8]`` and
+  ``x[16h+8:16h+16]``, indices ``i | 4 * (odd group)`` built from the 16 meta bits with a
+  shift, a mask and an or. ``PERMILPS``: ``vpermilps`` (in-lane, uses only the low 2 bits of
+  each index, so the shifted meta word is the control as it is) of ``x`` regrouped as
+  ``[g0 | g2]`` and ``[g1 | g3]`` (``x`` is stored regrouped once, at the kernel's start):
+  two vector ops fewer per chunk; its control is the chunk's meta word broadcast straight from
+  memory and shifted per lane (one vector op). ``Variant.lut`` takes the control from a
+  256-entry table per meta byte (4 KB, built at the kernel's start) instead. The default for
+  ``m <= 5`` (``m_rows`` rows of ``x`` share each row's control and values).
+* ``PAIRS`` (AVX2, ``K % 8 == 0``): two rows per vector, one ``vpermps`` per 8 kept values;
+  fewer vector ops, but on Zen 3 ``vpermps`` and the two 128-bit inserts cost more than two
+  in-lane permutes: a candidate, and the kernel for ``K % 16 == 8``.
+* ``BROADCAST`` (``m > 5``, any target): ``x`` transposed once, then a broadcast kept weight
+  times the ``x`` row its position selects, ``m``-vectorized: no permutes at all.
+* ``GENERIC`` (any LLVM target, ``K % 4 == 0``): scalar loops that read ``x`` at the decoded
+  positions; this is what aarch64 builds.
+
+Each n-block of ``rows`` output rows x ``m_rows`` input rows keeps one accumulator vector per
+pair; the ``unroll`` chunks between accumulator updates are one FMA chain on the accumulator's
+value (TVM gives every ``local`` buffer on CPU a workspace allocation; LLVM keeps the
+accumulators in registers across the loop here, the assembly shows); a balanced tree of the
+chunks measured ~4% slower (extra multiplies and adds). Both permute kernels live in
+``cpu_sparse_gemv``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from .cpu_sparse_gemv import CHUNK, WINDOW, pair_kernel, permute_kernel
+
+__all__ = ["Gather", "Variant", "has_avx2", "pick_variant", "sparse24_kernel", "variants"]
+
+
+
+class Gather(enum.Enum):
+    """How the kernel fetches the ``x`` element of each kept weight."""
+
+    PERMPS = "permps"
+    PERMILPS = "permilps"
+    PAIRS = "pairs"
+    BROADCAST = "broadcast"
+    GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Tunable knobs of one kernel.
+
+    ``rows``: output rows (``n``) per block, sharing every ``x`` load; ``m_rows``: input rows
+    (``m``) per block, sharing each row's controls and kept values; ``unroll``: 16-``k``
+    chunks summed in registers between two accumulator updates (x86 only).
+    """
+
+    gather: Gather
+    rows: int = 4
+    unroll: int = 4
+    m_rows: int = 1
+    lut: bool = False  # permutes: controls from a 256-entry table per meta byte, not shifts
+
+    def __post_init__(self):
+        if not isinstance(self.gather, Gather):
+            raise TypeError(f"gather must be a Gather, got {self.gather!r}")
+        if min(self.rows, self.unroll, self.m_rows) < 1 or self.rows * self.m_rows > 16:
+            raise ValueError(f"bad sparse kernel variant {self}: knobs must be >= 1, rows x m_rows <= 16")
+
+    @property
+    def name(self) -> str:
+        return f"{self.gather.value}{'_lut' if self.lut else ''}_r{self.rows}_u{self.unroll}_m{self.m_rows}"
+
+
+def has_avx2(target) -> bool:
+    """True when ``target`` is an x86 LLVM target with AVX2 (and FMA)."""
+    from tvm.target.codegen import target_has_features
+
+    try:
+        return bool(target_has_features("avx2", target)) and bool(target_has_features("fma", target))
+    except Exception:  # a feature name this target's LLVM backend does not know (aarch64)
+        return False
+
+
+def variants(m: int, n: int, k: int, target) -> list[Variant]:
+    """The variants worth measuring for one shape on ``target`` (the first is the default).
+
+    Parameters
+    ----------
+    m, n, k : int
+        Rows of ``x``, output features (rows of ``W``), reduction length.
+    target : tvm.target.Target
+        The LLVM target.
+
+    Returns
+    -------
+    list of Variant
+        x86 variants when the target has AVX2 and ``k % 8 == 0`` (``k % 8`` only: the row-pair
+        kernel for ``m == 1``, broadcast otherwise), else the generic one.
+    """
+    if k % 4:
+        raise ValueError(f"2:4 sparsity needs k % 4 == 0, got k={k}")
+    if not (has_avx2(target) and k % WINDOW == 0):
+        return [Variant(Gather.GENERIC, rows=1, unroll=1)]
+    vecs = math.ceil(m / 8)
+    # m_rows: vectors of m per block, the blocks that waste least on a last partial block
+    # (it is recomputed overlapping the previous one); rows: ~12 accumulators of 16 registers
+    by_waste = sorted(range(min(4, vecs), min(8, vecs) + 1), key=lambda mv: (math.ceil(vecs / mv) * mv, -mv))
+    broadcast = [Variant(Gather.BROADCAST, max(1, 12 // mv), 4, mv) for mv in by_waste[:3]] + [Variant(Gather.BROADCAST, 2, 4, 4)]
+    if k % CHUNK:  # k % 8 == 0 only: the row-pair kernel works on 8-k windows
+        return [Variant(Gather.PAIRS, 8, 2, 1, True)] if m == 1 else broadcast
+    # measured (Zen 3, 1 thread, kernel alone): 1x2048x2048
+    # permilps r4 u2 0.21 ms, u4 0.23, pairs (vpermps, 1.33 cycles each on Zen 3) 0.34, the
+    # table-driven control 0.29; m = 2..4: permilps with m_rows = m 2-3x faster than broadcast
+    # (whose m-vectors are mostly padding), m = 8: broadcast 15% faster
+    unroll = min(2, k // CHUNK)
+    pl = Gather.PERMILPS
+    if m == 1:
+        return [Variant(pl, 4, unroll), Variant(pl, 8, unroll), Variant(pl, 4, 4), Variant(pl, 4, unroll, 1, True),
+                Variant(Gather.PAIRS, 8, 2, 1, True)]  # fmt: skip
+    small = [Variant(pl, 4 if m <= 2 else 2, unroll, min(m, 4))]
+    if m <= 5:
+        return small + broadcast[:2]
+    return broadcast + (small if m <= 8 else [])
+
+
+def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = None):
+    """The scheduled 2:4 sparse GEMM kernel ``y = x @ decompress(values, meta).T``.
+
+    Parameters
+    ----------
+    m, n, k : int
+        ``x`` is ``[m, k]``, the dense weight ``[n, k]``, ``y`` is ``[m, n]``.
+    target : tvm.target.Target
+        LLVM target; its core count sets the parallel split, its features the gather.
+    variant : Variant, optional
+        Knobs (``variants``/``pick_variant``); default: the first of ``variants``.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``(x: float32[m, k], values: float32[n, k//2], meta: uint8[n, (k+7)//8],
+        y: float32[m, n])``, marked ``tirx.is_scheduled``, without a global symbol.
+    """
+    from .cpu_schedule import CpuFacts
+
+    variant = variant or variants(m, n, k, target)[0]
+    if min(m, n, k) < 1 or k % 4:
+        raise ValueError(f"bad 2:4 GEMM shape m={m} n={n} k={k} (k must be a multiple of 4)")
+    if variant.gather in (Gather.PERMPS, Gather.PERMILPS) and not (has_avx2(target) and k % CHUNK == 0):
+        raise ValueError(f"{variant.gather.value} needs an AVX2 target and k % {CHUNK} == 0 (k={k})")
+    if variant.gather is Gather.PAIRS and not (has_avx2(target) and k % WINDOW == 0):
+        raise ValueError(f"pairs needs an AVX2 target and k % {WINDOW} == 0 (k={k})")
+    cores = CpuFacts.from_target(target).num_cores
+    if variant.gather is Gather.GENERIC:
+        func = _generic(m, n, k, variant, cores)
+    elif variant.gather is Gather.PAIRS:
+        func = pair_kernel(m, n, k, max(1, variant.rows // 2), variant.unroll, variant.m_rows, variant.lut, lambda b: _split(b, cores))
+    elif variant.gather is Gather.BROADCAST:
+        func = _broadcast(m, n, k, variant, cores, CpuFacts.from_target(target).lanes(32))
+    else:
+        func = permute_kernel(m, n, k, variant, lambda b: _split(b, cores))
+    return func.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+
+
+def _split(blocks: int, cores: int) -> tuple[int, int]:
+    """(tasks, blocks per task): a few tasks per core so that a busy core does not hold
+    back the others, but not one per block (each task allocates its accumulators once)."""
+    tasks = max(1, min(blocks, 4 * cores))
+    per = math.ceil(blocks / tasks)
+    return math.ceil(blocks / per), per
+
+
+# ---------------------------------------------------------------------------- broadcast
+
+
+def _broadcast(m: int, n: int, k: int, v: Variant, cores: int, lanes: int):
+    """``m > 1``: ``x`` transposed into a ``[k, m']`` scratch (``m'`` = ``m`` rounded up to
+    vectors, zero rows), then per kept weight one broadcast and ``m_rows`` FMAs with the
+    ``x`` row its position selects: the FLOPs of dense at half the count, no permutes."""
+    from tvm.script import tirx as T
+
+    R = v.rows
+    vecs = math.ceil(m / lanes)
+    MV = min(v.m_rows, vecs)
+    mp = vecs * lanes
+    kept = k // 2
+    U = min(2 * v.unroll, kept)  # unroll counts groups here: 2 kept values each
+    full, tail = divmod(kept, U)
+    nblk, mblk = math.ceil(n / R), math.ceil(vecs / MV)
+    tasks, per = _split(nblk * mblk, cores)
+    vt = f"float32x{lanes}"
+
+    def kidx(meta, row, q):
+        g = q // 2
+        return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
+
+    def fold(acc_v, xt, values, meta, row, col, q0, count):
+        """acc + sum of count kept weights x their x rows, as one FMA chain."""
+        out = acc_v
+        for u in range(count):
+            out = out + T.Broadcast(values[row, q0 + u], lanes) * xt.vload([kidx(meta, row, q0 + u), col], vt)
+        return out
+
+    @T.prim_func
+    def kernel(
+        x: T.Buffer((m, k), "float32"),
+        values: T.Buffer((n, k // 2), "float32"),
+        meta: T.Buffer((n, (k + 7) // 8), "uint8"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        xt = T.alloc_buffer((k, mp), "float32")
+        for kk in T.parallel(k):
+            for i in range(mp):
+                xt[kk, i] = T.if_then_else(i < m, x[T.min(i, m - 1), kk], T.float32(0))
+        for t in T.parallel(tasks):
+            acc = T.alloc_buffer((R * MV * lanes,), "float32", scope="local")
+            for b in range(per):
+                if t * per + b < nblk * mblk:
+                    for a in T.unroll(R * MV):
+                        acc[T.Ramp(a * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                    for qc in range(full):
+                        for r in T.unroll(R):
+                            for j in T.unroll(MV):
+                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                    T.min(((t * per + b) // mblk) * R + r, n - 1),
+                                    (T.min(((t * per + b) % mblk) * MV, vecs - MV) + j) * lanes,
+                                    qc * U, U,
+                                )  # fmt: skip
+                    if tail > 0:
+                        for r in T.unroll(R):
+                            for j in T.unroll(MV):
+                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                    T.min(((t * per + b) // mblk) * R + r, n - 1),
+                                    (T.min(((t * per + b) % mblk) * MV, vecs - MV) + j) * lanes,
+                                    full * U, tail,
+                                )  # fmt: skip
+                    for r in T.unroll(R):
+                        for j in T.unroll(MV):
+                            for l in range(lanes):
+                                if (T.min(((t * per + b) % mblk) * MV, vecs - MV) + j) * lanes + l < m:
+                                    y[(T.min(((t * per + b) % mblk) * MV, vecs - MV) + j) * lanes + l, T.min(((t * per + b) // mblk) * R + r, n - 1)] = acc[(r * MV + j) * lanes + l]
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------- generic
+
+
+def _generic(m: int, n: int, k: int, v: Variant, cores: int):
+    from tvm.script import tirx as T
+
+    groups = k // 4
+    tasks, per = _split(n, cores)
+
+    def pos(meta, row, g, slot):
+        return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * slot)) & 3)
+
+    @T.prim_func
+    def kernel(
+        x: T.Buffer((m, k), "float32"),
+        values: T.Buffer((n, k // 2), "float32"),
+        meta: T.Buffer((n, (k + 7) // 8), "uint8"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(tasks):
+            for b in range(per):
+                if t * per + b < n:
+                    for i in range(m):
+                        y[i, t * per + b] = T.float32(0)
+                        for g in range(groups):
+                            y[i, t * per + b] = y[i, t * per + b] + (
+                                values[t * per + b, 2 * g] * x[i, pos(meta, t * per + b, g, 0)]
+                                + values[t * per + b, 2 * g + 1] * x[i, pos(meta, t * per + b, g, 1)]
+                            )
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+def build(func, target):
+    """Compile one kernel into a runtime module whose function is ``main``."""
+    import tvm
+
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).mod
+
+
+def random_operands(m: int, n: int, k: int, seed: int = 0):
+    """Random ``x``, compressed random weights and an empty ``y``, as numpy arrays."""
+    import numpy as np
+
+    from ..passes.sparsity.mask24 import compress
+
+    rng = np.random.default_rng(seed)
+    c = compress(rng.standard_normal((n, k)).astype(np.float32))
+    return rng.standard_normal((m, k)).astype(np.float32), c.values, c.meta, np.zeros((m, n), np.float32)
+
+
+def pick_variant(m: int, n: int, k: int, target, number: int = 20, repeat: int = 3, candidates=None) -> tuple[Variant, dict]:
+    """Build every candidate variant, time it on this host, return the fastest.
+
+    Parameters
+    ----------
+    m, n, k : int
+        The GEMM shape.
+    target : tvm.target.Target
+        Must describe this host (the kernels run here).
+    number, repeat : int
+        ``time_evaluator`` runs per measurement and measurements (the median is kept).
+    candidates : list of Variant, optional
+        Default: ``variants(m, n, k, target)``.
+
+    Returns
+    -------
+    (Variant, dict)
+        The fastest variant and the median seconds of each (keyed by ``Variant.name``).
+    """
+    import tvm
+
+    candidates = list(candidates or variants(m, n, k, target))
+    if len(candidates) == 1:
+        return candidates[0], {}
+    args = [tvm.runtime.tensor(a) for a in random_operands(m, n, k)]
+    dev = tvm.cpu()
+    times = {}
+    for var in candidates:
+        fn = build(sparse24_kernel(m, n, k, target, var), target).time_evaluator("main", dev, number=number, repeat=repeat)
+        times[var] = fn(*args).median
+    best = min(times, key=times.get)
+    return best, {var.name: s for var, s in times.items()}

@@ -1,0 +1,144 @@
+"""Lowering of 2:4-sparse weights to a backend's sparse kernel, at legalization.
+
+A layer runs sparse when its constant float32 weight *is* 2:4 (at most 2 nonzeros in every 4
+consecutive reduction elements: what the ``Sparse24`` pass leaves, or an imported model
+pruned to 2:4) and the backend has a kernel for its shape; the graph itself stays an
+ordinary dense Relax graph, so verification runs it with plain dense kernels as the
+reference. Handled:
+
+* ``relax.matmul`` of float32 ``[..., K]`` by a constant ``[K, N]``: ``W = B.T``;
+* ``relax.nn.conv2d`` NHWC / OHWI, one group: the GEMM ``[N*OH*OW, KH*KW*I] x W[O, KH*KW*I]``,
+  the input as is for 1x1 stride-1 unpadded convs, else copied into patches (``im2col``,
+  padding and strides included).
+
+The kernel (``kernel_for(m, n, k) -> PrimFunc``, signature ``(x[m, k], values[n, k/2],
+meta[n, ceil(k/8)], y[m, n])``, the compressed form of ``passes.sparsity.mask24``) is the
+backend's: ``cpu_sparse`` or ``cuda_sparse``; a shape it does not take raises ValueError and
+the layer stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..passes.sparsity.mask24 import compress, conv_rows, is_2to4
+
+__all__ = ["sparse_legalize"]
+
+KERNEL_NAME = "sparse24_gemm"
+OPAQUE = 8  # relay/relax OpPatternKind kOpaque
+
+
+def _static(ty) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(d) for d in ty.shape)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _plan(call, kernel_for):
+    """``(kind, W[N, K] float32, kernel)`` when ``call`` runs sparse, else None."""
+    import tvm
+
+    data, weight = call.args[:2]
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or str(weight.ty.dtype) != "float32":
+        return None
+    if str(data.ty.dtype) != "float32" or _static(data.ty) is None:
+        return None
+    out_dtype = str(call.attrs.out_dtype) if getattr(call.attrs, "out_dtype", None) is not None else ""
+    if out_dtype not in ("", "float32"):
+        return None
+    w = weight.value.numpy()
+    name = call.op.name
+    if name == "relax.matmul":
+        if w.ndim != 2:
+            return None
+        gemm, kind = np.ascontiguousarray(w.T), "matmul"
+        m = math.prod(_static(data.ty)[:-1])
+        if not is_2to4(gemm):
+            return None
+    elif name == "relax.nn.conv2d":
+        attrs = call.attrs
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
+        if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1 or not is_2to4(conv_rows(w)):
+            return None
+        gemm, kind = w.reshape(w.shape[0], -1), "conv2d"
+        out = _static(call.ty)
+        m = math.prod(out[:3]) if out else 0
+    else:
+        return None
+    try:
+        kernel = kernel_for(m, gemm.shape[0], gemm.shape[1])
+    except ValueError:
+        return None
+    return None if kernel is None else (kind, gemm, kernel)
+
+
+def sparse_legalize(inner: Callable, kernel_for: Callable) -> Callable:
+    """A ``LegalizeOps`` function: 2:4 layers become ``kernel_for``'s kernel, everything else
+    ``inner`` (the backend's legalization of the op)."""
+
+    def legalize(bb, call):
+        plan = _plan(call, kernel_for)
+        if plan is None:
+            return inner(bb, call)
+        kind, gemm, kernel = plan
+        return _emit(bb, call, kind, gemm, kernel)
+
+    inner_handles = getattr(inner, "handles", lambda call: False)
+    legalize.handles = lambda call: _plan(call, kernel_for) is not None or inner_handles(call)
+    return legalize
+
+
+def _emit(bb, call, kind: str, gemm: np.ndarray, kernel):
+    from tvm import relax, topi
+
+    data = call.args[0]
+    shape = _static(data.ty)
+    c = compress(gemm)
+    n, k = gemm.shape
+    if kind == "matmul":
+        m = math.prod(shape[:-1])
+        x = data if len(shape) == 2 else bb.emit_te(topi.reshape, data, (m, k), primfunc_name_hint="reshape")
+        out_shape = (*shape[:-1], n)
+    else:
+        out_shape = _static(call.ty)
+        m = math.prod(out_shape[:3])
+        attrs = call.attrs
+        kh, kw = (int(d) for d in call.args[1].ty.shape.values[1:3])
+        pad = [int(p) for p in attrs.padding]
+        geometry = (kh, kw, *(int(s) for s in attrs.strides), *(int(d) for d in attrs.dilation), *(pad * 2 if len(pad) == 2 else pad))
+        x = bb.emit_te(_im2col, data, geometry, tuple(out_shape), primfunc_name_hint="im2col")
+    # opaque to FuseOps: a hand-written kernel takes no fused producer or epilogue
+    gvar = bb.add_func(kernel.with_attr("op_pattern", OPAQUE), KERNEL_NAME)
+    y = relax.call_tir(gvar, [x, relax.const(c.values, "float32"), relax.const(c.meta, "uint8")], relax.TensorType((m, n), "float32"))
+    if tuple(out_shape) == (m, n):
+        return y
+    y = bb.emit(y)
+    return bb.call_te(topi.reshape, y, out_shape, primfunc_name_hint="reshape")
+
+
+def _im2col(data, geometry, out_shape):
+    """NHWC ``data`` -> ``[N*OH*OW, KH*KW*C]`` patches, columns in OHWI's ``(kh, kw, c)`` order
+    (a 1x1 stride-1 unpadded conv: the input itself, reshaped). ``geometry``: kernel size,
+    strides, dilation, padding (top, left, bottom, right)."""
+    from tvm import te, topi
+
+    n, h, w, ch = (int(d) for d in data.shape)
+    _, oh, ow, _ = out_shape
+    kh, kw, sh, sw, dh, dw, *pad = geometry
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pad):
+        return topi.reshape(data, (n * h * w, ch))
+    if any(pad):
+        data = topi.nn.pad(data, [0, pad[0], pad[1], 0], [0, pad[2], pad[3], 0], 0.0)
+
+    def patch(r, col):
+        b, pix = r // (oh * ow), r % (oh * ow)
+        y, x = pix // ow, pix % ow
+        tap, c = col // ch, col % ch
+        return data[b, y * sh + (tap // kw) * dh, x * sw + (tap % kw) * dw, c]
+
+    return te.compute((n * oh * ow, kh * kw * ch), patch, name="im2col")

@@ -1,0 +1,312 @@
+"""2:4 structured sparsity: ``sparsify(mod, Sparse24(layers=..., permute=True), spec)``.
+
+Each chosen conv / matmul keeps the 2 largest-magnitude of every 4 consecutive weights along
+its reduction axis (a conv's input channels at each tap, a matmul's ``K``). With ``permute``
+the reduction axis is first reordered (``mask24.permutation_search``) so that more magnitude
+survives; the graph then reads its input through a ``take`` by that order, and the weight's
+reduction axis is permuted the same way, so the result is unchanged before masking.
+
+The graph after this pass is an ordinary dense Relax graph with 2:4 weights; the backends
+lower such weights to their sparse kernels (``backends.sparse_lower``: compressed values plus
+2-bit positions, about 53% of the FP32 weight). Which layers: every conv (NHWC, one group,
+input channels a multiple of 4) and matmul by a constant weight, or the named ``layers``;
+of those, with ``decide="auto"`` (default) on a target that runs here, only the layers whose
+sparse kernel was *measured* faster than the dense one for that target (sparse kernels lose
+on small or compute-bound layers); on a target that cannot run here (a GPU, a cross target)
+every eligible layer, and the report says they were not measured.
+
+The report (``sparsity_report(mod)``, in the manifest as ``sparsity``) lists per layer the
+decision, the kept-magnitude fraction with and without the permutation, and the timings.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .mask24 import compress, conv_rows, kept_fraction, mask_2to4, permutation_search
+
+__all__ = ["Decide", "Sparse24", "sparsify", "sparsity_report"]
+
+log = logging.getLogger("hwcompress")
+
+REPORT_ATTR = "hwc.sparsity"
+CONV2D, MATMUL = "relax.nn.conv2d", "relax.matmul"
+
+
+class Decide(str, enum.Enum):
+    """Which eligible layers go sparse."""
+
+    AUTO = "auto"  # measured faster where the target runs here, else all
+    MEASURE = "measure"  # measured faster; a target that cannot run here is an error
+    ALL = "all"  # every eligible layer, unmeasured
+
+
+@dataclass(frozen=True)
+class Sparse24:
+    """Prune conv / matmul weights to 2:4 along the reduction axis and run them on sparse kernels.
+
+    Parameters
+    ----------
+    layers : tuple of str or None
+        Layers to consider, by name as the report lists them (``matmul[0]``, ``conv2d[3]``:
+        the op and its index among ``main``'s bindings of that op); None: every eligible one.
+    permute : bool
+        Search an input-channel permutation that keeps more weight magnitude.
+    decide : Decide or str
+        ``auto`` / ``measure`` / ``all`` (see ``Decide``).
+    """
+
+    layers: tuple[str, ...] | None = None
+    permute: bool = True
+    decide: Decide = Decide.AUTO
+
+    def __post_init__(self):
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
+                raise ValueError(f"Sparse24.layers must be a list of layer names, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not isinstance(self.permute, bool):
+            raise ValueError(f"Sparse24.permute must be true or false, got {self.permute!r}")
+        try:
+            object.__setattr__(self, "decide", Decide(self.decide))
+        except ValueError:
+            raise ValueError(f"Sparse24.decide must be one of auto, measure, all, got {self.decide!r}") from None
+
+
+@dataclass(frozen=True)
+class _Site:
+    var: object
+    call: object
+    name: str
+    reason: str | None  # None: eligible
+
+
+def _sites(func, spec) -> list[_Site]:
+    from tvm import relax
+
+    sites, counts = [], {CONV2D: 0, MATMUL: 0}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not isinstance(call, relax.Call) or getattr(call.op, "name", None) not in counts:
+                continue
+            op = call.op.name
+            name = f"{op.split('.')[-1]}[{counts[op]}]"
+            counts[op] += 1
+            reason = _reason(call)
+            if reason is None and not spec.hardware.sparse_2_4:
+                reason = f"target {spec.name} has no 2:4 kernels ([hardware].sparse_2_4 = false)"
+            sites.append(_Site(binding.var, call, name, reason))
+    return sites
+
+
+def _reason(call) -> str | None:
+    """Why ``call`` cannot run 2:4-sparse (None: it can)."""
+    import tvm
+
+    data, weight = call.args[:2]
+    if not isinstance(weight, tvm.ir.expr.GenericConst):
+        return "weight is not a constant"
+    if str(weight.ty.dtype) != "float32" or str(data.ty.dtype) != "float32":
+        return "not float32"
+    try:
+        [int(d) for d in data.ty.shape]
+    except (TypeError, ValueError, AttributeError):
+        return "dynamic input shape"
+    w = weight.value.numpy()
+    if call.op.name == MATMUL:
+        if w.ndim != 2:
+            return "weight is not 2-D"
+        return None if w.shape[0] % 4 == 0 else f"reduction length {w.shape[0]} is not a multiple of 4"
+    attrs = call.attrs
+    if int(attrs.groups) != 1:
+        return "grouped / depthwise conv"
+    if (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NHWC", "OHWI"):
+        return f"{attrs.data_layout} layout: the sparse kernels take NHWC convs (the target's conv_layout)"
+    return None if w.shape[-1] % 4 == 0 else f"{w.shape[-1]} input channels, not a multiple of 4"
+
+
+def _gemm_rows(call, w: np.ndarray) -> np.ndarray:
+    """The weight as rows along the permutable reduction axis (input channels / ``K``)."""
+    return conv_rows(w) if call.op.name == CONV2D else w.T
+
+
+def _from_rows(call, rows: np.ndarray, shape) -> np.ndarray:
+    return rows.reshape(shape) if call.op.name == CONV2D else np.ascontiguousarray(rows.T)
+
+
+@dataclass
+class _Layer:
+    site: _Site
+    weight: np.ndarray  # 2:4, reduction axis permuted by perm
+    perm: np.ndarray | None
+    record: dict
+
+
+def _plan_layer(site: _Site, permute: bool) -> _Layer:
+    w = site.call.args[1].value.numpy()
+    rows = _gemm_rows(site.call, w)
+    perm = permutation_search(rows) if permute else None
+    if perm is not None and np.array_equal(perm, np.arange(perm.size)):
+        perm = None
+    permuted = rows if perm is None else rows[:, perm]
+    masked = permuted * mask_2to4(permuted)
+    dense_bytes = w.nbytes
+    record = {
+        "layer": site.name,
+        "shape": list(w.shape),
+        "kept_magnitude": round(kept_fraction(rows), 4),
+        "kept_magnitude_permuted": round(kept_fraction(rows, perm), 4) if permute else None,
+        "weight_bytes_dense": dense_bytes,
+        "weight_bytes_sparse": compress(_gemm_view(site.call, _from_rows(site.call, masked, w.shape))).nbytes,
+    }
+    return _Layer(site, _from_rows(site.call, masked, w.shape).astype(np.float32), perm, record)
+
+
+def _gemm_view(call, w: np.ndarray) -> np.ndarray:
+    """``W[N, K]`` of the kernel (what ``backends.sparse_lower`` compresses)."""
+    return w.reshape(w.shape[0], -1) if call.op.name == CONV2D else w.T
+
+
+def _emit_layer(bb, call, x, weight: np.ndarray, perm: np.ndarray | None, name: str):
+    from tvm import relax
+
+    if perm is not None:
+        axis = len(x.ty.shape) - 1  # NHWC channels / matmul K: the last axis
+        x = bb.emit(relax.op.take(x, relax.const(perm.astype(np.int64)), axis=axis), name_hint=f"{name}_perm")
+    return bb.emit(relax.Call(call.op, [x, relax.const(weight, "float32"), *call.args[2:]], call.attrs), name_hint=name)
+
+
+def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool):
+    """A module running one layer on its own (the measurement's unit); ``sparse``: marked as
+    sparsified, so that its 2:4 weight gets the sparse kernel (``build.has_sparsity``)."""
+    import tvm
+    from tvm import relax
+
+    data = site.call.args[0]
+    x = relax.Var("x", relax.TensorType([int(d) for d in data.ty.shape], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(_emit_layer(bb, site.call, x, weight, perm, "y"))
+        bb.emit_func_output(out)
+    mod = tvm.IRModule({"main": bb.get()["main"]})
+    return mod.with_attr(REPORT_ATTR, json.dumps({"layers": []})) if sparse else mod
+
+
+def _time_layers(modules: dict, spec, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per run of each one-layer module, built for ``spec`` and run here,
+    the modules alternated round by round (the machine is noisy)."""
+    import tvm
+    from tvm import relax
+
+    from ... import build
+
+    from ..winograd import Winograd, winograd
+
+    runners = {}
+    for key, mod in modules.items():
+        if spec.hardware.winograd:  # the dense alternative of a 3x3 conv is what builds run: Winograd
+            mod = winograd(mod, Winograd(), spec)
+        exe = build.build(build.default_schedule(build.legalize(mod, spec), spec), spec)
+        vm = relax.VirtualMachine(exe, tvm.cpu())
+        shape = [int(d) for d in mod["main"].params[0].ty.shape]
+        x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+        vm["main"](x)  # warm up
+        runners[key] = (vm.time_evaluator("main", tvm.cpu(), number=10, repeat=1, min_repeat_ms=20), x)
+    times = {key: [] for key in modules}
+    for _ in range(rounds):
+        for key, (timer, x) in runners.items():
+            times[key].append(timer(x).mean)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
+    """Prune the chosen convs / matmuls of ``main`` to 2:4 (see the module docstring).
+
+    Returns the module with the 2:4 weights and the report attached (``sparsity_report``).
+    """
+    from tvm import relax
+
+    from ...errors import RecipeError
+    from ...targets import load_target, runnable_here
+    from ..quantize.int8_graph import emit_main, module_with_main
+
+    spec = spec if spec is not None else load_target("host")
+    func = mod["main"]
+    sites = _sites(func, spec)
+    names = {s.name for s in sites}
+    if config.layers is not None:
+        unknown = sorted(set(config.layers) - names)
+        if unknown:
+            raise RecipeError(f"sparse-2-4: no layer named {', '.join(unknown)} (layers: {', '.join(s.name for s in sites) or 'none'})")
+        sites = [s for s in sites if s.name in config.layers]
+    runs_here, why_not = runnable_here(spec)
+    measure = config.decide is Decide.MEASURE or (config.decide is Decide.AUTO and runs_here)
+    if measure and not runs_here:
+        raise RecipeError(f"sparse-2-4: decide='measure' needs the target to run here ({why_not}); use decide='all'")
+    chosen, records = {}, []
+    for site in sites:
+        if site.reason is not None:
+            records.append({"layer": site.name, "sparse": False, "reason": site.reason})
+            continue
+        layer = _plan_layer(site, config.permute)
+        record = layer.record
+        if measure:
+            original = site.call.args[1].value.numpy()
+            modules = {"dense": _layer_module(site, original, None, False), "sparse": _layer_module(site, layer.weight, layer.perm, True)}
+            t = _time_layers(modules, spec)
+            record |= {"dense_ms": round(t["dense"] * 1e3, 4), "sparse_ms": round(t["sparse"] * 1e3, 4), "speedup": round(t["dense"] / t["sparse"], 3)}
+            record["sparse"] = t["sparse"] < t["dense"]
+            if not record["sparse"]:
+                record["reason"] = "the dense kernel measured faster"
+        else:
+            record["sparse"] = True
+            record["measured"] = False
+        records.append(record)
+        if record["sparse"]:
+            chosen[site.var] = layer
+    report = {
+        "pattern": "2:4",
+        "decide": config.decide.value,
+        "measured": measure,
+        "not_measured_because": None if measure else (why_not or "decide='all'"),
+        "permute": config.permute,
+        "layers": records,
+    }
+    sparse = [r for r in records if r.get("sparse")]
+    log.info("sparse-2-4: %d of %d conv/matmul layers sparse", len(sparse), len(records))
+    if not chosen:
+        return mod.with_attr(REPORT_ATTR, json.dumps(report))
+
+    def emit(bb):
+        def call(var, _orig, value):
+            layer = chosen.get(var)
+            if layer is None:
+                return bb.emit(value, name_hint=var.name)
+            return _emit_layer(bb, value, value.args[0], layer.weight, layer.perm, var.name)
+
+        return emit_main(bb, func, func.params, call)[0]
+
+    out = module_with_main(mod, func, emit, isinstance(func.body.body, relax.Tuple))
+    return out.with_attr(REPORT_ATTR, json.dumps(report))
+
+
+def sparsity_report(mod) -> dict | None:
+    """The report ``sparsify`` attached to ``mod`` (None if it did not run)."""
+    attrs = mod.attrs
+    if attrs is None or REPORT_ATTR not in attrs:
+        return None
+    report = json.loads(str(attrs[REPORT_ATTR]))
+    layers = [r for r in report["layers"] if r.get("sparse")]
+    dense = sum(r["weight_bytes_dense"] for r in layers)
+    report["sparse_layers"] = len(layers)
+    report["weight_bytes"] = {"dense": dense, "sparse": sum(r["weight_bytes_sparse"] for r in layers)}
+    report["weight_bytes"]["ratio"] = round(report["weight_bytes"]["sparse"] / dense, 4) if dense else None
+    return report
+

@@ -1,0 +1,233 @@
+"""sparse-2-4: 2:4 structured sparsity on sparse kernels.
+
+Math (numpy): the mask keeps the 2 largest of every 4 along the reduction axis, the
+compressed form round-trips, the permutation search never keeps less magnitude. Structural:
+after the pass every chosen layer's weight is 2:4 (a conv's input channels at each tap, a
+matmul's K), permuted layers read their input through a ``take``, and the BUILT module runs
+those layers in the sparse kernel (no dense conv / matmul kernel left for them). Numerical:
+the graph after the pass equals numpy with the masked weights; the built module (sparse
+kernels) equals that graph run by TVM's plain dense pipeline (float32 summation order:
+rtol 1e-4 of the output scale).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from hwcompress import build as B  # noqa: E402
+from hwcompress.errors import RecipeError  # noqa: E402
+from hwcompress.passes import Sparse24, sparsify  # noqa: E402
+from hwcompress.passes.sparsity import mask24, sparsity_report  # noqa: E402
+from hwcompress.targets import load_target  # noqa: E402
+from hwcompress.verify import host_vm  # noqa: E402
+
+HOST = load_target("host")
+RTOL = 1e-4  # of max |output|: float32 sums in another order
+
+
+# ------------------------------------------------------------------------------ numpy math
+
+
+def test_mask_keeps_two_largest_of_every_four():
+    w = np.array([[1.0, -5.0, 3.0, 0.5, 0.0, 0.0, 0.0, 0.0], [2.0, 2.0, -2.0, 1.0, 9.0, 8.0, -7.0, 6.0]], np.float32)
+    mask = mask24.mask_2to4(w)
+    assert mask.tolist() == [
+        [False, True, True, False, True, True, False, False],  # ties and zeros: lowest positions
+        [True, True, False, False, True, True, False, False],
+    ]
+    assert mask.reshape(2, 2, 4).sum(-1).tolist() == [[2, 2], [2, 2]]
+
+
+def test_compressed_form_round_trips_and_is_half_the_size():
+    rng = np.random.default_rng(0)
+    for n, k in [(3, 4), (5, 12), (64, 256)]:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        c = mask24.compress(w)
+        assert c.values.shape == (n, k // 2) and c.meta.shape == (n, (k + 7) // 8) and c.meta.dtype == np.uint8
+        np.testing.assert_array_equal(mask24.decompress(c), w * mask24.mask_2to4(w))
+        assert mask24.is_2to4(mask24.decompress(c)) and not mask24.is_2to4(w)
+    assert c.nbytes / w.nbytes == pytest.approx(0.53125)
+
+
+def test_meta_layout():
+    """Group g's positions i0 < i1 are the nibble i0 | i1 << 2 at bit 4 * (g % 2) of byte g // 2."""
+    w = np.zeros((1, 8), np.float32)
+    w[0, [1, 3, 4, 6]] = [1, 2, 3, 4]  # group 0 keeps 1, 3; group 1 keeps 0, 2
+    c = mask24.compress(w)
+    assert c.meta.tolist() == [[(1 | 3 << 2) | (0 | 2 << 2) << 4]]
+    assert c.values.tolist() == [[1, 2, 3, 4]]
+
+
+def test_permutation_search_keeps_more_and_is_a_permutation():
+    rng = np.random.default_rng(1)
+    # structured weight: columns of very different scale, badly grouped by the identity order
+    w = rng.standard_normal((32, 64)).astype(np.float32) * np.repeat([10.0, 10.0, 10.0, 10.0, 0.1, 0.1, 0.1, 0.1], 8)
+    perm = mask24.permutation_search(w, seed=0)
+    assert sorted(perm.tolist()) == list(range(64))
+    assert mask24.kept_fraction(w, perm) > mask24.kept_fraction(w) + 0.05
+    np.testing.assert_array_equal(perm, mask24.permutation_search(w, seed=0))  # reproducible
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="decide"):
+        Sparse24(decide="sometimes")
+    with pytest.raises(ValueError, match="layers"):
+        Sparse24(layers="matmul[0]")
+    assert Sparse24(layers=["matmul[0]"]).layers == ("matmul[0]",)
+
+
+# ------------------------------------------------------------------------------ the graph
+
+
+def _model(seed: int = 0):
+    """NHWC [1, 6, 6, 16]: conv 1x1 16->32, ReLU, conv 3x3 32->32 (pad 1), ReLU, conv 3x3
+    stride 2 32->16 (pad 1), flatten, matmul 144->24 + bias, matmul 24->10."""
+    rng = np.random.default_rng(seed)
+
+    def const(*shape):
+        return relax.const((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32))
+
+    x = relax.Var("x", relax.TensorType([1, 6, 6, 16], "float32"))
+    bb = relax.BlockBuilder()
+    nhwc = dict(data_layout="NHWC", kernel_layout="OHWI")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, const(32, 1, 1, 16), **nhwc)))
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(y, const(32, 3, 3, 32), padding=1, **nhwc)))
+            y = bb.emit(relax.op.nn.conv2d(y, const(16, 3, 3, 32), strides=2, padding=1, **nhwc))
+            y = bb.emit(relax.op.reshape(y, [1, 144]))
+            y = bb.emit(relax.op.add(relax.op.matmul(y, const(144, 24)), const(24)))
+            out = bb.emit_output(relax.op.matmul(y, const(24, 10)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _weights(mod) -> dict[str, np.ndarray]:
+    found, counts = {}, {"relax.nn.conv2d": 0, "relax.matmul": 0}
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", None) in counts:
+            name = f"{e.op.name.split('.')[-1]}[{counts[e.op.name]}]"
+            counts[e.op.name] += 1
+            found[name] = e.args[1].value.numpy()
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return found
+
+
+def _gemm_rows(name, w):
+    return mask24.conv_rows(w) if name.startswith("conv") else w.T
+
+
+def _run(vm, x):
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(5).standard_normal((1, 6, 6, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_every_chosen_layer_is_2to4_and_the_graph_is_the_masked_model(permute, x):
+    mod = _model()
+    before = _weights(mod)
+    out = sparsify(mod, Sparse24(permute=permute, decide="all"), HOST)
+    after = _weights(out)
+    report = sparsity_report(out)
+    by_name = {r["layer"]: r for r in report["layers"]}
+    assert set(by_name) == set(before) == set(after)
+    for name, w in after.items():
+        assert by_name[name]["sparse"], by_name[name]
+        assert mask24.is_2to4(_gemm_rows(name, w)), name
+        # no weight invented: the kept values are the original's (permuted)
+        assert np.isin(w[w != 0], before[name]).all()
+        if permute:
+            assert by_name[name]["kept_magnitude_permuted"] >= by_name[name]["kept_magnitude"]
+    takes = [b for blk in out["main"].body.blocks for b in blk.bindings if getattr(getattr(b.value, "op", None), "name", "") == "relax.take"]
+    assert (len(takes) > 0) == permute
+    if not permute:  # the graph is the original with the mask applied
+        for name, w in before.items():
+            rows = _gemm_rows(name, w)
+            assert np.array_equal(_gemm_rows(name, after[name]), rows * mask24.mask_2to4(rows))
+    assert report["weight_bytes"]["ratio"] < 0.56
+
+
+def test_built_module_runs_the_sparse_kernels_and_matches_the_dense_graph(x):
+    out = sparsify(_model(), Sparse24(decide="all"), HOST)
+    lowered = B.legalize(out, HOST)
+    calls = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", None) == "relax.call_tir":
+            calls.append(e.args[0].name_hint)
+
+    for gv, func in lowered.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    sparse_calls = [c for c in calls if c.startswith("sparse24_gemm")]
+    assert len(sparse_calls) == 5, calls  # 3 convs + 2 matmuls, none left as dense kernels
+    assert not [c for c in calls if "conv2d" in c or "matmul" in c or "dense" in c], calls
+    built = relax.VirtualMachine(B.build(B.default_schedule(lowered, HOST), HOST), tvm.cpu())
+    want = _run(host_vm(out), x)  # TVM's plain pipeline: dense kernels on the 2:4 weights
+    got = _run(built, x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
+def test_layers_and_measured_decision(x):
+    mod = _model()
+    out = sparsify(mod, Sparse24(layers=("matmul[0]",), permute=False), HOST)
+    report = sparsity_report(out)
+    assert [r["layer"] for r in report["layers"]] == ["matmul[0]"]
+    (rec,) = report["layers"]
+    assert report["measured"] and rec["dense_ms"] > 0 and rec["sparse_ms"] > 0
+    assert rec["sparse"] == (rec["sparse_ms"] < rec["dense_ms"])
+    assert mask24.is_2to4(_weights(out)["matmul[0]"].T) == rec["sparse"]
+    with pytest.raises(RecipeError, match="no layer named conv2d.9."):
+        sparsify(mod, Sparse24(layers=("conv2d[9]",)), HOST)
+
+
+def test_ineligible_layers_are_reported():
+    from hwcompress.passes.sparsity.sparse24 import REPORT_ATTR
+
+    x = relax.Var("x", relax.TensorType([1, 3, 8, 8], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(np.ones((8, 3, 3, 3), np.float32))))  # NCHW, 3 channels
+            out = bb.emit_output(relax.op.nn.conv2d(y, relax.const(np.ones((8, 1, 3, 3), np.float32)), groups=8))
+        bb.emit_func_output(out)
+    out = sparsify(bb.get(), Sparse24(decide="all"), HOST)
+    reasons = [r["reason"] for r in json.loads(str(out.attrs[REPORT_ATTR]))["layers"]]
+    assert "grouped / depthwise conv" in reasons and any("NCHW layout" in r for r in reasons)
+    assert sparsity_report(out)["sparse_layers"] == 0
+
+
+def test_2to4_weights_without_the_step_stay_dense():
+    """Only the technique decides: a module with 2:4 weights that did not go through it (an
+    imported, already pruned model) is legalized with the dense kernels."""
+    out = sparsify(_model(), Sparse24(decide="all", permute=False), HOST)
+    plain = tvm.IRModule(dict(out.functions_items()))  # the same graph, no sparsity report
+    assert B.has_sparsity(out) and not B.has_sparsity(plain)
+    names = [gv.name_hint for gv in B.legalize(plain, HOST).functions.keys()]
+    assert not [n for n in names if n.startswith("sparse24_gemm")], names
+
+
+def test_the_permutation_alone_changes_nothing(monkeypatch, x):
+    """With the mask switched off, the permuted graph (``take`` on the input, the weight's
+    reduction axis reordered the same way) computes exactly the original model."""
+    from hwcompress.passes.sparsity import sparse24
+
+    monkeypatch.setattr(sparse24, "mask_2to4", lambda w: np.ones(w.shape, bool))
+    mod = _model()
+    out = sparsify(mod, Sparse24(decide="all", permute=True), HOST)
+    assert [b for blk in out["main"].body.blocks for b in blk.bindings if getattr(getattr(b.value, "op", None), "name", "") == "relax.take"]
+    want, got = _run(host_vm(mod), x), _run(host_vm(out), x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())

@@ -1,0 +1,163 @@
+"""The CPU 2:4 sparse GEMM kernels (``backends.cpu_sparse``) against numpy: a dense matmul
+with the masked weights (``mask24.decompress``). Tolerance: float32 summation order only,
+``|y - ref| <= 1e-5 * (|x| @ |W|.T)`` elementwise. Structure: the x86 kernel's assembly has
+the permute (and ``PERMILPS`` its control broadcast from memory); the generic kernel
+cross-compiles for aarch64."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from hwcompress.backends import cpu_sparse as S  # noqa: E402
+from hwcompress.backends import cpu_sparse_gemv as G  # noqa: E402
+from hwcompress.passes.sparsity import mask24  # noqa: E402
+from hwcompress.targets import load_target  # noqa: E402
+
+HOST = load_target("host").tvm_target()
+needs_avx2 = pytest.mark.skipif(not S.has_avx2(HOST), reason="the x86 sparse kernels need AVX2 + FMA")
+RTOL = 1e-5  # relative to sum_k |x| |w|: float32 rounding of a different summation order
+
+
+def _check(m, n, k, variant, seed=0):
+    x, values, meta, y = S.random_operands(m, n, k, seed)
+    dense = mask24.decompress(mask24.Compressed(values, meta, k))
+    args = [tvm.runtime.tensor(a) for a in (x, values, meta, y)]
+    S.build(S.sparse24_kernel(m, n, k, HOST, variant), HOST)["main"](*args)
+    scale = np.abs(x).astype(np.float64) @ np.abs(dense).T.astype(np.float64)
+    err = np.abs(args[3].numpy() - x.astype(np.float64) @ dense.T.astype(np.float64))
+    assert (err <= RTOL * scale + 1e-30).all(), f"{variant.name} {m}x{n}x{k}: max rel err {(err / scale).max():.2e}"
+
+
+X86_SHAPES = [(1, 64, 64), (1, 96, 128), (1, 30, 48), (49, 32, 256), (3, 8, 64), (17, 10, 32)]
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,n,k", X86_SHAPES)
+def test_x86_variants_match_numpy(m, n, k):
+    for variant in S.variants(m, n, k, HOST):
+        _check(m, n, k, variant)
+
+
+@needs_avx2
+@pytest.mark.parametrize("gather", [S.Gather.PERMPS, S.Gather.PERMILPS])
+def test_permute_kernels_on_several_rows_and_odd_chunks(gather):
+    # unroll 4 over 3 chunks (k=48): one short tail; rows 3 over n=10: a clamped last block
+    _check(5, 10, 48, S.Variant(gather, rows=3, unroll=4, m_rows=2))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (3, 8, 36), (4, 7, 20), (49, 32, 256)])
+def test_generic_matches_numpy(m, n, k):
+    _check(m, n, k, S.Variant(S.Gather.GENERIC, rows=1, unroll=1))
+
+
+@pytest.mark.parametrize("m,n,k", [(9, 8, 36), (49, 12, 64)])
+def test_broadcast_matches_numpy_any_k(m, n, k):
+    _check(m, n, k, S.Variant(S.Gather.BROADCAST, rows=2, unroll=4, m_rows=4))
+
+
+@needs_avx2
+@pytest.mark.parametrize("lut", [True, False])
+@pytest.mark.parametrize("m,n,k,rows,unroll,m_rows", [
+    (1, 64, 64, 8, 2, 1),     # k % 16 == 0, whole blocks
+    (1, 37, 48, 8, 4, 1),     # odd n: the last pair is row 36 twice; 6 windows over unroll 4: a tail
+    (1, 21, 40, 4, 2, 1),     # k % 16 == 8; 5 windows
+    (3, 11, 24, 6, 2, 2),     # m > 1: a clamped last m-block
+    (2, 5, 8, 2, 1, 2),       # one window
+])  # fmt: skip
+def test_row_pair_kernel_matches_numpy(m, n, k, rows, unroll, m_rows, lut):
+    _check(m, n, k, S.Variant(S.Gather.PAIRS, rows=rows, unroll=unroll, m_rows=m_rows, lut=lut))
+
+
+def test_row_pair_table_entry_selects_the_kept_positions():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((1, 8)).astype(np.float32)
+    c = mask24.compress(w)
+    ctl = np.array(G.lut_entry(int(c.meta[0, 0])))
+    np.testing.assert_array_equal(w[0, ctl], c.values[0, :4])  # the 4 x a window's kept values multiply
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,n,k,m_rows", [(1, 9, 48, 1), (1, 8, 80, 1), (1, 4, 16, 1), (4, 10, 112, 4), (3, 6, 80, 2)])
+def test_permilps_meta_word_on_odd_chunk_counts(m, n, k, m_rows):
+    # k/16 odd: the last chunk's control is read from the word that ends at the row's end
+    for unroll in (1, 2, 3):
+        _check(m, n, k, S.Variant(S.Gather.PERMILPS, rows=4, unroll=unroll, m_rows=m_rows))
+
+
+@needs_avx2
+def test_default_variants_by_shape_class():
+    assert S.variants(1, 2048, 2048, HOST)[0].gather is S.Gather.PERMILPS
+    assert S.variants(4, 512, 512, HOST)[0] == S.Variant(S.Gather.PERMILPS, 2, 2, 4)
+    assert S.variants(49, 512, 2048, HOST)[0].gather is S.Gather.BROADCAST
+    assert S.Gather.PAIRS in {v.gather for v in S.variants(1, 2048, 2048, HOST)}
+    assert [v.gather for v in S.variants(1, 64, 40, HOST)] == [S.Gather.PAIRS]  # k % 16 == 8
+    with pytest.raises(ValueError):
+        S.sparse24_kernel(1, 8, 36, HOST, S.Variant(S.Gather.PAIRS, rows=2))
+
+
+def test_variants_fall_back_to_generic():
+    assert [v.gather for v in S.variants(3, 8, 36, HOST)] == [S.Gather.GENERIC]  # k % 16 != 0
+    arm = load_target("arm-cortex-a76").tvm_target()
+    assert not S.has_avx2(arm)
+    assert [v.gather for v in S.variants(1, 64, 64, arm)] == [S.Gather.GENERIC]
+    with pytest.raises(ValueError):
+        S.sparse24_kernel(1, 8, 36, HOST, S.Variant(S.Gather.PERMPS))
+    with pytest.raises(ValueError):
+        S.Variant(S.Gather.PERMPS, rows=0)
+
+
+def test_kernel_signature_and_attrs():
+    func = S.sparse24_kernel(2, 16, 64, HOST)
+    shapes = [tuple(int(d) for d in p.shape) for p in func.params]  # params are the buffers in tirx
+    dtypes = [str(p.dtype) for p in func.params]
+    assert shapes == [(2, 64), (16, 32), (16, 8), (2, 16)]
+    assert dtypes == ["float32", "float32", "uint8", "float32"]
+    assert bool(func.attrs["tirx.is_scheduled"]) and "global_symbol" not in func.attrs
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "gather,insns",
+    [(S.Gather.PERMPS, ("vpermps", "vpermd")), (S.Gather.PERMILPS, ("vpermilps",)), (S.Gather.PAIRS, ("vpermps", "vpermd"))],
+)
+def test_x86_assembly_has_the_permute(gather, insns):
+    asm = S.build(S.sparse24_kernel(1, 64, 128, HOST, S.Variant(gather)), HOST).inspect_source("asm")
+    # LLVM may pick vpermd (the integer twin of vpermps, same shuffle) for the float permute
+    assert any(i in asm for i in insns) and "ymm" in asm and "vfmadd" in asm
+    if gather is S.Gather.PERMILPS:  # the control: the meta word broadcast from memory, one shift
+        assert re.search(r"vpbroadcastd\s+-?\d*\(", asm) and ("vpsravd" in asm or "vpsrlvd" in asm)
+
+
+def test_generic_cross_compiles_for_aarch64():
+    arm = load_target("arm-cortex-a76").tvm_target()
+    func = S.sparse24_kernel(4, 32, 64, arm)
+    asm = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=arm).mod.inspect_source("asm")
+    assert "ldrb" in asm and ("fmadd" in asm or "fmla" in asm)  # meta bytes read, float MACs
+
+
+@needs_avx2
+def test_call_tir_from_relax():
+    m, n, k = 1, 32, 64
+    x, values, meta, _ = S.random_operands(m, n, k, seed=3)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((m, k), "float32"))
+    with bb.function("main", [xv]):
+        gv = bb.add_func(S.sparse24_kernel(m, n, k, HOST), "sparse24")
+        out = bb.emit(relax.call_tir(gv, [xv, relax.const(values), relax.const(meta)], relax.TensorType((m, n), "float32")))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=HOST), tvm.cpu())
+    ref = x @ mask24.decompress(mask24.Compressed(values, meta, k)).T
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_avx2
+def test_pick_variant_returns_a_candidate():
+    best, times = S.pick_variant(1, 64, 128, HOST, number=2, repeat=1)
+    assert best in S.variants(1, 64, 128, HOST) and set(times) == {v.name for v in S.variants(1, 64, 128, HOST)}

@@ -1,0 +1,222 @@
+"""Dense vs 2:4 sparse float32 GEMM on this host: batch-1 dense layers and 1x1 convs as GEMM.
+
+    .venv/bin/python tools/bench_sparse.py                      # 1 and 2 threads, all shapes
+    .venv/bin/python tools/bench_sparse.py --threads 1 --shapes 1x1024x1024,49x2048x512
+    .venv/bin/python tools/bench_sparse.py --trials 64 --work-dir /tmp/sp_tune   # dense tuned too
+    .venv/bin/python tools/bench_sparse.py --json out.json
+    .venv/bin/python tools/bench_sparse.py --cold               # weights streamed from DRAM
+
+A shape ``MxNxK`` is ``y[M, N] = x[M, K] @ W[N, K].T`` with ``W`` 2:4-masked random weights.
+Dense: a Relax ``R.matmul(x, W.T)`` by a constant, built the way hwc builds it
+(``build.legalize``, ``build.default_schedule``, ``build.build``); with ``--trials N`` it is also
+MetaSchedule-tuned (``tuning.tune_module``, N trials) and the faster of default and tuned is kept.
+Sparse: ``cpu_sparse.sparse24_kernel`` with the variant ``pick_variant`` measures fastest,
+called with ``relax.call_tir`` on the constant ``values``/``meta`` and built the same way.
+Both run through the Relax VM, timed with ``time_evaluator`` in alternating rounds (median of
+the rounds' medians).
+
+Warm (default): one layer timed over and over, so its weights stay in the caches (all but
+4096x4096 fit in a 32 MB L3) -- unlike a model, whose layers evict each other. ``--cold``: C
+copies of the layer (different random weights, same shape, dense and sparse alike), C chosen
+so that the *sparse* copies alone exceed twice the L3 (``--l3-mb``, default read from sysfs),
+run in sequence by one VM function returning all outputs; the time reported is per layer
+(total / C). Each thread count runs in its own process (``TVM_NUM_THREADS`` is read
+once, before the first kernel), pinned to that many CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# batch-1 dense layers (N = K, and a 1000-class head) and ResNet-50 1x1 convs as GEMM
+SHAPES = "1x512x512,1x1024x1024,1x2048x2048,1x4096x4096,1x1000x2048,49x2048x512,49x512x2048,196x1024x256"
+
+
+def _parse(shape: str) -> tuple[int, int, int]:
+    m, n, k = (int(v) for v in shape.lower().split("x"))
+    return m, n, k
+
+
+def _relax(m: int, k: int, n: int, body, copies: int = 1):
+    """``main(x)``: ``body(bb, x, i)`` for each copy ``i``; one output, or a tuple of all."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            outs = [bb.emit(body(bb, x, i)) for i in range(copies)]
+            out = bb.emit_output(outs[0] if copies == 1 else relax.Tuple(outs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def dense_vm(ws: list[np.ndarray], m: int, spec, trials: int = 0, work_dir: Path | None = None):
+    """{label: VM} of ``x @ w.T`` by a constant for each ``w`` of ``ws`` (same shape), default
+    schedule, and with ``trials`` also MetaSchedule-tuned."""
+    import tvm
+    from tvm import relax
+
+    from hwcompress import build as B
+
+    n, k = ws[0].shape
+    w_kn = [relax.const(np.ascontiguousarray(w.T)) for w in ws]
+    mod = B.legalize(_relax(m, k, n, lambda bb, x, i: relax.op.matmul(x, w_kn[i]), len(ws)), spec)
+    vm = relax.VirtualMachine(B.build(B.default_schedule(mod, spec), spec), tvm.cpu())
+    if not trials:
+        return {"default": vm}
+    from hwcompress.tuning import tune_module
+
+    work = Path(work_dir or "tuning/bench_sparse") / f"{m}x{n}x{k}"
+    tune_module(mod, spec, trials, work, trials_per_iter=8)
+    tuned = relax.VirtualMachine(B.build(B.schedule(mod, spec, [work]), spec), tvm.cpu())
+    return {"default": vm, "tuned": tuned}
+
+
+def sparse_vm(ws: list[np.ndarray], m: int, spec, variant):
+    """VM of the 2:4 kernel on ``compress(w)`` for each ``w`` of ``ws`` (same shape)."""
+    import tvm
+    from tvm import relax
+
+    from hwcompress import build as B
+    from hwcompress.backends.cpu_sparse import sparse24_kernel
+    from hwcompress.passes.sparsity.mask24 import compress
+
+    n, k = ws[0].shape
+    cs = [compress(w) for w in ws]
+    target = spec.tvm_target()
+
+    def body(bb, x, i):
+        gv = bb.add_func(sparse24_kernel(m, n, k, target, variant), "sparse24_matmul")  # added once
+        c = cs[i]
+        return relax.call_tir(gv, [x, relax.const(c.values), relax.const(c.meta)], relax.TensorType((m, n), "float32"))
+
+    mod = _relax(m, k, n, body, len(ws))
+    return relax.VirtualMachine(B.build(B.default_schedule(mod, spec), spec), tvm.cpu())
+
+
+def bench_shape(m, n, k, spec, args) -> dict:
+    import tvm
+
+    from hwcompress.backends.cpu_sparse import pick_variant
+    from hwcompress.passes.sparsity.mask24 import decompress, compress
+
+    rng = np.random.default_rng(0)
+    copies = cold_copies(n, k, args.l3_mb) if args.cold else 1
+    ws = [decompress(compress(rng.standard_normal((n, k)).astype(np.float32))) for _ in range(copies)]  # masked
+    x = tvm.runtime.tensor(rng.standard_normal((m, k)).astype(np.float32))
+    target = spec.tvm_target()
+    variant, _ = pick_variant(m, n, k, target, number=args.number, repeat=3)
+    vms = {f"dense_{name}": vm for name, vm in dense_vm(ws, m, spec, args.trials, args.work_dir).items()}
+    vms["sparse"] = sparse_vm(ws, m, spec, variant)
+    first = lambda out: (out[0] if copies > 1 else out).numpy()  # noqa: E731
+    outs = {name: first(vm["main"](x)) for name, vm in vms.items()}
+    ref = outs["dense_default"]
+    err = float(np.abs(outs["sparse"] - ref).max() / max(np.abs(ref).max(), 1e-30))
+    number = max(1, args.number // copies) if copies > 1 else args.number
+    evals = {name: vm.time_evaluator("main", tvm.cpu(), number=number, repeat=1) for name, vm in vms.items()}
+    rounds = {name: [] for name in vms}
+    for _ in range(args.rounds):  # alternate so that machine noise hits all alike
+        for name, fn in evals.items():
+            rounds[name].append(fn(x).median / copies)
+    ms = {name: statistics.median(ts) * 1e3 for name, ts in rounds.items()}
+    dense_best = min((v, name) for name, v in ms.items() if name.startswith("dense"))
+    return {
+        "shape": f"{m}x{n}x{k}", "m": m, "n": n, "k": k, "variant": variant.name, "copies": copies,
+        "dense_ms": dense_best[0], "dense_kind": dense_best[1].removeprefix("dense_"),
+        "sparse_ms": ms["sparse"], "ratio": dense_best[0] / ms["sparse"], "rel_err": err, "all_ms": ms,
+    }  # fmt: skip
+
+
+def l3_bytes() -> int:
+    """This host's last-level cache (sysfs), 32 MiB when it cannot be read."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
+    except (OSError, ValueError, KeyError, IndexError):
+        return 32 << 20
+
+
+def cold_copies(n: int, k: int, l3_mb: float | None) -> int:
+    """Copies of an ``n x k`` layer whose 2:4 compressed weights exceed twice the L3."""
+    l3 = int(l3_mb * (1 << 20)) if l3_mb else l3_bytes()
+    sparse = n * (k // 2) * 4 + n * ((k + 7) // 8)
+    return max(2, -(-2 * l3 // sparse) + 1)
+
+
+def worker(args) -> None:
+    """One thread count, this process: every shape, one JSON line per shape on stdout."""
+    from hwcompress.targets import load_target
+
+    spec = load_target("host")
+    for shape in args.shapes.split(","):
+        row = bench_shape(*_parse(shape), spec, args)
+        row["threads"] = int(os.environ["TVM_NUM_THREADS"])
+        print(json.dumps(row), flush=True)
+        print(f"  {row['threads']}T {row['shape']:>14}: dense {row['dense_ms']:.4f} ms, sparse {row['sparse_ms']:.4f} ms "
+              f"({row['variant']}), x{row['ratio']:.2f}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def run_threads(threads: int, args) -> list[dict]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads > len(cpus):
+        raise SystemExit(f"--threads {threads}: only {len(cpus)} CPUs available")
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--worker", "--shapes", args.shapes, "--rounds", str(args.rounds),
+           "--number", str(args.number), "--trials", str(args.trials)]  # fmt: skip
+    if args.cold:
+        cmd += ["--cold"] + (["--l3-mb", str(args.l3_mb)] if args.l3_mb else [])
+    if args.work_dir:
+        cmd += ["--work-dir", str(args.work_dir)]
+    # 1 thread on the last CPU (the first takes most of the machine's other work)
+    pin = ["taskset", "-c", ",".join(str(c) for c in cpus[-threads:])]
+    out = subprocess.run(pin + cmd, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def table(rows: list[dict], trials: int, cold: bool = False) -> str:
+    dense = f"dense (best of default / tuned {trials} trials)" if trials else "dense (hwc default schedule)"
+    regime = "cold: per layer of C copies" if cold else "warm"
+    lines = [f"| shape MxNxK | threads | {dense} ms ({regime}) | 2:4 sparse ms | dense / sparse | sparse variant | C | rel. err |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
+    for r in rows:
+        kind = f" ({r['dense_kind']})" if trials else ""
+        lines.append(f"| {r['shape']} | {r['threads']} | {r['dense_ms']:.4f}{kind} | {r['sparse_ms']:.4f} | "
+                     f"{r['ratio']:.2f}x | {r['variant']} | {r['copies']} | {r['rel_err']:.1e} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=SHAPES, help="comma-separated MxNxK")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating timing rounds")
+    ap.add_argument("--number", type=int, default=20, help="runs per timing")
+    ap.add_argument("--trials", type=int, default=0, help="also MetaSchedule-tune dense with N trials")
+    ap.add_argument("--work-dir", type=Path, default=None, help="tuning databases (default tuning/bench_sparse)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--cold", action="store_true", help="C copies of each layer, weights > 2x L3 (per-layer time)")
+    ap.add_argument("--l3-mb", type=float, default=None, help="L3 size for --cold (default: sysfs)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    rows = [row for t in args.threads.split(",") for row in run_threads(int(t), args)]
+    print(table(rows, args.trials, args.cold))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
