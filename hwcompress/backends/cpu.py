@@ -25,8 +25,11 @@ def _legalize_map(target):
     from .cpu_int8 import legalize_matmul_int8
     from .cpu_schedule import CpuFacts
 
+    from .cpu_dense import legalize_matmul
+
     facts = CpuFacts.from_target(target)
-    return {"relax.nn.conv2d": legalize_conv2d(facts), "relax.matmul": legalize_matmul_int8(facts)}
+    conv = legalize_conv2d(facts)
+    return {"relax.nn.conv2d": conv, "relax.matmul": legalize_matmul(legalize_matmul_int8(facts), conv)}
 
 
 def _sparse_kernel(target, m, n, k):
