@@ -90,6 +90,9 @@ class Npu:
     in_channel_multiple: int = 1
     out_channel_multiple: int = 1
     pow2_scales: bool = False
+    # channel multiples as hard limits (other counts stay on the host) rather than the idle MAC
+    # lanes the cost model charges (docs/npu-command-stream.md, "Cost model")
+    strict_channels: bool = False
     macs_per_cycle: int = 0
     bytes_per_cycle: int = 0
 

@@ -243,8 +243,9 @@ def test_conv_layout_field_loads_and_round_trips(tmp_path):
     old = spec.to_dict()
     del old["hardware"]["conv_layout"]  # a manifest written before the field existed
     assert spec_from_dict(old).hardware.conv_layout is DataLayout.NCHW
-    for name in ("cuda-sm80", "jetson-orin", "npu-stub"):
+    for name in ("cuda-sm80", "jetson-orin"):
         assert load_target(name).hardware.conv_layout is DataLayout.NCHW
+    assert load_target("npu-stub").hardware.conv_layout is DataLayout.NHWC  # what the NPU reads
 
 
 def _names(recipe) -> list[str]:

@@ -26,11 +26,11 @@ def _names(recipe) -> list[str]:
 
 @pytest.mark.parametrize(
     "target,winograd,nhwc",
-    [("host", True, True), ("arm-cortex-a72", True, True), ("cuda-sm80", True, False), ("jetson-orin", True, False), ("npu-stub", False, False)],
+    [("host", True, True), ("arm-cortex-a72", True, True), ("cuda-sm80", True, False), ("jetson-orin", True, False), ("npu-stub", False, True)],
 )
 def test_auto_follows_the_target_spec(target, winograd, nhwc):
     """CPU targets: Winograd and NHWC convs (the layout measured faster there); CUDA: Winograd
-    in NCHW (measured on an H100); NPU: neither."""
+    in NCHW (measured on an H100); NPU: NHWC (what it reads), no Winograd."""
     spec = load_target(target)
     assert spec.hardware.winograd is winograd
     assert spec.hardware.conv_layout.value == ("NHWC" if nhwc else "NCHW")

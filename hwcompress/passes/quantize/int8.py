@@ -37,7 +37,7 @@ from ...targets import Int8Kind
 from .observers import QParams, asymmetric_qparams, weight_qparams
 from .observers import quantize as quantize_array
 
-__all__ = ["REPORT_ATTR", "CalibrationMethod", "Int8Static", "int8_report", "plan_layer", "quantize"]
+__all__ = ["REPORT_ATTR", "CalibrationMethod", "Int8Static", "int8_report", "plan_layer", "pow2_qparams", "pow2_scale", "quantize"]
 
 log = logging.getLogger("hwcompress")
 
@@ -145,9 +145,27 @@ def synthetic_inputs(func, samples: int, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True, qmax: int = 127):
+def pow2_scale(scale):
+    """``scale`` rounded *up* to a power of two (float32): nothing observed gets clipped, at
+    the price of up to one bit of resolution."""
+    return (2.0 ** np.ceil(np.log2(np.asarray(scale, np.float64)))).astype(np.float32)
+
+
+def pow2_qparams(qp: QParams) -> QParams:
+    """``qp`` with power-of-two scales; an asymmetric zero point is recomputed so that the
+    float 0 stays exact and the low end of the range is kept."""
+    scale = pow2_scale(qp.scale)
+    if qp.dtype == "int8":  # symmetric weights
+        return QParams(scale, qp.zero_point, qp.dtype, qp.axis)
+    lo = -float(qp.zero_point) * float(qp.scale)
+    zero_point = int(np.clip(round(-lo / float(scale)), 0, 255))
+    return QParams(float(scale), zero_point, qp.dtype, qp.axis)
+
+
+def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True, qmax: int = 127, pow2: bool = False):
     """The ``Int8Layer`` of ``site``: uint8 parameters of its input range, int8 weight in
-    ``[-qmax, qmax]`` (``weight_qparams``)."""
+    ``[-qmax, qmax]`` (``weight_qparams``); ``pow2``: every scale a power of two
+    (``pow2_qparams``), so that an NPU requantizes with shifts only."""
     from .int8_graph import Int8Layer
 
     w = site.weight()
@@ -158,9 +176,12 @@ def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True,
         scale = weight_qparams(w.reshape(1, -1), 0, qmax).scale[0]  # one "channel": the whole tensor
         channels = w.shape[axis]
         wqp = QParams(np.full(channels, scale, np.float32), np.zeros(channels, np.int32), "int8", axis)
+    act = asymmetric_qparams(*input_range)
+    if pow2:
+        wqp, act = pow2_qparams(wqp), pow2_qparams(act)
     # a guard on float32 rounding of |w| / s: the AVX2 kernels are exact only within qmax = 63
     weight = np.clip(quantize_array(w, wqp), -qmax, qmax).astype(np.int8)
-    return Int8Layer(site, asymmetric_qparams(*input_range), weight, np.asarray(wqp.scale, np.float32))
+    return Int8Layer(site, act, weight, np.asarray(wqp.scale, np.float32))
 
 
 def weight_qmax(spec) -> int:
@@ -201,6 +222,8 @@ def quantize(mod, config: Int8Static, spec=None):
             "without data use Int8DataFree() (`--calibration data-free`)"
         )
     qmax = weight_qmax(spec)
+    # an NPU that requantizes with shifts only needs power-of-two scales ([npu].pow2_scales)
+    pow2 = spec is not None and spec.npu is not None and spec.npu.pow2_scales
     dfq_report = None
     if config.equalize or config.bias_correction:
         from .dfq import DataFree, apply_dfq
@@ -216,7 +239,8 @@ def quantize(mod, config: Int8Static, spec=None):
     report = {
         "scheme": "uint8 activations (asymmetric, per tensor) x int8 weights (symmetric, "
         + ("per output channel" if config.per_channel else "per tensor")
-        + (f"; 7-bit weights for AVX2 vpmaddubsw: [-{qmax}, {qmax}]" if qmax < 127 else "") + ") -> int32",
+        + (f"; 7-bit weights for AVX2 vpmaddubsw: [-{qmax}, {qmax}]" if qmax < 127 else "")
+        + ("; power-of-two scales for the NPU" if pow2 else "") + ") -> int32",
         "calibration": f"data-free: minmax on {config.samples} synthetic N(0,1) inputs" if data_free else config.calibration.value,
         "float_fallback": [{"name": s.name, "reason": s.reason} for s in sites if s.reason is not None],
         "float_ops": _float_ops(func, {s.var for s in todo}),
@@ -231,7 +255,7 @@ def quantize(mod, config: Int8Static, spec=None):
         report["dfq"] = dfq_report.as_dict()
     data = synthetic_inputs(func, config.samples, config.seed) if data_free else config.data.data
     ranges, kept, seen = calibrate(mod, todo, config.calibration.value, data, config.max_samples)
-    layers = [plan_layer(s, ranges[s.data], config.per_channel, qmax) for s in todo]
+    layers = [plan_layer(s, ranges[s.data], config.per_channel, qmax, pow2) for s in todo]
     measured = measure(mod, layers, kept)
     measured["layers"] = [
         {"name": layer.site.name, "op": layer.site.op, "input_scale": float(layer.act.scale),

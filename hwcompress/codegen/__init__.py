@@ -1,0 +1,1 @@
+"""Code generators for external (BYOC) targets; ``npu`` is the stub NPU."""

@@ -1,0 +1,152 @@
+"""NPU codegen: each partitioned NPU function -> a ``Program`` -> the simulator runtime module.
+
+Registered for Relax ``RunCodegen`` as ``relax.ext.npu``; ``RunCodegen`` calls it with the
+functions ``partition`` made and the options ``{"pow2_scales": bool}``.
+
+Per layer (``layer.NpuLayer``):
+
+* activations: the graph's uint8 tensors with zero point ``z`` are int8 tensors with zero
+  point ``z - 128`` on the NPU (the host shifts the bytes at the region boundary, see
+  ``offload.retype_boundaries``);
+* weights: the int8 pass's int8 weights, OHWI (dense: ``[C_out, C_in]``, NHWC column order);
+* bias: ``round(b / (s_x s_w[o]))`` in int32, at the accumulator's scale;
+* requant: ``quantize_multiplier(s_x s_w[o] / s_y, pow2)``: shifts only with ``pow2`` (the
+  int8 pass then chose power-of-two scales, so the ratios are exact powers of two);
+* relu / relu6: the clamp bounds of the output; a fused pool: a second command on the
+  requantized output (same zero point).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layer import NotOnNpu, read_layer
+from .program import AvgPool2D, Conv2D, Dense, MaxPool2D, Program, activation_bounds
+from .reference import quantize_multiplier
+
+INT8_SHIFT = 128  # uint8 value u is int8 value u - 128
+
+
+class _AnyNpu:
+    """Constraints used when reading layers back in the codegen: partitioning already applied
+    the target's, so here every op is allowed."""
+
+    supported_ops = ("conv2d", "depthwise_conv2d", "dense", "relu", "relu6", "max_pool2d", "avg_pool2d", "add")
+    strict_channels = False
+    in_channel_multiple = out_channel_multiple = 1
+
+
+def program_from_function(func, pow2_scales: bool = False) -> Program:
+    """The NPU program of one partitioned function (``partition.npu_functions``).
+
+    Raises ``ValueError`` if the function holds anything but NPU layers, or if two layers
+    disagree on the zero point of a tensor they share.
+    """
+    from tvm import relax
+
+    from .partition import composite_layers
+
+    program = Program(pow2_scales=pow2_scales)
+    ids: dict = {}  # relax var -> tensor id
+    for _name, out_var, arg, chain in composite_layers(func):
+        try:
+            layer = read_layer(chain, _AnyNpu)
+        except NotOnNpu as e:
+            raise ValueError(f"npu codegen: {e}") from None
+        x = _input(program, ids, func, arg, layer.input_zero_point)
+        ids[out_var] = _emit(program, layer, x, [int(d) for d in out_var.ty.shape.values], pow2_scales)
+    body = func.body.body
+    outs = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+    for o in outs:
+        if o not in ids:
+            raise ValueError("npu codegen: a function output is not written by any layer")
+    program.outputs = [ids[o] for o in outs]
+    return program
+
+
+def _input(program: Program, ids: dict, func, arg, zero_point: int | None) -> int:
+    zp = None if zero_point is None else zero_point - INT8_SHIFT
+    if arg in ids:
+        have = program.tensors[ids[arg]].zero_point
+        if zp is not None and have != zp:
+            raise ValueError(f"npu codegen: tensor {arg.name} has zero point {have}, a layer reads it as {zp}")
+        return ids[arg]
+    if arg not in list(func.params):
+        raise ValueError(f"npu codegen: layer input {arg} is neither a parameter nor a layer output")
+    tid = program.add_tensor([int(d) for d in arg.ty.shape.values], -INT8_SHIFT if zp is None else zp)
+    ids[arg] = tid
+    # inputs in parameter order: the order of the call's arguments
+    program.inputs = sorted([*program.inputs, tid], key=lambda t: _param_index(func, ids, t))
+    return tid
+
+
+def _param_index(func, ids, tid) -> int:
+    for i, p in enumerate(func.params):
+        if ids.get(p) == tid:
+            return i
+    return len(func.params)
+
+
+def _emit(program: Program, layer, x: int, out_shape: list[int], pow2: bool) -> int:
+    zy = layer.out_zero_point - INT8_SHIFT
+    ratio = layer.acc_scale / np.float64(layer.out_scale)
+    mult, shift = quantize_multiplier(ratio, pow2=pow2)
+    co = layer.weight.shape[0]
+    bias = None
+    if layer.bias is not None:
+        b = np.round(layer.bias.astype(np.float64) / layer.acc_scale)
+        bias = program.add_constant(np.clip(b, -(2**31), 2**31 - 1).astype(np.int32))
+    lo, hi = activation_bounds(layer.activation, zy, layer.out_scale)
+    w, m, s = program.add_constant(layer.weight.astype(np.int8)), program.add_constant(mult), program.add_constant(shift)
+    if layer.kind == "dense":
+        y = program.add_tensor([program.tensors[x].shape[0], co], zy)
+        program.add(Dense(x, w, bias, m, s, y, act_min=lo, act_max=hi))
+        return y
+    pool = layer.pool
+    conv_shape = out_shape if pool is None else _conv_shape(program.tensors[x].shape, layer)
+    y = program.add_tensor(conv_shape, zy)
+    program.add(Conv2D(x, w, bias, m, s, y, strides=layer.strides, padding=layer.padding, dilation=layer.dilation,
+                       groups=layer.groups, act_min=lo, act_max=hi))
+    if pool is None:
+        return y
+    z = program.add_tensor(out_shape, zy)
+    if pool.max:
+        program.add(MaxPool2D(y, z, pool.kernel, pool.strides, pool.padding))
+    else:
+        program.add(AvgPool2D(y, z, pool.kernel, pool.strides, pool.padding, count_include_pad=pool.count_include_pad))
+    return z
+
+
+def _conv_shape(in_shape, layer) -> list[int]:
+    from .program import conv_out
+
+    n, h, w, _ = in_shape
+    co, kh, kw, _ = layer.weight.shape
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = layer.strides, layer.padding, layer.dilation
+    return [n, conv_out(h, kh, sh, pt, pb, dh), conv_out(w, kw, sw, pl, pr, dw), co]
+
+
+# export_library compiles C sources at -O0 unless the exporter passes options (hwc's backends
+# do not): ask GCC for -O2 in the source itself, the simulator's loops are ~10x faster
+_OPTIMIZE = "#if defined(__GNUC__) && !defined(__clang__)\n#pragma GCC optimize(\"O2\")\n#endif\n"
+
+
+def codegen(funcs, options=None, constant_names=None) -> list:
+    """``relax.ext.npu``: one C source module (the simulator and every function's program)."""
+    import tvm
+
+    from .runtime import npu_c_source
+
+    pow2 = bool(options.get("pow2_scales", False)) if options else False
+    functions = [(str(f.attrs["global_symbol"]), program_from_function(f, pow2)) for f in funcs]
+    if not functions:
+        return []
+    create = tvm.get_global_func("runtime.CSourceModuleCreate")
+    return [create(_OPTIMIZE + npu_c_source(functions), "c", [name for name, _ in functions], [])]
+
+
+def register() -> None:
+    """Register ``codegen`` as ``relax.ext.npu`` (idempotent)."""
+    import tvm_ffi
+
+    tvm_ffi.register_global_func("relax.ext.npu", codegen, override=True)
