@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_int8 import _vm_runner, hwc_vm  # noqa: E402
+from bench_int8 import _vm_runner, accuracy_table, hwc_vm  # noqa: E402
 from tasks import BATCH, TASKS, load_task, top1  # noqa: E402
 
 
@@ -70,22 +70,13 @@ def run(tasks) -> list[dict]:
     return rows
 
 
-def table(rows) -> str:
-    out = ["| task | variant | top-1 | Δ vs FP32 (points) |", "|---|---|---:|---:|"]
-    base = {}
-    for r in rows:
-        b = base.setdefault(r["task"], r["acc"])
-        out.append(f"| {r['task']} | {r['variant']} | {r['acc']:.2%} | {100 * (r['acc'] - b):+.2f} |")
-    return "\n".join(out)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     rows = run(args.tasks.split(","))
-    print(json.dumps(rows, indent=1) if args.json else table(rows))
+    print(json.dumps(rows, indent=1) if args.json else accuracy_table(rows))
     return 0
 
 

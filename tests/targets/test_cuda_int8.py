@@ -25,6 +25,8 @@ from hwcompress.backends.cuda_int8 import (  # noqa: E402
     pack_dense_weight,
 )
 from hwcompress.targets import load_target  # noqa: E402
+from cuda_code import cuda_source as _cuda_source  # noqa: E402
+from cuda_code import ptx as _ptx  # noqa: E402
 
 SM80, SM90 = load_target("cuda-sm80"), load_target("cuda-sm90")
 LLVM = tvm.target.Target({"kind": "llvm"})
@@ -296,23 +298,6 @@ def test_legalized_graph_is_bit_exact_on_the_host():
 
 
 # ---------------------------------------------------------------------------- nvcc builds
-
-
-def _cuda_source(ex) -> str:
-    def walk(m):
-        yield m
-        for sub in m.imports:
-            yield from walk(sub)
-
-    (cuda,) = [m for m in walk(ex.mod) if m.kind == "cuda"]
-    return cuda.inspect_source()
-
-
-def _ptx(source: str, arch: str) -> str:
-    from tvm.support import nvcc
-
-    with tvm.target.Target({"kind": "cuda", "arch": arch}):
-        return bytes(nvcc.compile_cuda(source, target_format="ptx", arch=["-arch", arch], compiler="nvcc")).decode()
 
 
 @needs_nvcc

@@ -33,6 +33,8 @@ from hwcompress.backends.cuda_sparse import (  # noqa: E402
 )
 from hwcompress.passes.sparsity.mask24 import compress, decompress  # noqa: E402
 from hwcompress.targets import load_target  # noqa: E402
+from cuda_code import cuda_source as _cuda_source  # noqa: E402
+from cuda_code import ptx as _ptx  # noqa: E402
 
 SM80, ORIN = load_target("cuda-sm80"), load_target("jetson-orin")
 needs_nvcc = pytest.mark.skipif(cuda_backend.find_nvcc() is None, reason="nvcc not on PATH")
@@ -231,23 +233,6 @@ def test_default_schedule_leaves_the_kernel_alone():
     scheduled = B.schedule(mod, SM80)
     assert B.scheduled_kernels(scheduled) == ["sparse24_matmul"]
     tvm.ir.assert_structural_equal(scheduled["sparse24_matmul"].body, func.body)
-
-
-def _cuda_source(ex) -> str:
-    def walk(m):
-        yield m
-        for sub in m.imports:
-            yield from walk(sub)
-
-    (cuda,) = [m for m in walk(ex.mod) if m.kind == "cuda"]
-    return cuda.inspect_source()
-
-
-def _ptx(source: str, arch: str) -> str:
-    from tvm.support import nvcc
-
-    with tvm.target.Target({"kind": "cuda", "arch": arch}):
-        return bytes(nvcc.compile_cuda(source, target_format="ptx", arch=["-arch", arch], compiler="nvcc")).decode()
 
 
 @needs_nvcc
