@@ -161,3 +161,56 @@ def test_call_tir_from_relax():
 def test_pick_variant_returns_a_candidate():
     best, times = S.pick_variant(1, 64, 128, HOST, number=2, repeat=1)
     assert best in S.variants(1, 64, 128, HOST) and set(times) == {v.name for v in S.variants(1, 64, 128, HOST)}
+
+
+# ---------------------------------------------------------------------------- broadcast GEMM
+
+
+@pytest.mark.parametrize("m,n,k,k_block", [
+    (2, 13, 64, 16),      # m = 2: one m vector, mostly padding; odd n
+    (7, 9, 128, 32),      # m < 8, odd n, 4 chunks
+    (49, 33, 256, 128),   # 7x7 1x1 conv: the last m vector has one row; odd n, a clamped last block
+    (196, 21, 64, 32),    # 14x14: 25 m vectors in 5 blocks of 5
+    (49, 12, 36, 0),      # k % 8 != 0: the element-wise x copy, no chunks
+    (17, 10, 40, 20),     # k_block not a multiple of 8
+])  # fmt: skip
+def test_broadcast_k_blocked_matches_numpy(m, n, k, k_block):
+    for rows, m_rows in ((2, 7), (3, 4), (1, 1)):
+        _check(m, n, k, S.Variant(S.Gather.BROADCAST, rows=rows, unroll=4, m_rows=m_rows, k_block=k_block))
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,n,k", [(2, 13, 64), (7, 9, 128), (49, 33, 512), (196, 21, 64), (8, 24, 1024)])
+def test_default_gemm_variants_match_numpy(m, n, k):
+    for variant in S.variants(m, n, k, HOST):
+        _check(m, n, k, variant)
+
+
+def test_k_block_keeps_the_x_chunk_in_budget():
+    assert S.k_block(64, 56) == 0  # 14 KB: all of k fits
+    assert S.k_block(512, 56) == 128 and S.k_block(2048, 56) == 128  # 28 KB chunks
+    assert S.k_block(256, 200) == 32  # 25 vectors wide: 25.6 KB
+    for k, width in ((512, 56), (2048, 40), (1000, 56), (36, 8000)):
+        kb = S.k_block(k, width)
+        assert kb == 0 or (k % kb == 0 and kb % 4 == 0)
+    with pytest.raises(ValueError):
+        S.sparse24_kernel(49, 8, 64, HOST, S.Variant(S.Gather.BROADCAST, k_block=24))  # 24 does not divide 64
+
+
+@needs_avx2
+def test_default_gemm_variant_for_1x1_convs_is_k_blocked_broadcast():
+    for m, n, k in ((49, 2048, 512), (49, 512, 2048), (196, 1024, 256)):
+        v = S.variants(m, n, k, HOST)[0]
+        assert v.gather is S.Gather.BROADCAST and v.k_block and k % v.k_block == 0
+        assert v.rows * min(v.m_rows, -(-m // 8)) <= 14  # accumulators fit 16 registers with the broadcast
+
+
+@needs_avx2
+def test_broadcast_assembly_keeps_accumulators_in_registers():
+    asm = S.build(S.sparse24_kernel(49, 64, 512, HOST, S.Variant(S.Gather.BROADCAST, 2, 4, 7, k_block=128)), HOST).inspect_source("asm")
+    fmas = re.findall(r"vfmadd\w+\s+([^\n]*)", asm)
+    # the inner loop: x row from memory (xt), broadcast weight and accumulator in ymm registers
+    in_loop = [f for f in fmas if re.fullmatch(r"-?\d*\(%\w+(,%\w+,\d)?\), %ymm\d+, %ymm\d+", f.strip())]
+    assert len(in_loop) >= 2 * 7 * 8, fmas[:4]  # 2 rows x 7 vectors x 8 kept weights unrolled
+    assert not any("rsp" in f or "rbp)" in f.split(",")[-1] for f in fmas)  # no accumulator on the stack
+    assert "vbroadcastss" in asm and "vperm2f128" in asm  # the 8x8 transposes of x and y

@@ -1,0 +1,170 @@
+"""The ``BROADCAST`` 2:4 kernel of ``cpu_sparse`` (``m > 1``): ``x`` transposed, one broadcast
+kept weight times the ``x`` row its position selects, vectorized over ``m``.
+
+Per call, ``x`` is copied once into ``xt[mblk, k, MV * lanes]``: for each m-block (``MV``
+vectors of ``m``, the last one shifted back to end at the last vector and zero past ``m``)
+the ``k`` rows of that block's ``x`` columns, contiguous. A register tile is ``rows`` output
+rows x ``MV`` m-vectors; per kept weight ``w = values[n, q]`` at ``k = 4 g + pos``: one
+broadcast of ``w`` and ``MV`` FMAs ``acc[r, j] += w * xt[mb, k, 8j : 8j + 8]``, each with its
+``xt`` load as the memory operand. No permutes, half of dense's FMAs; but each FMA loads 32
+bytes of ``xt`` (positions differ per row: no ``x`` vector is shared between rows), so the
+``xt`` rows must come from L1: with ``k_block`` the reduction is cut into chunks of
+``k_block`` (``xt`` chunk = ``k_block * MV * 32`` bytes, e.g. 128 x 7 vectors = 28 KB) and the
+loop nest is m-block, chunk, n-block: every row of a task sweeps one L1-resident chunk before
+the next. The partial sums of a tile go to a scratch ``yt[n, mblk * MV * lanes]`` after every
+chunk (``2 * rows * MV`` vector loads/stores per chunk against ``rows * MV * k_block / 2``
+FMAs); at the end ``yt`` is transposed into ``y`` (``[m, n]``: a tile is a column of it) in
+8x8 register blocks, 64 ``n`` at a time (the ``x`` copy likewise; element loops without 8 lanes).
+
+The inner loop's accumulators stay in registers (``vfmadd231ps mem, bcast, acc``; the local
+buffer is promoted, the tests check the assembly). What bounds it is loads: ``MV`` FMAs with a
+32-byte memory operand plus one broadcast per kept weight, against Zen 3's two vector loads
+per cycle, ~4 cycles per kept weight at ``MV = 7`` where the FMAs alone need 3.5.
+
+Measured (Zen 3, 1 thread, kernel alone, 49x2048x512, rows 2 x 7 vectors): no chunks 1.57 ms
+(``xt``, 114 KB, streams from L2: 0.8 FMA/cycle); chunks of 128 1.29 ms; ``y`` written by
+columns straight from the tile suffered L1 set conflicts (``y``'s rows 8 KB apart): written
+through ``yt`` and 8x8 transposes, 0.98 ms, and 64 ``n`` per pass (whole lines): 0.88 ms,
+1.42 FMA/cycle (dense's packed conv: ~1.95 of its 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def transpose8(rows: list) -> list:
+    """The 8 columns of 8 rows of 8 lanes (``float32x8`` expressions): the usual AVX 8x8
+    transpose, unpack pairs of rows, ``shufps`` pairs of those, swap 128-bit halves."""
+    from tvm.script import tirx as T
+
+    lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    t = [T.Shuffle([rows[a], rows[a + 1]], idx) for a in range(0, 8, 2) for idx in (lo, hi)]
+    even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    # s[4h + c]: rows 4h..4h+3 of columns c (low half) and c + 4 (high half)
+    s = [T.Shuffle([t[4 * h + p], t[4 * h + p + 2]], idx) for h in (0, 1) for p in (0, 1) for idx in (even, odd)]
+    low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    return [T.Shuffle([s[c % 4], s[4 + c % 4]], low if c < 4 else high) for c in range(8)]
+
+
+def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
+    """PrimFunc ``(x, values, meta, y)`` of the ``BROADCAST`` variant ``v`` (any ``k % 4 == 0``);
+    ``split(blocks) -> (tasks, per)`` shares the n-blocks among parallel tasks."""
+    from tvm.script import tirx as T
+
+    R = v.rows
+    vecs = math.ceil(m / lanes)
+    MV = min(v.m_rows, vecs)
+    W = MV * lanes  # m columns per block
+    kb = k if not v.k_block or v.k_block >= k else v.k_block
+    if kb % 4 or k % kb:
+        raise ValueError(f"k_block {v.k_block} must be a multiple of 4 dividing k={k}")
+    chunks = k // kb
+    kept = kb // 2  # per chunk and row
+    U = min(2 * v.unroll, kept)  # unroll counts groups: 2 kept values each
+    full, tail = divmod(kept, U)
+    nblk, mblk = math.ceil(n / R), math.ceil(vecs / MV)
+    tasks, per = split(nblk)
+    vt = f"float32x{lanes}"
+    tiled = lanes == 8  # 8x8 register transposes in and out; else element loops
+    k8, n8 = (k // 8, n // 8) if tiled else (0, 0)
+
+    def kidx(meta, row, q):
+        g = q // 2
+        return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
+
+    def fold(acc_v, xt, values, meta, row, mb, j, q0, count):
+        """acc + sum of count kept weights x their x rows, as one FMA chain."""
+        out = acc_v
+        for u in range(count):
+            out = out + T.Broadcast(values[row, q0 + u], lanes) * xt.vload([mb, kidx(meta, row, q0 + u), j * lanes], vt)
+        return out
+
+    def start(mb):  # first m of block mb; the last block is shifted back (overlapping) to end at vecs
+        return T.min(mb * MV, vecs - MV) * lanes
+
+    def block_of(i):
+        return T.min(i // W, mblk - 1)
+
+    def x_in(x, mb, i8, kk):
+        """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt."""
+        rows = [
+            T.if_then_else(start(mb) + 8 * i8 + r < m, x.vload([T.min(start(mb) + 8 * i8 + r, m - 1), kk], vt), T.Broadcast(T.float32(0), 8))
+            for r in range(8)
+        ]  # fmt: skip
+        for c, col in enumerate(transpose8(rows)):
+            T.buffer_store(xt_ref[0], col, [mb, kk + c, T.Ramp(8 * i8, 1, 8)])
+
+    def y_out(y, yt, n0, v8):
+        """y[8 v8 : 8 v8 + 8, n0 : n0 + 8] from yt's rows n0..n0+7 (the m vector's columns)."""
+        cols = transpose8([yt.vload([n0 + r, block_of(8 * v8) * W + 8 * v8 - start(block_of(8 * v8))], vt) for r in range(8)])
+        for c, col in enumerate(cols):
+            if isinstance(8 * (vecs - 1) + c, int) and 8 * (vecs - 1) + c < m:
+                T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
+            else:
+                with T.If(8 * v8 + c < m):
+                    with T.Then():
+                        T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
+
+    xt_ref = []  # the xt buffer, for x_in (T.buffer_store needs the buffer object)
+
+    @T.prim_func
+    def kernel(
+        x: T.Buffer((m, k), "float32"),
+        values: T.Buffer((n, k // 2), "float32"),
+        meta: T.Buffer((n, (k + 7) // 8), "uint8"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        xt = T.alloc_buffer((mblk, k, W), "float32")
+        yt = T.alloc_buffer((n, mblk * W), "float32")
+        xt_ref.append(xt)
+        for kc in T.parallel(k8):
+            for mb, i8 in T.grid(mblk, MV):
+                x_in(x, mb, i8, kc * 8)
+        for kk in T.parallel(k - 8 * k8):
+            for mb, i in T.grid(mblk, W):
+                xt[mb, 8 * k8 + kk, i] = T.if_then_else(start(mb) + i < m, x[T.min(start(mb) + i, m - 1), 8 * k8 + kk], T.float32(0))
+        for t in T.parallel(tasks):
+            acc = T.alloc_buffer((R * MV * lanes,), "float32", scope="local")
+            for mb, c, b in T.grid(mblk, chunks, per):
+                if t * per + b < nblk:
+                    for r in T.unroll(R):
+                        for j in T.unroll(MV):
+                            if chunks == 1:
+                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                            else:
+                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = T.if_then_else(
+                                    c == 0, T.Broadcast(T.float32(0), lanes),
+                                    yt.vload([T.min((t * per + b) * R + r, n - 1), mb * W + j * lanes], vt),
+                                )  # fmt: skip
+                    for qc in range(full):
+                        for r in T.unroll(R):
+                            for j in T.unroll(MV):
+                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                    T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + qc * U, U,
+                                )  # fmt: skip
+                    if tail > 0:
+                        for r in T.unroll(R):
+                            for j in T.unroll(MV):
+                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                    T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + full * U, max(tail, 1),
+                                )  # fmt: skip
+                    for r in T.unroll(R):
+                        for j in T.unroll(MV):
+                            yt[T.min((t * per + b) * R + r, n - 1), T.Ramp(mb * W + j * lanes, 1, lanes)] = acc[
+                                T.Ramp((r * MV + j) * lanes, 1, lanes)
+                            ]
+        # y is [m, n]: a tile is a column of it, and y's rows are often 2^j floats apart, so
+        # column writes conflict in L1 sets: yt is transposed in 8x8 blocks instead
+        for nc in T.parallel((n8 + 7) // 8):  # 64 columns of 8 rows: whole lines of y at once
+            for v8, nb in T.grid(vecs, 8):
+                if nc * 8 + nb < n8:
+                    y_out(y, yt, (nc * 8 + nb) * 8, v8)
+        for nn in T.parallel(n - 8 * n8):
+            for i in range(m):
+                y[i, 8 * n8 + nn] = yt[8 * n8 + nn, block_of(i) * W + i - start(block_of(i))]
+
+    return kernel
