@@ -164,3 +164,214 @@ def test_pow2_scale_rounds_up():
     np.testing.assert_array_equal(pow2_scale([0.3, 0.25, 1e-3]), np.float32([0.5, 0.25, 2.0**-9]))
     qp = pow2_qparams(asymmetric_qparams(-1.0, 3.0))
     assert qp.scale == 2.0**-5 and qp.zero_point == 32  # -1.0 stays exact, 3.0 inside the range
+
+
+def _residual_model(c: int = 16):
+    """conv-relu (stem) -> conv-relu -> conv -> add(stem output) -> relu -> 1x1 conv (logits):
+    one ResNet basic block with an identity skip."""
+    rng = np.random.default_rng(11)  # the same weights whichever tests ran before
+
+    def conv(i, x, y, cin, cout, k=3):
+        w = (rng.standard_normal((cout, cin, k, k)) * (2 / (k * k * cin)) ** 0.5).astype(np.float32)
+        b = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+        return (helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], pads=[k // 2] * 4),
+                [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")])
+
+    nodes, inits = [], []
+    for i, (x, y, cin, cout, k) in enumerate([("input", "c1", 4, c, 3), ("r1", "c2", c, c, 3),
+                                              ("r2", "c3", c, c, 3), ("r3", "out", c, 8, 1)], 1):
+        node, w = conv(i, x, y, cin, cout, k)
+        nodes.append(node)
+        inits += w
+        if i in (1, 2):
+            nodes.append(helper.make_node("Relu", [y], [f"r{i}"]))
+        if i == 3:
+            nodes += [helper.make_node("Add", ["c3", "r1"], ["s"]), helper.make_node("Relu", ["s"], ["r3"])]
+    return make_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 8, 8])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+
+
+@pytest.fixture(scope="module")
+def residual(spec):
+    from hwcompress.codegen.npu.offload import offload
+
+    mod = _int8_graph(_residual_model(), spec)
+    return mod, offload(mod, spec)
+
+
+def _uint8_tensors(mod, x):
+    """The int8 graph's first quantize (the NPU region's input) and the quantize after the
+    residual add + relu (its output), run on the host."""
+    from hwcompress.passes.quantize.int8_graph import emit_main, module_with_main
+    from hwcompress.verify import host_vm
+
+    func = mod["main"]
+    quantizes = [b.var for blk in func.body.blocks for b in blk.bindings
+                 if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.quantize"]
+    bindings = {b.var: b.value for blk in func.body.blocks for b in blk.bindings}
+
+    def feeds_from_add(v):
+        relu = bindings[v].args[0]
+        return relu in bindings and getattr(bindings[relu].op, "name", "") == "relax.nn.relu" and \
+            getattr(bindings[bindings[relu].args[0]].op, "name", "") == "relax.add" and \
+            all(isinstance(a, relax.Var) for a in bindings[bindings[relu].args[0]].args)
+
+    wanted = [quantizes[0], next(v for v in quantizes if feeds_from_add(v))]
+
+    def outputs(bb):
+        _, vmap = emit_main(bb, func, func.params)
+        return [vmap[v] for v in wanted]
+
+    vm = host_vm(module_with_main(mod, func, outputs, as_tuple=True))
+    res = vm["main"](tvm.runtime.tensor(x))
+    return [r.numpy() for r in res]
+
+
+def test_host_target_keeps_float_residual_adds():
+    """No NPU with ``add``: the int8 pass adds no quantization points (today's graph)."""
+    from hwcompress.passes.quantize import int8_report
+    from hwcompress.targets import load_target
+
+    mod = _int8_graph(_residual_model(), load_target("host"))
+    assert "npu_add_points" not in int8_report(mod)
+    dq_of_uint8 = [b for blk in mod["main"].body.blocks for b in blk.bindings if isinstance(b.value, relax.Call)
+                   and getattr(b.value.op, "name", "") == "relax.dequantize" and str(b.value.args[0].ty.dtype) == "uint8"]
+    assert not dq_of_uint8
+
+
+def test_add_producing_the_network_output_stays_float(spec):
+    """conv(x) + x as the model's output: no quantization points (the output keeps float)."""
+    from hwcompress.passes.quantize import int8_report
+
+    w = numpy_helper.from_array((RNG.standard_normal((4, 4, 3, 3)) * 0.2).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Add", ["c", "input"], ["out"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 8, 8])],
+                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    assert "npu_add_points" not in int8_report(_int8_graph(model, spec))
+
+
+def test_residual_block_runs_as_one_npu_program(residual, spec):
+    from hwcompress.codegen.npu import Add, Conv2D, run_reference
+    from hwcompress.codegen.npu.codegen import program_from_function
+    from hwcompress.codegen.npu.offload import offload_report
+    from hwcompress.codegen.npu.partition import npu_functions, partition, prepare
+    from hwcompress.passes.quantize import int8_report
+
+    mod, out = residual
+    points = int8_report(mod)["npu_add_points"]
+    assert [p["name"] for p in points] == ["add[0] input a", "add[0] input b", "add[0] output"]
+    assert len(_npu_calls(out)) == 1
+    host = _host_ops(out)
+    assert "relax.nn.relu" not in host and "relax.dequantize" in host  # only the logits' conv is left
+    assert host.count("relax.nn.conv2d") == 1
+    report = offload_report(out)
+    assert report["ops"]["add"] == {"npu": 1, "host": 0}
+    assert report["ops"]["conv2d"]["npu"] == 3 and report["ops"]["relu"] == {"npu": 3, "host": 0}
+    assert report["flops_share"] > 0.95
+
+    (func,) = npu_functions(partition(prepare(mod), spec.npu)).values()
+    program = program_from_function(func, spec.npu.pow2_scales)
+    assert [type(c) for c in program.commands] == [Conv2D, Conv2D, Conv2D, Add]
+    add = program.commands[-1]
+    assert add.act_min == program.tensors[add.output].zero_point  # the relu is the ADD's clamp
+    t = program.tensors
+    scales = {p["name"]: p["scale"] for p in points}
+    sa, sb, sy = scales["add[0] input a"], scales["add[0] input b"], scales["add[0] output"]
+    with_inputs = dataclasses.replace(program, outputs=[add.input_a, add.input_b, add.output])
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((1, 4, 8, 8)).astype(np.float32)
+        q_in, q_out = _uint8_tensors(mod, x)
+        x_int8 = (q_in.astype(np.int16) - 128).astype(np.int8)
+        a, b, got = (v.astype(np.int64) for v in run_reference(with_inputs, [x_int8]))
+        # the ADD command against the int8 graph's float math on the same int8 inputs: equal but
+        # for ties (ADD rounds half up, the host's quantize half to even), 1 step there
+        real = (sa * (a - t[add.input_a].zero_point) + sb * (b - t[add.input_b].zero_point)) / sy
+        want = np.clip(np.round(real) + t[add.output].zero_point, add.act_min, add.act_max)
+        off = got != want
+        assert np.abs(got - want).max() <= 1 and np.all(real[off] - np.floor(real[off]) == 0.5)
+        # the whole program against the int8 graph's own uint8 output: each conv also rounds its
+        # int32 bias and requant ties its own way (1 step), which three layers and the sum
+        # compound; NPU_TOLERANCE covers this on the logits (next test)
+        diff = np.abs(got + 128 - q_out.astype(np.int64))
+        assert diff.max() <= 3 and diff.mean() < 0.3, (diff.max(), diff.mean())
+
+
+def test_offloaded_residual_block_matches_the_int8_graph(residual, spec):
+    from hwcompress.verify import graph_reference, random_inputs
+
+    mod, out = residual
+    vm = relax.VirtualMachine(tvm.compile(out, spec.tvm_target()), tvm.cpu())
+    ref = graph_reference(mod)
+    for seed in range(3):
+        (x,) = random_inputs([{"shape": [1, 4, 8, 8], "dtype": "float32"}], seed=seed)
+        got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), ref([x])[0]
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())
+
+
+def test_target_without_npu_add_keeps_the_add_on_the_host(spec):
+    from hwcompress.codegen.npu.offload import offload, offload_report
+    from hwcompress.passes.quantize import int8_report
+    from hwcompress.verify import graph_reference, random_inputs
+
+    no_add = dataclasses.replace(spec, npu=dataclasses.replace(
+        spec.npu, supported_ops=tuple(o for o in spec.npu.supported_ops if o != "add")))
+    mod = _int8_graph(_residual_model(), no_add)
+    assert "npu_add_points" not in int8_report(mod)  # the float add, as on a host target
+    out = offload(mod, no_add)
+    report = offload_report(out)
+    assert report["ops"]["add"]["npu"] == 0 and report["ops"]["add"]["host"] == 1
+    assert "not in the target's [npu].supported_ops" in report["ops"]["add"]["host_reasons"][0]["reason"]
+    # the NPU region now has two outputs (the stem's relu for the skip, the block's conv)
+    vm = relax.VirtualMachine(tvm.compile(out, spec.tvm_target()), tvm.cpu())
+    (x,) = random_inputs([{"shape": [1, 4, 8, 8], "dtype": "float32"}], seed=0)
+    got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), graph_reference(mod)([x])[0]
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())
+
+
+def _depthwise_model(c: int = 16):
+    """conv-relu -> depthwise 3x3-relu -> pointwise 1x1-relu -> 1x1 conv (logits): a
+    MobileNet block."""
+    specs = [("input", "c1", 4, c, 3, 1), ("r1", "c2", 1, c, 3, c), ("r2", "c3", c, c, 1, 1), ("r3", "out", c, 8, 1, 1)]
+    nodes, inits = [], []
+    for i, (x, y, cin, cout, k, groups) in enumerate(specs, 1):
+        w = (RNG.standard_normal((cout, cin, k, k)) * (2 / (k * k * cin)) ** 0.5).astype(np.float32)
+        b = (RNG.standard_normal(cout) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], pads=[k // 2] * 4, group=groups))
+        if i < 4:
+            nodes.append(helper.make_node("Relu", [y], [f"r{i}"]))
+    return make_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 8, 8])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+
+
+def test_depthwise_conv_is_int8_only_for_an_npu_that_runs_it(spec):
+    from hwcompress.codegen.npu.offload import offload, offload_report
+    from hwcompress.passes.quantize import int8_report
+    from hwcompress.targets import load_target
+    from hwcompress.verify import graph_reference, random_inputs
+
+    host = int8_report(_int8_graph(_depthwise_model(), load_target("host")))
+    assert [f["name"] for f in host["float_fallback"]] == ["conv2d[1]"]  # no int8 depthwise kernel on the host
+    mod = _int8_graph(_depthwise_model(), spec)
+    assert int8_report(mod)["float_fallback"] == []
+    out = offload(mod, spec)
+    report = offload_report(out)
+    assert report["ops"]["depthwise_conv2d"] == {"npu": 1, "host": 0}
+    assert len(_npu_calls(out)) == 1 and report["flops_share"] > 0.8  # all but the logits conv
+    vm = relax.VirtualMachine(tvm.compile(out, spec.tvm_target()), tvm.cpu())
+    ref = graph_reference(mod)
+    for seed in range(2):
+        (x,) = random_inputs([{"shape": [1, 4, 8, 8], "dtype": "float32"}], seed=seed)
+        got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), ref([x])[0]
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())
+
+
+def test_add_multipliers_share_one_shift():
+    from hwcompress.codegen.npu.codegen import add_multipliers
+
+    assert add_multipliers(1.0, 0.5, pow2=True) == (2, 1, 1)
+    assert add_multipliers(4.0, 2.0, pow2=True) == (4, 2, 0)
+    ma, mb, shift = add_multipliers(0.3, 0.7)
+    assert 2**30 <= mb < 2**31  # the larger ratio keeps 31 bits
+    assert abs(ma / 2**shift - 0.3) < 1e-9 and abs(mb / 2**shift - 0.7) < 1e-9

@@ -13,15 +13,17 @@ Per layer (``layer.NpuLayer``):
 * requant: ``quantize_multiplier(s_x s_w[o] / s_y, pow2)``: shifts only with ``pow2`` (the
   int8 pass then chose power-of-two scales, so the ratios are exact powers of two);
 * relu / relu6: the clamp bounds of the output; a fused pool: a second command on the
-  requantized output (same zero point).
+  requantized output (same zero point);
+* a residual add (``layer.NpuAdd``): one ADD with ``s_a / s_y`` and ``s_b / s_y`` as two
+  multipliers over one shared shift (``add_multipliers``), the relu as its clamp.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .layer import NotOnNpu, read_layer
-from .program import AvgPool2D, Conv2D, Dense, MaxPool2D, Program, activation_bounds
+from .layer import NotOnNpu, read_add, read_layer
+from .program import Add, AvgPool2D, Conv2D, Dense, MaxPool2D, Program, Tensor, activation_bounds
 from .reference import quantize_multiplier
 
 INT8_SHIFT = 128  # uint8 value u is int8 value u - 128
@@ -48,13 +50,19 @@ def program_from_function(func, pow2_scales: bool = False) -> Program:
 
     program = Program(pow2_scales=pow2_scales)
     ids: dict = {}  # relax var -> tensor id
-    for _name, out_var, arg, chain in composite_layers(func):
+    guessed: set = set()  # input tensors whose zero point no layer has fixed yet
+    for name, out_var, args, chain in composite_layers(func):
+        out_shape = [int(d) for d in out_var.ty.shape.values]
         try:
-            layer = read_layer(chain, _AnyNpu)
+            layer = (read_add if name.endswith(".add") else read_layer)(chain, _AnyNpu)
         except NotOnNpu as e:
             raise ValueError(f"npu codegen: {e}") from None
-        x = _input(program, ids, func, arg, layer.input_zero_point)
-        ids[out_var] = _emit(program, layer, x, [int(d) for d in out_var.ty.shape.values], pow2_scales)
+        if layer.kind == "add":
+            a, b = (_input(program, ids, guessed, func, x, zp) for x, zp in zip(args, layer.input_zero_points))
+            ids[out_var] = _emit_add(program, layer, a, b, out_shape, pow2_scales)
+            continue
+        x = _input(program, ids, guessed, func, args[0], layer.input_zero_point)
+        ids[out_var] = _emit(program, layer, x, out_shape, pow2_scales)
     body = func.body.body
     outs = list(body.fields) if isinstance(body, relax.Tuple) else [body]
     for o in outs:
@@ -64,16 +72,22 @@ def program_from_function(func, pow2_scales: bool = False) -> Program:
     return program
 
 
-def _input(program: Program, ids: dict, func, arg, zero_point: int | None) -> int:
+def _input(program: Program, ids: dict, guessed: set, func, arg, zero_point: int | None) -> int:
     zp = None if zero_point is None else zero_point - INT8_SHIFT
     if arg in ids:
-        have = program.tensors[ids[arg]].zero_point
-        if zp is not None and have != zp:
+        tid = ids[arg]
+        have = program.tensors[tid].zero_point
+        if zp is not None and tid in guessed:  # the first reader did not depend on it
+            program.tensors[tid] = Tensor(program.tensors[tid].shape, zero_point=zp)
+            guessed.discard(tid)
+        elif zp is not None and have != zp:
             raise ValueError(f"npu codegen: tensor {arg.name} has zero point {have}, a layer reads it as {zp}")
-        return ids[arg]
+        return tid
     if arg not in list(func.params):
         raise ValueError(f"npu codegen: layer input {arg} is neither a parameter nor a layer output")
     tid = program.add_tensor([int(d) for d in arg.ty.shape.values], -INT8_SHIFT if zp is None else zp)
+    if zp is None:
+        guessed.add(tid)
     ids[arg] = tid
     # inputs in parameter order: the order of the call's arguments
     program.inputs = sorted([*program.inputs, tid], key=lambda t: _param_index(func, ids, t))
@@ -115,6 +129,40 @@ def _emit(program: Program, layer, x: int, out_shape: list[int], pow2: bool) -> 
     else:
         program.add(AvgPool2D(y, z, pool.kernel, pool.strides, pool.padding, count_include_pad=pool.count_include_pad))
     return z
+
+
+def add_multipliers(ratio_a: float, ratio_b: float, pow2: bool = False) -> tuple[int, int, int]:
+    """``(M_a, M_b, S)`` with ``M / 2^S ~ ratio`` and one shift for both (the ADD command's form).
+
+    Default: the larger ratio gets 31 bits (``M`` in ``[2^30, 2^31)``), the smaller one the same
+    shift; ``(a - za) M_a + (b - zb) M_b`` stays below 2^40. ``pow2``: each ratio rounded to a
+    power of two (exact for the int8 pass's power-of-two scales), ``S`` the smallest shift that
+    makes both multipliers integers.
+    """
+    ratios = np.array([ratio_a, ratio_b], np.float64)
+    if np.any(ratios <= 0) or not np.all(np.isfinite(ratios)):
+        raise ValueError("add scale ratios must be positive and finite")
+    if pow2:
+        exp = np.round(np.log2(ratios)).astype(np.int64)
+        shift = int(np.clip(-exp.min(), 0, 62))
+        mult = [1 << int(np.clip(e + shift, 0, 30)) for e in exp]
+        return mult[0], mult[1], shift
+    shift = 30 - int(np.floor(np.log2(ratios.max())))
+    if shift < 0:
+        raise ValueError("add scale ratios >= 2^31 cannot be expressed")
+    shift = min(shift, 62)
+    mult = np.minimum(np.round(ratios * 2.0**shift), 2**31 - 1).astype(np.int64)
+    return int(mult[0]), int(mult[1]), shift
+
+
+def _emit_add(program: Program, layer, a: int, b: int, out_shape: list[int], pow2: bool) -> int:
+    zy = layer.out_zero_point - INT8_SHIFT
+    sa, sb = layer.input_scales
+    ma, mb, shift = add_multipliers(sa / layer.out_scale, sb / layer.out_scale, pow2)
+    lo, hi = activation_bounds(layer.activation, zy, layer.out_scale)
+    y = program.add_tensor(out_shape, zy)
+    program.add(Add(a, b, y, ma, mb, shift, act_min=lo, act_max=hi))
+    return y
 
 
 def _conv_shape(in_shape, layer) -> list[int]:

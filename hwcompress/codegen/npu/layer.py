@@ -8,9 +8,17 @@ it up to the next ``quantize``::
       -> dequantize(acc, s_x * s_w, zp_x * sum W) -> [add bias] -> [relu | relu6]
       -> [max_pool2d | avg_pool2d] -> quantize(s_y, zp_y, uint8)
 
-``read_layer`` is shared by the partitioner's pattern check, the codegen and the offload
-report, so the three cannot disagree on what the NPU runs. It raises ``NotOnNpu`` with the
-reason an op stays on the host.
+A residual add is a chain too, between two int8 quantization points the INT8 pass put there
+for an NPU with ``add`` (``int8_points.residual_points``)::
+
+    dequantize(qa, s_a, zp_a), dequantize(qb, s_b, zp_b) -> add -> [relu | relu6]
+      -> quantize(s_y, zp_y, uint8)
+
+(``read_add``: one ADD command).
+
+``read_layer`` / ``read_add`` are shared by the partitioner's pattern check, the codegen and
+the offload report, so the three cannot disagree on what the NPU runs. They raise
+``NotOnNpu`` with the reason an op stays on the host.
 """
 
 from __future__ import annotations
@@ -66,6 +74,22 @@ class NpuLayer:
         """The NPU op types the layer holds (for the offload report)."""
         extra = [] if self.activation is Activation.NONE else [self.activation.value]
         return [self.kind, *extra] + ([] if self.pool is None else ["max_pool2d" if self.pool.max else "avg_pool2d"])
+
+
+@dataclass(frozen=True)
+class NpuAdd:
+    """One ADD command: two uint8 inputs (scale, zero point each) into one uint8 output."""
+
+    input_scales: tuple[float, float]
+    input_zero_points: tuple[int, int]
+    out_scale: float
+    out_zero_point: int
+    activation: Activation
+    kind: str = "add"
+
+    @property
+    def ops(self) -> list[str]:
+        return ["add"] + ([] if self.activation is Activation.NONE else [self.activation.value])
 
 
 def op_name(call) -> str:
@@ -155,6 +179,41 @@ def read_layer(calls, npu) -> NpuLayer:
         zp = _zero_point(correction, weight.sum(axis=1), None)
         return NpuLayer(kind, weight, input_zero_point=zp, **layer)
     return _conv_layer(main, w, pad_call, correction, kind, npu, layer)
+
+
+def read_add(calls, npu) -> NpuAdd:
+    """``calls`` = ``[dequantize a, dequantize b, add, (relu | clip), quantize]`` as an ``NpuAdd``.
+
+    Raises ``NotOnNpu`` naming the first hard constraint the chain breaks.
+    """
+    ops = [op_name(c) for c in calls]
+    if ops[:3] != ["relax.dequantize", "relax.dequantize", "relax.add"] or ops[-1] != "relax.quantize":
+        raise NotOnNpu("float residual add: its inputs have no int8 quantization point in the graph")
+    _need("add", npu)
+    add = calls[2]
+    shapes = [_shape(x) for x in (*add.args, add)]
+    if None in shapes or any(x != shapes[-1] for x in shapes):
+        raise NotOnNpu(f"add of shapes {shapes[0]} and {shapes[1]}: the NPU's ADD does not broadcast")
+    scales, zps = [], []
+    for dq in calls[:2]:
+        if str(dq.args[0].ty.dtype) != "uint8":
+            raise NotOnNpu("an add input is not a uint8 tensor")
+        scale, zp = _const(dq.args[1]), _const(dq.args[2])
+        if scale.size != 1 or zp.size != 1:
+            raise NotOnNpu("per-channel add input quantization has no NPU form (per tensor only)")
+        scales.append(float(scale.reshape(())))
+        zps.append(int(zp.reshape(())))
+    act = Activation.NONE
+    if len(calls) == 5:
+        name = npu_op_type(calls[3])
+        if name not in ("relu", "relu6"):
+            raise NotOnNpu(f"{ops[3]} after the add: only relu and relu6 clamps exist on the NPU")
+        _need(name, npu)
+        act = Activation(name)
+    elif len(calls) != 4:
+        raise NotOnNpu(f"{ops[3]} between the add and the next quantize has no NPU form")
+    out_scale, out_zp = _quantize_params(calls[-1])
+    return NpuAdd(tuple(scales), tuple(zps), out_scale, out_zp, act)
 
 
 def _conv_layer(call, w, pad_call, correction, kind, npu, layer) -> NpuLayer:

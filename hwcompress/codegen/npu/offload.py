@@ -45,7 +45,7 @@ def _report(parted, funcs, programs, npu, total_flops, cycles) -> dict:
 
     npu_flops, on_npu = 0, Counter()
     for func in funcs.values():
-        for _name, _var, _arg, chain in composite_layers(func):
+        for _name, _var, _args, chain in composite_layers(func):
             for call in chain:
                 npu_flops += _layer("npu", call).flops
                 kind = npu_op_type(call)
@@ -87,7 +87,7 @@ def retype_boundaries(mod, symbols: set):
                     str(call.args[0].global_symbol) not in symbols:
                 return call
             args = [self.builder_.emit(_shift(a, "int8")) for a in call.args[1].fields]
-            outs = call.ty_args if len(call.ty_args) > 1 else [call.ty_args[0]]
+            outs = call.ty_args[0].fields if isinstance(call.ty_args[0], relax.TupleType) else call.ty_args
             new_types = [relax.TensorType(t.shape, "int8") for t in outs]
             res = self.builder_.emit(relax.call_dps_packed(
                 call.args[0], relax.Tuple(args), new_types if len(new_types) > 1 else new_types[0]))

@@ -12,10 +12,15 @@ plus a pool command: ``quantize`` is monotone, so max-pooling after it equals po
 (``FuseOpsByPattern``), ``MergeCompositeFunctions`` joins neighbouring ones into one NPU
 function per connected region, which ``RunCodegen`` turns into one program.
 
+A residual add whose inputs and output the INT8 pass quantized (it does so for targets whose
+NPU has ``add``) is a layer of its own, one ADD command::
+
+    dequantize(qa), dequantize(qb) -> add -> [relu | relu6] -> quantize(s_y, zp_y)
+
 Host: the first ``quantize`` (float input), every float op, and layers whose float result
 has another use (``has_leaking_intermediate_variables``: e.g. a ReLU output feeding both
 the next conv and a float residual add), or whose accumulator leads into anything but the
-chain above — the ResNet residual adds, which have no int8 quantization point in hwc's graph,
+chains above — residual adds without int8 quantization points (a target without NPU adds),
 and the logits (no quantize after them). ``host_reasons`` says why for each.
 
 ``prepare`` first moves per-tensor ``quantize`` ops in front of ``permute_dims`` / ``reshape``
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layer import NotOnNpu, npu_op_type, op_name, read_layer
+from .layer import NotOnNpu, npu_op_type, op_name, read_add, read_layer
 
 CODEGEN = "npu"
 LAYOUT_OPS = ("relax.permute_dims", "relax.reshape")
@@ -69,30 +74,59 @@ def _tail(acc):
     return is_op("relax.quantize")(pooled, is_const(), is_const())
 
 
+def _add_tail():
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    def dq():
+        return is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+
+    s = is_op("relax.add")(dq(), dq())
+    act = is_op("relax.nn.relu")(s) | is_op("relax.clip")(s, wildcard(), wildcard()) | s
+    return is_op("relax.quantize")(act, is_const(), is_const())
+
+
 def patterns(npu) -> list:
-    """The ``FusionPattern`` list of the NPU: ``npu.conv2d`` and ``npu.dense`` layers, each
-    with a check that applies ``read_layer`` (the hard constraints of ``npu``) and refuses
-    matches whose intermediate values are used outside the match."""
+    """The ``FusionPattern`` list of the NPU: ``npu.conv2d``, ``npu.dense`` and ``npu.add``
+    layers, each with a check that applies ``read_layer`` / ``read_add`` (the hard constraints
+    of ``npu``) and refuses matches whose intermediate values are used outside the match."""
     from tvm.relax.backend.utils import has_leaking_intermediate_variables
     from tvm.relax.dpl import is_const, is_op, wildcard
     from tvm.relax.transform import FusionPattern
 
-    def check(ctx) -> bool:
-        if has_leaking_intermediate_variables(ctx):
-            return False
-        bindings = {v: e for v, e in ctx.matched_bindings.items()}
-        try:
-            read_layer(_chain_back(ctx.matched_expr, bindings), npu)
-        except NotOnNpu:
-            return False
-        return True
+    def checker(read, chain_of):
+        def check(ctx) -> bool:
+            if has_leaking_intermediate_variables(ctx):
+                return False
+            bindings = {v: e for v, e in ctx.matched_bindings.items()}
+            try:
+                read(chain_of(ctx.matched_expr, bindings), npu)
+            except NotOnNpu:
+                return False
+            return True
+
+        return check
+
+    check = checker(read_layer, _chain_back)
 
     x = wildcard()
     conv = is_op("relax.nn.conv2d")(is_op("relax.nn.pad")(x) | x, is_const())
     flat = is_op("relax.reshape")(is_op("relax.permute_dims")(x) | x, wildcard())
     dense = is_op("relax.matmul")(flat | x, is_const())
     return [FusionPattern(f"{CODEGEN}.conv2d", _tail(conv), {}, check),
-            FusionPattern(f"{CODEGEN}.dense", _tail(dense), {}, check)]
+            FusionPattern(f"{CODEGEN}.dense", _tail(dense), {}, check),
+            FusionPattern(f"{CODEGEN}.add", _add_tail(), {}, checker(read_add, _add_chain))]
+
+
+def _add_chain(root, bindings) -> list:
+    """``[dequantize a, dequantize b, add, (activation), quantize]`` ending at ``root`` (the
+    output quantize); an input that is no bound dequantize is left out (``read_add`` refuses)."""
+    chain = _chain_back(root, bindings)  # dequantize a, add, ..., quantize
+    add = next((c for c in chain if op_name(c) == "relax.add"), None)
+    second = add.args[1] if add is not None and len(add.args) == 2 else None
+    if second is None or second not in bindings:
+        return chain
+    i = chain.index(add)
+    return [*chain[:i], bindings[second], *chain[i:]]
 
 
 def _chain_back(root, bindings) -> list:
@@ -139,8 +173,8 @@ def npu_functions(mod) -> dict:
 
 
 def composite_layers(func) -> list:
-    """``(composite name, output var, [argument exprs], chain of calls)`` of each layer inside
-    an NPU function, in program order."""
+    """``(composite name, output var, [input exprs], chain of calls)`` of each layer inside
+    an NPU function, in program order (an add has two inputs, the others one)."""
     from tvm import relax
 
     local = {}
@@ -161,9 +195,10 @@ def composite_layers(func) -> list:
             root = inner[out] if isinstance(out, relax.Var) and out in inner else out
             # the composite's parameters stand for the call's arguments
             params = dict(zip(callee.params, value.args))
-            chain = _chain_back(root, inner)
-            first = chain[0].args[0]
-            layers.append((str(callee.attrs["Composite"]), binding.var, params.get(first, first), chain))
+            name = str(callee.attrs["Composite"])
+            chain = (_add_chain if name == f"{CODEGEN}.add" else _chain_back)(root, inner)
+            inputs = [c.args[0] for c in chain[:2]] if name == f"{CODEGEN}.add" else [chain[0].args[0]]
+            layers.append((name, binding.var, [params.get(x, x) for x in inputs], chain))
     return layers
 
 
@@ -205,9 +240,9 @@ def _vars(expr):
 def _why_host(var, call, kind, bindings, users, npu) -> str:
     if kind not in npu.supported_ops:
         return f"{kind} is not in the target's [npu].supported_ops"
+    if kind == "add":
+        return _why_add_host(var, call, bindings, users, npu)
     if op_name(call) not in ("relax.nn.conv2d", "relax.matmul"):
-        if kind == "add":
-            return "float residual add: its inputs have no int8 quantization point in the graph"
         return "float op: not fused into an int8 conv / dense layer (no quantize next to it)"
     if str(call.ty.dtype) != "int32":
         return "float: not quantized by the int8 pass (see quantization.float_fallback)"
@@ -229,6 +264,30 @@ def _why_host(var, call, kind, bindings, users, npu) -> str:
             break
     try:
         read_layer(chain, npu)
+    except NotOnNpu as e:
+        return str(e)
+    return "not matched by the NPU patterns"
+
+
+def _why_add_host(var, call, bindings, users, npu) -> str:
+    """Why a residual add left in ``main`` is no ADD command."""
+    inputs = [bindings.get(a) for a in call.args]
+    chain = [c for c in inputs if c is not None and op_name(c) == "relax.dequantize"]
+    if len(chain) != 2:
+        return "float residual add: its inputs have no int8 quantization point in the graph"
+    shared = [a.name for a in call.args if len(users.get(a, [])) > 1]
+    if shared:
+        return f"its dequantized input {shared[0]} is also used on the host"
+    chain.append(call)
+    v = var
+    while op_name(chain[-1]) != "relax.quantize" and len(chain) < 5:
+        nxt = users.get(v, [])
+        if len(nxt) != 1:
+            return "float result: no quantize follows it alone, and the NPU only writes int8"
+        v = nxt[0]
+        chain.append(bindings[v])
+    try:
+        read_add(chain, npu)
     except NotOnNpu as e:
         return str(e)
     return "not matched by the NPU patterns"

@@ -13,7 +13,15 @@ activations and int8 weights with int32 sums (``int8_graph`` has the rewrite and
   ``zp_x * sum(Wq[o])``; bias, activation and residual adds follow in float32 and fuse into
   the kernel's epilogue together with the next layer's ``quantize``.
 
-Grouped / depthwise convs, ops whose weight is no constant and every other op stay float;
+On a target whose NPU runs ``add`` (``[npu].supported_ops``, ``npu_adds``) residual adds get
+int8 quantization points too: both inputs and the (ReLU'd) output pass through uint8,
+calibrated by the same observers (``int8_points.residual_points``), so that the NPU runs the
+block's convs and the ADD without a float tensor in between. Host targets keep the float adds
+(they fuse into the int8 kernels' epilogues, and every extra rounding would cost accuracy).
+
+Depthwise convs are quantized likewise where the NPU runs ``depthwise_conv2d`` (one input
+channel per group: the same per-output-channel scheme); grouped convs, depthwise convs on
+other targets, ops whose weight is no constant and every other op stay float;
 ``int8_report(mod)`` says which, and gives each int8 layer's SQNR against float on the
 calibration data (``hwc build --int8`` puts it into the manifest).
 
@@ -176,12 +184,26 @@ def plan_layer(site, input_range: tuple[float, float], per_channel: bool = True,
         scale = weight_qparams(w.reshape(1, -1), 0, qmax).scale[0]  # one "channel": the whole tensor
         channels = w.shape[axis]
         wqp = QParams(np.full(channels, scale, np.float32), np.zeros(channels, np.int32), "int8", axis)
-    act = asymmetric_qparams(*input_range)
+    act = activation_qparams(input_range, pow2)
     if pow2:
-        wqp, act = pow2_qparams(wqp), pow2_qparams(act)
+        wqp = pow2_qparams(wqp)
     # a guard on float32 rounding of |w| / s: the AVX2 kernels are exact only within qmax = 63
     weight = np.clip(quantize_array(w, wqp), -qmax, qmax).astype(np.int8)
     return Int8Layer(site, act, weight, np.asarray(wqp.scale, np.float32))
+
+
+def activation_qparams(value_range: tuple[float, float], pow2: bool = False) -> QParams:
+    """uint8 parameters of an activation range (a site's input and a quantization point of
+    the same tensor must agree: they share one uint8 tensor)."""
+    act = asymmetric_qparams(*value_range)
+    return pow2_qparams(act) if pow2 else act
+
+
+def npu_adds(spec) -> bool:
+    """Whether ``spec``'s NPU runs residual adds: then their inputs and output get int8
+    quantization points (``int8_points.residual_points``). Host-only targets keep the float
+    adds, which fuse into the int8 kernels' epilogues at no cost."""
+    return spec is not None and spec.npu is not None and "add" in spec.npu.supported_ops
 
 
 def weight_qmax(spec) -> int:
@@ -214,6 +236,7 @@ def quantize(mod, config: Int8Static, spec=None):
     from ...errors import RecipeError
     from .int8_calib import calibrate, measure
     from .int8_graph import find_sites, rewrite
+    from .int8_points import residual_points
 
     data_free = isinstance(config, Int8DataFree)
     if config.data is None and not data_free:
@@ -234,7 +257,9 @@ def quantize(mod, config: Int8Static, spec=None):
     if spec is not None and spec.hardware.int8.value == "none":
         log.warning("int8: target %s has no int8 dot-product instructions ([hardware].int8 = none): integer kernels are plain loops", spec.name)
     func = mod["main"]
-    sites = find_sites(func)
+    # depthwise convs only where the NPU takes them: the host has no int8 depthwise kernel
+    sites = find_sites(func, depthwise=spec is not None and spec.npu is not None
+                       and "depthwise_conv2d" in spec.npu.supported_ops)
     todo = [s for s in sites if s.reason is None]
     report = {
         "scheme": "uint8 activations (asymmetric, per tensor) x int8 weights (symmetric, "
@@ -254,17 +279,22 @@ def quantize(mod, config: Int8Static, spec=None):
     if dfq_report is not None:
         report["dfq"] = dfq_report.as_dict()
     data = synthetic_inputs(func, config.samples, config.seed) if data_free else config.data.data
-    ranges, kept, seen = calibrate(mod, todo, config.calibration.value, data, config.max_samples)
+    point_names = residual_points(func) if npu_adds(spec) else {}
+    ranges, kept, seen = calibrate(mod, todo, config.calibration.value, data, config.max_samples, point_names)
     layers = [plan_layer(s, ranges[s.data], config.per_channel, qmax, pow2) for s in todo]
-    measured = measure(mod, layers, kept)
+    points = {v: activation_qparams(ranges[v], pow2) for v in point_names}
+    measured = measure(mod, layers, kept, points)
     measured["layers"] = [
         {"name": layer.site.name, "op": layer.site.op, "input_scale": float(layer.act.scale),
          "input_zero_point": int(layer.act.zero_point), **{k: v for k, v in row.items() if k != "name"}}
         for layer, row in zip(layers, measured["layers"])
     ]  # fmt: skip
     report = {**report, "calibration_samples": seen, **measured}
+    if points:
+        report["npu_add_points"] = [{"name": name, "scale": float(points[v].scale), "zero_point": int(points[v].zero_point)}
+                                    for v, name in point_names.items()]
     log.info("int8: %d layers in int8, %d stay float; output SQNR %s dB", len(layers), len(report["float_fallback"]), measured["output_sqnr_db"])
-    return rewrite(mod, layers).with_attr(REPORT_ATTR, json.dumps(report))
+    return rewrite(mod, layers, points).with_attr(REPORT_ATTR, json.dumps(report))
 
 
 def _float_ops(func, quantized: set) -> dict[str, int]:

@@ -56,19 +56,20 @@ def _run(vm, batch) -> list[np.ndarray]:
     return [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
 
 
-def calibrate(mod, sites, method: str, data, max_samples: int):
-    """Observe the input of every site on the calibration data.
+def calibrate(mod, sites, method: str, data, max_samples: int, points: dict | None = None):
+    """Observe the input of every site, and every tensor of ``points`` (``{var: name}``: the
+    NPU's residual quantization points, ``int8_points.residual_points``), on the calibration data.
 
-    Returns ``({input var: (lo, hi)}, kept batches, samples seen)``: the clipping range of each
-    distinct input tensor, and the first batches (up to ``REPORT_SAMPLES`` samples) for
-    ``measure``.
+    Returns ``({var: (lo, hi)}, kept batches, samples seen)``: the clipping range of each
+    distinct tensor, and the first batches (up to ``REPORT_SAMPLES`` samples) for ``measure``.
     """
     from ...verify import host_vm
 
     func = mod["main"]
     batches = read_batches(data, function_inputs(func), max_samples=max_samples)
     first = next(batches)  # data that does not fit fails here, before a compile
-    wanted = list(dict.fromkeys(site.data for site in sites))
+    points = points or {}
+    wanted = list(dict.fromkeys([*(site.data for site in sites), *points]))
 
     def outputs(bb):
         results, vmap = emit_main(bb, func, func.params)
@@ -76,7 +77,7 @@ def calibrate(mod, sites, method: str, data, max_samples: int):
 
     n_results = len(emit_results(func))
     vm = host_vm(module_with_main(mod, func, outputs, as_tuple=True))
-    names = {site.data: site.name for site in reversed(sites)}
+    names = {**points, **{site.data: site.name for site in reversed(sites)}}
     histogram = method != "minmax"
     # histogram methods take two passes: the exact range first, so that the histogram's bins
     # span exactly [0, max |x|] (see observers.AbsHistogram); a one-shot iterable is held in
@@ -126,7 +127,7 @@ def emit_results(func) -> list:
     return list(body.fields) if isinstance(body, relax.Tuple) else [body]
 
 
-def measure(mod, layers, batches) -> dict:
+def measure(mod, layers, batches, points: dict | None = None) -> dict:
     """SQNR of every int8 layer against float on ``batches``.
 
     Per layer (``layers`` in program order): ``sqnr_db``, the int8 layer alone (its input the
@@ -155,7 +156,7 @@ def measure(mod, layers, batches) -> dict:
             return y
 
         float_out, _ = emit_main(bb, func, func.params, float_call)
-        int8_out = emit_int8_graph(bb, func, by_var, net_taps)
+        int8_out = emit_int8_graph(bb, func, by_var, net_taps, points)
         return [*float_out, *int8_out, *ref_taps, *alone_taps, *net_taps]
 
     vm = host_vm(module_with_main(mod, func, outputs, as_tuple=True))

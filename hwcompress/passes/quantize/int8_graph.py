@@ -81,9 +81,10 @@ class Site:
         return len(self.call.ty.shape.values) - 1
 
 
-def find_sites(func) -> list[Site]:
+def find_sites(func, depthwise: bool = False) -> list[Site]:
     """Every ``conv2d`` / ``matmul`` binding of ``func``, in program order, each with the
-    reason it cannot be quantized (None when it can)."""
+    reason it cannot be quantized (None when it can). ``depthwise``: depthwise convs are
+    quantized too (only for an NPU that runs them: the host has no int8 depthwise kernel)."""
     from tvm import relax
 
     sites, counts = [], {CONV2D: 0, MATMUL: 0}
@@ -97,11 +98,11 @@ def find_sites(func) -> list[Site]:
                 continue
             name = f"{op.rsplit('.', 1)[1]}[{counts[op]}]"
             counts[op] += 1
-            sites.append(Site(binding.var, call, name, _float_reason(call)))
+            sites.append(Site(binding.var, call, name, _float_reason(call, depthwise)))
     return sites
 
 
-def _float_reason(call) -> str | None:
+def _float_reason(call, depthwise: bool = False) -> str | None:
     import tvm
 
     data, weight = call.args[0], call.args[1]
@@ -113,7 +114,7 @@ def _float_reason(call) -> str | None:
     if static_shape(data.ty) is None or static_shape(call.ty) is None:
         return "dynamic shape"
     if call.op.name == CONV2D:
-        if (reason := conv_float_reason(call.attrs)) is not None:
+        if (reason := conv_float_reason(call.attrs)) is not None and not (depthwise and _is_depthwise(call)):
             return reason
     elif len(weight.ty.shape.values) != 2 or len(data.ty.shape.values) < 2:
         return "matmul that is not data [..., K] x weight [K, N]"
@@ -132,6 +133,17 @@ def conv_float_reason(attrs) -> str | None:
     if sorted(layouts[0]) != sorted("NCHW") or sorted(layouts[1]) != sorted("OIHW") or layouts[2] != layouts[0]:
         return f"layout {'/'.join(layouts)}: only plain 2D layouts (NCHW, NHWC) have integer kernels"
     return None
+
+
+def _is_depthwise(call) -> bool:
+    """One input channel per group (a channel multiplier is allowed), plain 2D layouts."""
+    attrs = call.attrs
+    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
+    if sorted(layouts[0]) != sorted("NCHW") or sorted(layouts[1]) != sorted("OIHW") or layouts[2] != layouts[0]:
+        return False
+    channels = int(call.args[0].ty.shape.values[layouts[0].index("C")])
+    per_group = int(call.args[1].ty.shape.values[layouts[1].index("I")])
+    return int(attrs.groups) == channels and per_group == 1
 
 
 def static_shape(ty) -> tuple[int, ...] | None:
@@ -191,8 +203,21 @@ class Int8Emitter:
 
         if key not in self._quantized:
             scale, zero_point = relax.const(np.float32(qp.scale)), relax.const(np.uint8(qp.zero_point))
-            self._quantized[key] = self.bb.emit(relax.op.quantize(x, scale, zero_point, out_dtype="uint8"), name_hint="q")
-        return self._quantized[key]
+            q = self.bb.emit(relax.op.quantize(x, scale, zero_point, out_dtype="uint8"), name_hint="q")
+            self._quantized[key] = (q, float(qp.scale), int(qp.zero_point))
+        q, scale, zero_point = self._quantized[key]
+        # a quantization point and the sites reading it share one uint8 tensor: same parameters
+        assert (scale, zero_point) == (float(qp.scale), int(qp.zero_point)), f"two quantizations of {key}"
+        return q
+
+    def point(self, key, x, qp: QParams, name: str):
+        """An int8 quantization point on the float tensor ``x``: ``dequantize(quantize(x))``.
+        Sites reading ``key`` later take the uint8 tensor itself (``quantized``)."""
+        from tvm import relax
+
+        q = self.quantized(key, x, qp)
+        scale, zero_point = relax.const(np.float32(qp.scale)), relax.const(np.uint8(qp.zero_point))
+        return self.bb.emit(relax.op.dequantize(q, scale, zero_point, out_dtype="float32"), name_hint=name)
 
     def emit(self, layer: Int8Layer, x, name: str = "dq"):
         """The int8 version of ``layer.site`` on the float input ``x``: a float32 result of the
@@ -223,8 +248,8 @@ class Int8Emitter:
             q = self.bb.emit(relax.op.nn.pad(q, width, pad_value=float(zero_point)), name_hint="q_pad")
             padding = [0, 0, 0, 0]
         conv = relax.op.nn.conv2d(
-            q, w, strides=attrs.strides, padding=padding, dilation=attrs.dilation, groups=1, data_layout=layout,
-            kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout, out_dtype="int32",
+            q, w, strides=attrs.strides, padding=padding, dilation=attrs.dilation, groups=int(attrs.groups),
+            data_layout=layout, kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout, out_dtype="int32",
         )  # fmt: skip
         return self.bb.emit(conv, name_hint="acc")
 
@@ -301,28 +326,35 @@ def module_with_main(mod, func, emit_outputs, as_tuple: bool | None = None):
     return new
 
 
-def emit_int8_graph(bb, func, layers: dict, taps: list | None = None) -> list:
+def emit_int8_graph(bb, func, layers: dict, taps: list | None = None, points: dict | None = None) -> list:
     """Emit ``func`` with the sites of ``layers`` (``{site var: Int8Layer}``) in int8 and
     everything else as it was; returns its results. Each int8 site's dequantized output is
-    appended to ``taps`` (when given), in program order."""
+    appended to ``taps`` (when given), in program order. ``points`` (``{var: QParams}``, see
+    ``int8_points.residual_points``): float tensors that pass through uint8 (``Int8Emitter.point``)."""
     emitter = Int8Emitter(bb)
+    points = points or {}
 
     def call(var, _orig, value):
         layer = layers.get(var)
         if layer is None:
-            return bb.emit(value, name_hint=var.name)
-        y = emitter.emit(layer, value.args[0], var.name)
-        if taps is not None:
-            taps.append(y)
+            y = bb.emit(value, name_hint=var.name)
+        else:
+            y = emitter.emit(layer, value.args[0], var.name)
+            if taps is not None:
+                taps.append(y)
+        if var in points:
+            y = emitter.point(var, y, points[var], var.name + "_dq")
         return y
 
     return emit_main(bb, func, func.params, call)[0]
 
 
-def rewrite(mod, layers: list[Int8Layer]):
-    """``mod`` with ``main``'s sites of ``layers`` running in int8."""
+def rewrite(mod, layers: list[Int8Layer], points: dict | None = None):
+    """``mod`` with ``main``'s sites of ``layers`` running in int8 and the tensors of
+    ``points`` (``{var: QParams}``) passed through uint8."""
     from tvm import relax
 
     func = mod["main"]
     by_var = {layer.site.var: layer for layer in layers}
-    return module_with_main(mod, func, lambda bb: emit_int8_graph(bb, func, by_var), isinstance(func.body.body, relax.Tuple))
+    return module_with_main(mod, func, lambda bb: emit_int8_graph(bb, func, by_var, points=points),
+                            isinstance(func.body.body, relax.Tuple))
