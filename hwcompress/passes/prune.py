@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -148,9 +149,15 @@ def prune_sensitivity(mod, calib, spec=None, round_to: int | None = None) -> dic
 
 
 def _multiple(config: ChannelPrune, spec) -> int:
+    """Kept widths are multiples of this: ``round_to``, else the target's ``channel_multiple``
+    and, on a target with an NPU, its input and output channel multiples too."""
     if config.round_to is not None:
         return config.round_to
-    return spec.hardware.channel_multiple if spec is not None else 1
+    if spec is None:
+        return 1
+    npu = spec.npu
+    extra = (npu.in_channel_multiple, npu.out_channel_multiple) if npu is not None else ()
+    return math.lcm(spec.hardware.channel_multiple, *extra)
 
 
 def plan_prune(mod, config: ChannelPrune, spec=None, refit: bool = True) -> PrunePlan:

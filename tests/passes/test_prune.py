@@ -267,15 +267,20 @@ def _consts(mod):
     return found
 
 
-def test_global_ratio_rounds_to_the_target_multiple():
+@pytest.mark.parametrize("target,multiple", [("host", 8), ("npu-stub", 16)])
+def test_global_ratio_rounds_to_the_target_multiple(target, multiple):
+    """Host: its channel_multiple; an NPU target: also the NPU's channel multiples (npu-stub:
+    input 4, output 16: the 16-channel group cannot shrink at all)."""
+    from hwcompress.passes.prune import _multiple
     from hwcompress.targets import load_target
 
-    spec = load_target("host")  # channel_multiple = 8
+    spec = load_target(target)
+    assert _multiple(ChannelPrune(0.3), spec) == multiple
     mod = _import(_separable_graph())
     plan = plan_prune(mod, ChannelPrune(0.3), spec)
     for g, w in zip(plan.groups, plan.widths):
-        assert w == g.channels or w % spec.hardware.channel_multiple == 0
-    assert plan.params_estimate < plan.params_before
+        assert w == g.channels or w % multiple == 0
+    assert (plan.params_estimate < plan.params_before) == (multiple < 16)
 
 
 def test_reconstruct_refits_and_beats_l1_on_the_output():
