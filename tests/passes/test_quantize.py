@@ -146,11 +146,12 @@ def test_zero_point_padding_matches_the_integer_arithmetic():
 def test_avx2_targets_get_7_bit_weights():
     """``[hardware].int8 = "avx2"``: weights in [-63, 63] per channel (each channel's largest
     reaches 63), so that the CPU kernels multiply them with ``vpmaddubsw``; every other
-    target, and no target, keeps [-127, 127]."""
+    target (an NPU target too, even on an AVX2 host), and no target, keeps [-127, 127]."""
     avx2 = dataclasses.replace(HOST, hardware=dataclasses.replace(HOST.hardware, int8=Int8Kind.AVX2))
     assert weight_qmax(avx2) == 63
     assert weight_qmax(None) == weight_qmax(load_target("x86-avx512")) == weight_qmax(load_target("arm-cortex-a76")) == 127
     assert weight_qmax(HOST) == (63 if HOST.hardware.int8 is Int8Kind.AVX2 else 127)  # host: detected
+    assert weight_qmax(load_target("npu-stub")) == 127  # its layers run in the NPU's int32 arithmetic
     rng = np.random.default_rng(5)
     x = rng.uniform(-1, 3, (2, 9, 7, 6)).astype(np.float32)
     w = (rng.standard_normal((8, 3, 3, 6)) * np.logspace(-2, 1, 8)[:, None, None, None]).astype(np.float32)
