@@ -78,6 +78,14 @@ def _layer(name: str, call) -> Layer:
     return Layer(name=name, op=op, shape=tuple(out_shape or ()), params=params, flops=flops, bytes=in_bytes + out_bytes)
 
 
+def static_shape(ty) -> tuple[int, ...] | None:
+    """The static shape of a tensor type; None if any dimension is symbolic or the shape unknown."""
+    try:
+        return tuple(int(d) for d in ty.shape)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 def _tensor_facts(ty) -> tuple[list[int] | None, int]:
     """(shape, bytes) of a tensor type; (None, 0) for non-tensors or unknown shapes."""
     from tvm import relax

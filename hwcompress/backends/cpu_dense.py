@@ -15,14 +15,9 @@ import math
 
 import numpy as np
 
+from ..analysis import static_shape
+
 __all__ = ["legalize_matmul"]
-
-
-def _static(ty) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except (TypeError, ValueError, AttributeError):
-        return None
 
 
 def _as_conv(call):
@@ -35,7 +30,7 @@ def _as_conv(call):
     out_dtype = str(call.attrs.out_dtype) if call.attrs.out_dtype is not None else ""
     if str(data.ty.dtype) != "float32" or str(weight.ty.dtype) != "float32" or out_dtype not in ("", "void", "float32"):
         return None
-    shape = _static(data.ty)
+    shape = static_shape(data.ty)
     if shape is None or len(shape) < 1:
         return None
     return shape, weight
@@ -70,28 +65,27 @@ def legalize_matmul(inner, conv_legalize):
     from tvm import relax, topi
 
     def plan(bb, call):
+        """``(x shape, N, the 1x1 conv of a placeholder [1, 1, M, K] input)``, or None."""
         found = _as_conv(call)
         if found is None:
             return None
         shape, weight = found
         k, n = (int(d) for d in weight.ty.shape)
-        m = math.prod(shape[:-1])
         w_ohwi = np.zeros((_padded(n), 1, 1, k), np.float32)
         w_ohwi[:n, 0, 0, :] = weight.value.numpy().T
-        x = relax.Var("x", relax.TensorType((1, 1, m, k), "float32"))
+        x = relax.Var("x", relax.TensorType((1, 1, math.prod(shape[:-1]), k), "float32"))
         conv = relax.op.nn.conv2d(x, relax.const(w_ohwi), data_layout="NHWC", kernel_layout="OHWI")
-        conv = relax.BlockBuilder().normalize(conv) if bb is None else bb.normalize(conv)
-        return (shape, m, n, w_ohwi) if conv_legalize.handles(conv) else None
+        conv = (bb or relax.BlockBuilder()).normalize(conv)
+        return (shape, n, conv) if conv_legalize.handles(conv) else None
 
     def legalize(bb, call):
         found = plan(bb, call)
         if found is None:
             return inner(bb, call)
-        shape, m, n, w_ohwi = found
-        k = shape[-1]
-        x = bb.emit_te(topi.reshape, call.args[0], (1, 1, m, k), primfunc_name_hint="reshape")
-        y = bb.emit(conv_legalize(bb, bb.normalize(relax.op.nn.conv2d(x, relax.const(w_ohwi), data_layout="NHWC", kernel_layout="OHWI"))))
-        return bb.call_te(_crop, y, (*shape[:-1], int(call.args[1].ty.shape[1])), primfunc_name_hint="reshape")
+        shape, n, conv = found
+        x = bb.emit_te(topi.reshape, call.args[0], [int(d) for d in conv.args[0].ty.shape], primfunc_name_hint="reshape")
+        y = bb.emit(conv_legalize(bb, bb.normalize(relax.Call(conv.op, [x, conv.args[1]], conv.attrs))))
+        return bb.call_te(_crop, y, (*shape[:-1], n), primfunc_name_hint="reshape")
 
     inner_handles = getattr(inner, "handles", lambda call: False)
     legalize.handles = lambda call: inner_handles(call) or plan(None, call) is not None

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..analysis import static_shape
+
 from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_tile, conv_geometry
 from .x86_intrin import DotIntrin, dot_for_weights, intrin_named, register
 
@@ -261,21 +263,14 @@ def _max_abs_weight(weight: np.ndarray) -> int:
     return int(np.abs(weight.astype(np.int16)).max()) if weight.size else 0
 
 
-def _static_shape(ty) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except (TypeError, ValueError, AttributeError):  # symbolic or unknown shape
-        return None
-
-
 def _conv_plan(call, facts) -> tuple[ConvTile, DotIntrin] | None:
     intrin = _int8_operands(call, facts)
     if intrin is None:
         return None
     attrs = call.attrs
     layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
-    out = _static_shape(call.ty)
-    if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1 or out is None or _static_shape(call.args[0].ty) is None:
+    out = static_shape(call.ty)
+    if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1 or out is None or static_shape(call.args[0].ty) is None:
         return None
     _, out_h, out_w, out_c = out
     return conv_tile(out_h, out_w, out_c, intrin), intrin
@@ -285,7 +280,7 @@ def _dense_plan(call, facts) -> tuple[ConvTile, DotIntrin] | None:
     intrin = _int8_operands(call, facts)
     if intrin is None:
         return None
-    data, weight = _static_shape(call.args[0].ty), _static_shape(call.args[1].ty)
+    data, weight = static_shape(call.args[0].ty), static_shape(call.args[1].ty)
     if data is None or weight is None or len(data) != 2 or len(weight) != 2:
         return None
     return dense_tile(data[0], weight[1], intrin), intrin

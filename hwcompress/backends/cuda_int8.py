@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..analysis import static_shape
+
 log = logging.getLogger(__name__)
 
 TILE_ATTR = "hwc.cuda_int8_tile"  # GemmTile.as_list() on the GEMM block
@@ -284,7 +286,7 @@ def _conv_kernel(call):
     """(TE compute, packed weight, kernel name) of a conv this module computes, else None."""
     attrs = call.attrs
     layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout))
-    data, out, weight = _static_shape(call.args[0].ty), _static_shape(call.ty), _static_shape(call.args[1].ty)
+    data, out, weight = static_shape(call.args[0].ty), static_shape(call.ty), static_shape(call.args[1].ty)
     if layouts != ("NCHW", "OIHW", "NCHW") or int(attrs.groups) != 1 or None in (data, out, weight):
         return None
     padding = tuple(int(p) for p in attrs.padding)
@@ -300,7 +302,7 @@ def _conv_kernel(call):
 
 
 def _dense_kernel(call):
-    data, weight = _static_shape(call.args[0].ty), _static_shape(call.args[1].ty)
+    data, weight = static_shape(call.args[0].ty), static_shape(call.args[1].ty)
     if data is None or weight is None or len(data) != 2 or len(weight) != 2:
         return None
     tile = choose_tile(1, data[0], weight[1], -(-data[1] // 4))
@@ -320,13 +322,6 @@ def _int8_operands(call) -> bool:
         return False
     out_dtype = str(call.attrs.out_dtype) if call.attrs.out_dtype is not None else ""
     return (str(data.ty.dtype), str(weight.ty.dtype), out_dtype) == ("uint8", "int8", "int32")
-
-
-def _static_shape(ty) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except (TypeError, ValueError, AttributeError):  # symbolic or unknown shape
-        return None
 
 
 # ---------------------------------------------------------------------------- schedule

@@ -24,19 +24,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..analysis import static_shape
+
 from ..passes.sparsity.mask24 import compress, conv_rows, is_2to4
 
 __all__ = ["sparse_legalize"]
 
 KERNEL_NAME = "sparse24_gemm"
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque
-
-
-def _static(ty) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except (TypeError, ValueError, AttributeError):
-        return None
 
 
 def _plan(call, kernel_for):
@@ -46,7 +41,7 @@ def _plan(call, kernel_for):
     data, weight = call.args[:2]
     if not isinstance(weight, tvm.ir.expr.GenericConst) or str(weight.ty.dtype) != "float32":
         return None
-    if str(data.ty.dtype) != "float32" or _static(data.ty) is None:
+    if str(data.ty.dtype) != "float32" or static_shape(data.ty) is None:
         return None
     out_dtype = str(call.attrs.out_dtype) if getattr(call.attrs, "out_dtype", None) is not None else ""
     if out_dtype not in ("", "float32"):
@@ -57,7 +52,7 @@ def _plan(call, kernel_for):
         if w.ndim != 2:
             return None
         gemm, kind = np.ascontiguousarray(w.T), "matmul"
-        m = math.prod(_static(data.ty)[:-1])
+        m = math.prod(static_shape(data.ty)[:-1])
         if not is_2to4(gemm):
             return None
     elif name == "relax.nn.conv2d":
@@ -66,7 +61,7 @@ def _plan(call, kernel_for):
         if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1 or not is_2to4(conv_rows(w)):
             return None
         gemm, kind = w.reshape(w.shape[0], -1), "conv2d"
-        out = _static(call.ty)
+        out = static_shape(call.ty)
         m = math.prod(out[:3]) if out else 0
     else:
         return None
@@ -97,7 +92,7 @@ def _emit(bb, call, kind: str, gemm: np.ndarray, kernel):
     from tvm import relax, topi
 
     data = call.args[0]
-    shape = _static(data.ty)
+    shape = static_shape(data.ty)
     c = compress(gemm)
     n, k = gemm.shape
     if kind == "matmul":
@@ -105,7 +100,7 @@ def _emit(bb, call, kind: str, gemm: np.ndarray, kernel):
         x = data if len(shape) == 2 else bb.emit_te(topi.reshape, data, (m, k), primfunc_name_hint="reshape")
         out_shape = (*shape[:-1], n)
     else:
-        out_shape = _static(call.ty)
+        out_shape = static_shape(call.ty)
         m = math.prod(out_shape[:3])
         attrs = call.attrs
         kh, kw = (int(d) for d in call.args[1].ty.shape.values[1:3])

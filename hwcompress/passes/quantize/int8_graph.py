@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...analysis import static_shape
 from .observers import QParams
 
 __all__ = [
@@ -144,14 +145,6 @@ def _is_depthwise(call) -> bool:
     channels = int(call.args[0].ty.shape.values[layouts[0].index("C")])
     per_group = int(call.args[1].ty.shape.values[layouts[1].index("I")])
     return int(attrs.groups) == channels and per_group == 1
-
-
-def static_shape(ty) -> tuple[int, ...] | None:
-    """The static shape of a tensor type; None if any dimension is symbolic."""
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, ValueError, AttributeError):
-        return None
 
 
 def function_inputs(func) -> list[tuple[str, list[int], str]]:
