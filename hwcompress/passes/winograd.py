@@ -146,13 +146,13 @@ def _eligible(call) -> _Conv | None:
     return _Conv(layout, weight, padding, out_hw)
 
 
-def _tile_for(conv: _Conv, index: int | None, config: Winograd, spec) -> int:
+def _tile_for(conv: _Conv, index: int | None, config: Winograd, spec, sparse: bool = False) -> int:
     """The tile for ``conv`` (0: stay direct): recipe override, then config, then auto."""
     override = config.per_layer.get(str(index)) if index is not None else None
     if override is not None:
         return override
-    if spec is not None and spec.hardware.sparse_2_4 and _is_sparse(conv.weight_oihw):
-        return 0  # 2:4 weights run on the backend's sparse kernel (sparse-2-4 chose it by measurement)
+    if sparse and _is_sparse(conv.weight_oihw):
+        return 0  # a 2:4 weight of a sparsified module runs on the sparse kernel (``build.legalize``)
     o, i = conv.weight_oihw.shape[:2]
     if min(o, i) < config.min_channels:
         return 0
@@ -179,7 +179,7 @@ def _weight_block(out_channels: int, spec) -> int:
     return out_channels
 
 
-def _rewrite_conv(matched, bb, index_of, config: Winograd, spec):
+def _rewrite_conv(matched, bb, index_of, config: Winograd, spec, sparse: bool = False):
     """Rewriter of ``_conv_pattern``: a ``call_tir`` of the Winograd kernel, or ``matched``."""
     from tvm import relax
 
@@ -188,7 +188,7 @@ def _rewrite_conv(matched, bb, index_of, config: Winograd, spec):
     conv = _eligible(matched)
     if conv is None:
         return matched
-    m = _tile_for(conv, index_of(matched), config, spec)
+    m = _tile_for(conv, index_of(matched), config, spec, sparse)
     if m == 0:
         return matched
     u = transform_weights(conv.weight_oihw, m)
@@ -231,7 +231,10 @@ class WinogradPass:
         from tvm import relax
         from tvm.relax.dpl import rewrite_call
 
+        from ..build import has_sparsity
+
         calls = _conv_bindings(mod)
+        sparse = has_sparsity(mod)
 
         def index_of(call):
             return next((i for i, c in enumerate(calls) if c.same_as(call)), None)
@@ -239,7 +242,7 @@ class WinogradPass:
         bb = relax.BlockBuilder(mod)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                new = rewrite_call(_conv_pattern(), lambda e, _m: _rewrite_conv(e, bb, index_of, self.config, self.spec), func)
+                new = rewrite_call(_conv_pattern(), lambda e, _m: _rewrite_conv(e, bb, index_of, self.config, self.spec, sparse), func)
                 if not new.same_as(func):
                     bb.update_func(gv, new)
         return bb.get()
@@ -277,11 +280,13 @@ def winograd(mod, config: Winograd = Winograd(), spec=None):
 def winograd_candidates(mod, config: Winograd = Winograd(), spec=None) -> list[dict]:
     """One row per ``conv2d`` of ``mod``: ``index`` (the ``per_layer`` key), ``layout``,
     ``weight`` (OIHW shape), ``out_hw``, and ``tile`` (0: stays direct, None: not eligible)."""
-    rows = []
+    from ..build import has_sparsity
+
+    rows, sparse = [], has_sparsity(mod)
     for i, call in enumerate(_conv_bindings(mod)):
         conv = _eligible(call) if type(call.args[1]).__name__ == "GenericConst" else None
         row = {"index": i, "weight": tuple(int(d) for d in call.args[1].ty.shape), "layout": str(call.attrs.data_layout)}
         row["out_hw"] = conv.out_hw if conv else None
-        row["tile"] = _tile_for(conv, i, config, spec) if conv else None
+        row["tile"] = _tile_for(conv, i, config, spec, sparse) if conv else None
         rows.append(row)
     return rows
