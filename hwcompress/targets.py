@@ -29,6 +29,7 @@ class Int8Kind(str, enum.Enum):
     VNNI = "vnni"
     AVX2 = "avx2"
     SDOT = "sdot"
+    NEON = "neon"  # aarch64 without dotprod: widening multiplies (smull / sadalp)
     DP4A = "dp4a"
     IMMA = "imma"
     NONE = "none"
@@ -370,6 +371,8 @@ def detect_int8() -> Int8Kind:
         return Int8Kind.AVX2
     if "asimddp" in flags:
         return Int8Kind.SDOT
+    if "asimd" in flags:
+        return Int8Kind.NEON
     return Int8Kind.NONE
 
 

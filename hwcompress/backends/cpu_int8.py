@@ -1,4 +1,4 @@
-"""INT8 kernels for x86 CPUs: uint8 activations x int8 constant weights -> int32.
+"""INT8 kernels for CPUs (x86, aarch64): uint8 activations x int8 constant weights -> int32.
 
 The quantization scheme: activations uint8 with a zero point (asymmetric), weights int8
 symmetric per output channel, int32 sums; requantization is a separate elementwise stage
@@ -8,7 +8,8 @@ a constant int8 OHWI weight, one group and ``out_dtype="int32"`` here; ``legaliz
 does the same for ``relax.matmul`` of uint8 ``[M, K]`` data by a constant int8 ``[K, N]``.
 
 Layouts (``g`` = the intrinsic's group, ``ob`` = ``nvec`` x ``lanes`` output channels of one
-register tile; ``x86_intrin`` says which instruction and why):
+register tile; ``cpu_intrin`` says which instruction and why: ``vpdpbusd``, ``vpmaddwd``,
+``vpmaddubsw`` on x86, ``sdot`` on aarch64 with dotprod, ``smull`` + ``sadalp`` without):
 
 * weight, packed once when the module is built: conv ``(O/ob, KH, KW, I/g, ob, g)``, dense
   ``(N/ob, K/g, ob, g)``, int8; ``I``/``K`` padded with zero weights to a multiple of ``g``
@@ -17,8 +18,13 @@ register tile; ``x86_intrin`` says which instruction and why):
 * activation: ``data_pad`` copies it with the spatial padding (``pad_value``: the zero
   point, so that the zero-point correction of the epilogue is the same at every pixel), the
   extra columns/rows of a width rounded up to whole tiles and the reduction padding; for
-  ``vpmaddwd`` it also widens to int16. VNNI and ``vpmaddubsw`` read uint8 data in place
-  when nothing needs padding.
+  ``vpmaddwd`` it also widens to int16, for ``sdot`` / ``smull`` (signed x signed) it
+  shifts to int8 ``x - 128`` (the padding value too). VNNI and ``vpmaddubsw`` read uint8
+  data in place when nothing needs padding.
+* the shift's correction (``sdot`` / ``smull`` only): ``sum (x - 128) w = sum x w - 128 sum w``,
+  so the kernel adds ``128 * sum_k w[o, k]`` (``shift_correction``, an int32 constant per
+  output channel computed when the weights are packed) in its write-back stage,
+  ``int8_crop``. The kernel's result is ``sum x w`` as on x86; nothing outside it changes.
 * which instruction: the CPU's (``CpuFacts.int8_dot``), except that on AVX2 without VNNI a
   layer whose weights all lie in ``[-64, 64]`` (7-bit, what the quantizer makes for
   ``[hardware].int8 = "avx2"``) gets ``vpmaddubsw``, twice the MACs per instruction and no
@@ -26,7 +32,8 @@ register tile; ``x86_intrin`` says which instruction and why):
 * the reduction block (``conv2d_nhwc_int8`` / ``dense_int8``) carries ``hwc.int8_tile``
   (``[ty, tx, nvec]``, the register tile as in ``cpu_conv.choose_tile``) and ``hwc.int8_dot``
   (the intrinsic's name); ``schedule_int8`` tiles it like the float packed conv and
-  tensorizes each ``lanes x g`` dot; ``int8_crop`` drops what the padding added.
+  tensorizes each ``lanes x g`` dot; ``int8_crop`` drops what the padding added (and adds
+  the shift's correction).
 
 ``relax.nn.conv2d`` pads with zeros: a graph that needs zero-point padding passes an input
 padded by ``relax.nn.pad(pad_value=zero_point)`` and a conv without padding.
@@ -39,7 +46,7 @@ import numpy as np
 from ..analysis import static_shape
 
 from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_tile, conv_geometry
-from .x86_intrin import DotIntrin, dot_for_weights, intrin_named, register
+from .cpu_intrin import DotIntrin, dot_for_weights, intrin_named, register
 
 TILE_ATTR = "hwc.int8_tile"
 DOT_ATTR = "hwc.int8_dot"
@@ -67,6 +74,15 @@ def pack_dense_weight(weight_kn: np.ndarray, block: int, group: int) -> np.ndarr
     return pack_conv_weight(weight_kn.T[:, None, None, :], block, group)[:, 0, 0]
 
 
+def shift_correction(packed: np.ndarray, shift: int) -> np.ndarray:
+    """``shift * sum_k w[o, k]`` per output channel of a packed weight (``pack_conv_weight``'s
+    or ``pack_dense_weight``'s, padded channels included), int32 ``(O',)``: what a kernel
+    that multiplies ``x - shift`` instead of ``x`` adds back (``DotIntrin.data_shift``)."""
+    reduce_axes = (*range(1, packed.ndim - 2), packed.ndim - 1)  # all but (O'/ob, ob)
+    sums = packed.astype(np.int64).sum(axis=reduce_axes).reshape(-1)
+    return (shift * sums).astype(np.int32)
+
+
 def conv_tile(out_rows: int, out_cols: int, out_c: int, intrin: DotIntrin) -> ConvTile:
     """The register tile of a conv output ``out_rows x out_cols x out_c``: ``cpu_conv.choose_tile``
     on the channels rounded up to a whole vector, with the intrinsic's accumulator budget."""
@@ -91,11 +107,15 @@ def dense_tile(m: int, n: int, intrin: DotIntrin) -> ConvTile:
 # ---------------------------------------------------------------------------- TE computes
 
 
-def conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile: ConvTile, intrin: DotIntrin, out_c: int, pad_value: int = 0):
+def conv2d_nhwc_int8(
+    data, weight, strides, padding, dilation, tile: ConvTile, intrin: DotIntrin, out_c: int, pad_value: int = 0, correction=None
+):
     """TE compute of an NHWC uint8 conv with a packed int8 weight, int32 output.
 
     ``weight`` is ``pack_conv_weight``'s ``(O'/ob, KH, KW, I'/g, ob, g)``; ``padding`` is
-    ``(top, left, bottom, right)``, filled with ``pad_value``. Returns ``(N, OH, OW, out_c)``.
+    ``(top, left, bottom, right)``, filled with ``pad_value``; ``correction`` the int32
+    ``(O',)`` ``shift_correction`` of the weight, needed (only) where ``intrin.data_shift``.
+    Returns ``(N, OH, OW, out_c)``.
     """
     from tvm import te
     from tvm.topi.utils import get_const_tuple
@@ -107,7 +127,8 @@ def conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile: ConvTile, i
     (sh, sw), (dh, dw) = strides, dilation
     pt, pl = padding[:2]
     out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), (kh, kw), strides, padding, dilation, tile)
-    src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin.data_dtype, pad_value)
+    _check_correction(correction, intrin, n_ob * ob)
+    src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin, pad_value)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     rc = te.reduce_axis((0, n_rc), "rc")
@@ -122,12 +143,13 @@ def conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile: ConvTile, i
         name="conv2d_nhwc_int8",
         attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec], DOT_ATTR: intrin.name},
     )
-    return _crop(conv, (n, out_h, out_w, out_c))
+    return _crop(conv, (n, out_h, out_w, out_c), correction)
 
 
-def dense_int8(data, weight, tile: ConvTile, intrin: DotIntrin, out_n: int):
+def dense_int8(data, weight, tile: ConvTile, intrin: DotIntrin, out_n: int, correction=None):
     """TE compute of uint8 ``[M, K]`` data times a packed int8 weight
-    ``(N'/ob, K'/g, ob, g)`` (``pack_dense_weight``): the int32 ``[M, out_n]`` product."""
+    ``(N'/ob, K'/g, ob, g)`` (``pack_dense_weight``): the int32 ``[M, out_n]`` product.
+    ``correction`` as for ``conv2d_nhwc_int8``."""
     from tvm import te
     from tvm.topi.utils import get_const_tuple
 
@@ -136,7 +158,8 @@ def dense_int8(data, weight, tile: ConvTile, intrin: DotIntrin, out_n: int):
     if ob != tile.block or group != intrin.group or n_rc * group < k or n_ob * ob < out_n or tile.ty != 1:
         raise ValueError(f"packed weight {weight.shape} does not fit data {data.shape} / tile {tile} / {intrin.name}")
     m_pad = tile.padded_width(m)
-    src = _source(data, (0,), (m_pad,), n_rc * group, intrin.data_dtype, 0)
+    _check_correction(correction, intrin, n_ob * ob)
+    src = _source(data, (0,), (m_pad,), n_rc * group, intrin, 0)
     rc = te.reduce_axis((0, n_rc), "rc")
     rk = te.reduce_axis((0, group), "rk")
     dense = te.compute(
@@ -147,13 +170,22 @@ def dense_int8(data, weight, tile: ConvTile, intrin: DotIntrin, out_n: int):
         name="dense_int8",
         attrs={TILE_ATTR: [1, tile.tx, tile.nvec], DOT_ATTR: intrin.name},
     )
-    return _crop(dense, (m, out_n))
+    return _crop(dense, (m, out_n), correction)
 
 
-def _source(data, before, extent, channels: int, dtype: str, pad_value: int):
+def _check_correction(correction, intrin: DotIntrin, channels: int) -> None:
+    from tvm.topi.utils import get_const_tuple
+
+    if bool(intrin.data_shift) != (correction is not None):
+        raise ValueError(f"{intrin.name}: a shift_correction is needed exactly where the data is shifted")
+    if correction is not None and (get_const_tuple(correction.shape) != (channels,) or str(correction.dtype) != "int32"):
+        raise ValueError(f"correction {correction.shape} {correction.dtype}: expected int32 ({channels},)")
+
+
+def _source(data, before, extent, channels: int, intrin: DotIntrin, pad_value: int):
     """``data`` (``[batch,] *spatial, C``) padded by ``before`` leading and up to ``extent``
-    spatial positions in all, ``channels`` channels, cast to ``dtype``; ``data`` itself when
-    nothing changes."""
+    spatial positions in all, ``channels`` channels, as ``intrin``'s data operand (cast to
+    its dtype, less its ``data_shift``); ``data`` itself when nothing changes."""
     from tvm import te, tirx
     from tvm.topi.utils import get_const_tuple
 
@@ -161,29 +193,33 @@ def _source(data, before, extent, channels: int, dtype: str, pad_value: int):
     lead = len(shape) - 1 - len(extent)  # the batch axis of NHWC, none for [M, K]
     spatial, ci = shape[lead:-1], shape[-1]
     padded = any(before) or any(e > s + b for e, s, b in zip(extent, spatial, before)) or channels != ci
+    dtype, shift = intrin.data_dtype, intrin.data_shift
     if not padded and dtype == str(data.dtype):
         return data
-    fill = tirx.const(pad_value, dtype)
+    fill = tirx.const(pad_value - shift, dtype)
 
     def value(*idx):
         pos, c = idx[lead:-1], idx[-1]
         inside = [tirx.all(p >= b, p < s + b) for p, b, s in zip(pos, before, spatial) if padded]
         if channels != ci:
             inside.append(c < ci)
-        src = data[(*idx[:lead], *(p - b for p, b in zip(pos, before)), c)].astype(dtype)
+        src = data[(*idx[:lead], *(p - b for p, b in zip(pos, before)), c)]
+        src = (src.astype("int32") - shift).astype(dtype) if shift else src.astype(dtype)
         return tirx.if_then_else(tirx.all(*inside), src, fill) if inside else src
 
     return te.compute((*shape[:lead], *extent, channels), value, name="data_pad")
 
 
-def _crop(out, shape):
-    """``out`` without the rows/columns/channels computed past ``shape`` (a copy only when
-    there are any)."""
+def _crop(out, shape, correction=None):
+    """``out`` without the rows/columns/channels computed past ``shape``, plus the per-channel
+    ``correction`` if any (a stage of its own only when there is something to do)."""
     from tvm import te
 
-    if tuple(int(d) for d in out.shape) == tuple(shape):
-        return out
-    return te.compute(shape, lambda *idx: out[idx], name="int8_crop")
+    if correction is None:
+        if tuple(int(d) for d in out.shape) == tuple(shape):
+            return out
+        return te.compute(shape, lambda *idx: out[idx], name="int8_crop")
+    return te.compute(shape, lambda *idx: out[idx] + correction[idx[-1]], name="int8_crop")
 
 
 # ---------------------------------------------------------------------------- legalization
@@ -192,7 +228,6 @@ def _crop(out, shape):
 def legalize_conv2d_int8(facts):
     """``LegalizeOps`` function for the int8 convs this module handles; ``handles(call)`` says
     which (``cpu_conv.legalize_conv2d`` asks it first)."""
-    from tvm import relax
 
     def legalize(bb, call):
         tile, intrin = _conv_plan(call, facts)
@@ -206,10 +241,10 @@ def legalize_conv2d_int8(facts):
         out_c = weight.shape[0]
         packed = pack_conv_weight(weight, tile.block, intrin.group)
 
-        def compute(data, weight):  # call_te converts keyword arguments; tile/intrin are no TVM objects
-            return conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile, intrin, out_c)
+        def compute(data, weight, *correction):  # call_te converts keyword arguments; tile/intrin are no TVM objects
+            return conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile, intrin, out_c, 0, *correction)
 
-        return bb.call_te(compute, call.args[0], relax.const(packed, "int8"), primfunc_name_hint="conv2d_int8")
+        return bb.call_te(compute, call.args[0], *_kernel_constants(packed, intrin), primfunc_name_hint="conv2d_int8")
 
     legalize.handles = lambda call: _conv_plan(call, facts) is not None
     return legalize
@@ -219,7 +254,6 @@ def legalize_matmul_int8(facts):
     """``LegalizeOps`` function for ``relax.matmul``: uint8 ``[M, K]`` x constant int8
     ``[K, N]`` -> int32 becomes ``dense_int8``, every other matmul TVM's legalization."""
     import tvm
-    from tvm import relax
 
     default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
 
@@ -233,19 +267,30 @@ def legalize_matmul_int8(facts):
         out_n = weight.shape[1]
         packed = pack_dense_weight(weight, tile.block, intrin.group)
 
-        def compute(data, weight):
-            return dense_int8(data, weight, tile, intrin, out_n)
+        def compute(data, weight, *correction):
+            return dense_int8(data, weight, tile, intrin, out_n, *correction)
 
-        return bb.call_te(compute, call.args[0], relax.const(packed, "int8"), primfunc_name_hint="dense_int8")
+        return bb.call_te(compute, call.args[0], *_kernel_constants(packed, intrin), primfunc_name_hint="dense_int8")
 
     legalize.handles = lambda call: _dense_plan(call, facts) is not None
     return legalize
 
 
+def _kernel_constants(packed: np.ndarray, intrin: DotIntrin) -> list:
+    """The kernel's constant inputs: the packed weight, and its ``shift_correction`` where
+    ``intrin`` shifts the data."""
+    from tvm import relax
+
+    consts = [relax.const(packed, "int8")]
+    if intrin.data_shift:
+        consts.append(relax.const(shift_correction(packed, intrin.data_shift), "int32"))
+    return consts
+
+
 def _int8_operands(call, facts) -> DotIntrin | None:
     """The intrinsic when ``call`` takes uint8 data and a constant int8 weight to int32 on a
     CPU with one, else None: the CPU's exact one, or ``vpmaddubsw`` where the weights are
-    small enough for it (``x86_intrin.dot_for_weights``)."""
+    small enough for it (``cpu_intrin.dot_for_weights``)."""
     import tvm
 
     intrin = facts.int8_dot
@@ -295,7 +340,8 @@ def schedule_int8(sch, facts) -> bool:
     As ``cpu_conv.schedule_packed_conv``: output tiles ``(n, oc-block, row-block)`` in
     parallel (dense: oc-blocks), the reduction outside the ``ty x tx x nvec`` register tile,
     each ``lanes x g`` dot of the tile one tensorized intrinsic, the tile written back through
-    the inlined epilogue; the ``data_pad`` copy a parallel, vectorized stage of its own.
+    ``int8_crop`` (if any: the crop and the data shift's correction) and the inlined epilogue; the
+    ``data_pad`` copy a parallel, vectorized stage of its own.
     """
     from tvm.s_tir.dlight.analysis import get_root_block
 

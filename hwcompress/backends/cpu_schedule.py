@@ -28,7 +28,7 @@ from .cpu_conv import schedule_packed_conv
 from .cpu_int8 import schedule_int8
 from .cpu_rules import per_block, tiled_reduction
 from .cpu_winograd import schedule_winograd
-from .x86_intrin import DotIntrin, dot_intrin_for
+from .cpu_intrin import DotIntrin, dot_intrin_for
 
 log = logging.getLogger(__name__)
 

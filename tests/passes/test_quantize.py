@@ -26,7 +26,7 @@ from hwcompress import build as B  # noqa: E402
 from hwcompress.api import import_model  # noqa: E402
 from hwcompress.backends.cpu_int8 import DOT_ATTR, TILE_ATTR  # noqa: E402
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
-from hwcompress.backends.x86_intrin import Int8Dot, dot_for_weights  # noqa: E402
+from hwcompress.backends.cpu_intrin import Int8Dot, dot_for_weights  # noqa: E402
 from hwcompress.errors import DataError, RecipeError  # noqa: E402
 from hwcompress.optimize import Optimize, effective_recipe  # noqa: E402
 from hwcompress.passes import ChannelPrune, Int8DataFree, Int8Static, Winograd, quantize_int8  # noqa: E402

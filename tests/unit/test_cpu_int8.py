@@ -25,7 +25,7 @@ from hwcompress.backends.cpu_int8 import (  # noqa: E402
     schedule_int8,
 )
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
-from hwcompress.backends.x86_intrin import SATURATION_FREE_WEIGHT, DotIntrin, Int8Dot, dot_for_weights, dot_intrin_for  # noqa: E402
+from hwcompress.backends.cpu_intrin import SATURATION_FREE_WEIGHT, DotIntrin, Int8Dot, dot_for_weights, dot_intrin_for  # noqa: E402
 from hwcompress.targets import load_target  # noqa: E402
 
 HOST = load_target("host")
@@ -107,7 +107,8 @@ def test_dot_instruction_follows_the_target():
     assert HOST_FACTS.int8_dot in (None, DotIntrin(Int8Dot.PMADDWD, 8), DotIntrin(Int8Dot.PMADDWD, 16), DotIntrin(Int8Dot.VNNI, 16))
     assert dot_intrin_for(load_target("x86-avx512").tvm_target()) == DotIntrin(Int8Dot.VNNI, 16)
     assert dot_intrin_for(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})) == DotIntrin(Int8Dot.PMADDWD, 8)
-    assert dot_intrin_for(load_target("arm-cortex-a76").tvm_target()) is None
+    assert dot_intrin_for(load_target("arm-cortex-a76").tvm_target()) == DotIntrin(Int8Dot.SDOT, 4)  # tests/targets/test_arm_int8.py
+    assert dot_intrin_for(load_target("arm-cortex-a72").tvm_target()) == DotIntrin(Int8Dot.SMULL, 4)  # no dotprod
     with pytest.raises(ValueError):
         DotIntrin(Int8Dot.VNNI, 8)  # no 256-bit VNNI intrinsic here
 

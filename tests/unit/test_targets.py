@@ -27,7 +27,7 @@ def test_host_resolves_this_cpu():
 
 def test_inheritance_overrides_and_keeps():
     a76, a72 = load_target("arm-cortex-a76"), load_target("arm-cortex-a72")
-    assert a76.hardware.int8 is Int8Kind.SDOT and a72.hardware.int8 is Int8Kind.NONE
+    assert a76.hardware.int8 is Int8Kind.SDOT and a72.hardware.int8 is Int8Kind.NEON
     assert a76.toolchain.cc == a72.toolchain.cc == "aarch64-linux-gnu-g++"
     orin = load_target("jetson-orin")
     assert orin.tvm["arch"] == "sm_87" and orin.arch == "aarch64" and orin.hardware.sparse_2_4

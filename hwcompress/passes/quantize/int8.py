@@ -209,7 +209,7 @@ def npu_adds(spec) -> bool:
 def weight_qmax(spec) -> int:
     """Largest ``|w|`` of the int8 weights for ``spec`` (None: any target): 63 where the CPU
     multiplies u8 x s8 with AVX2's ``vpmaddubsw``, whose int16 pair sums are exact only for
-    7-bit weights (``backends/x86_intrin.py``), else 127. A target with an NPU: 127 (its layers
+    7-bit weights (``backends/cpu_intrin.py``), else 127. A target with an NPU: 127 (its layers
     run in the NPU's exact int32 arithmetic; host fallbacks take the exact ``vpmaddwd``)."""
     if spec is None or spec.npu is not None:
         return 127

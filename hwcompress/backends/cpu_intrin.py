@@ -1,9 +1,9 @@
-"""x86 integer dot-product tensor intrinsics for the INT8 kernels (``cpu_int8``).
+"""CPU integer dot-product tensor intrinsics for the INT8 kernels (``cpu_int8``).
 
 One intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of ``lanes`` int32
 outputs ``C`` (the accumulator tile, ``local`` scope), ``group`` consecutive reduction
 elements ``A`` (one input pixel or row, broadcast) and a packed weight panel ``B`` (``lanes``
-output channels x ``group``, int8). Three instructions, picked from the target's features
+output channels x ``group``, int8). Five instructions, picked from the target's features
 (``dot_intrin_for``) and the layer's weights (``dot_for_weights``):
 
 * ``VNNI`` (AVX512-VNNI): ``vpdpbusd`` multiplies 4 u8 x s8 pairs per int32 lane and adds
@@ -26,6 +26,18 @@ output channels x ``group``, int8). Three instructions, picked from the target's
   on ``[hardware].int8 = "avx2"``); any other weight keeps the exact ``PMADDWD``. On Zen 3
   both steps issue on the two vector-multiply pipes, 32 MACs a cycle: 95 GMAC/s per core on
   3x3 convs, against 75 for ``PMADDWD`` (whose widening and extra broadcasts cost the rest).
+* ``SDOT`` (aarch64 with the dot-product extension, ``+dotprod``: Cortex-A55/A76 and newer):
+  ``sdot`` multiplies 4 s8 x s8 pairs per int32 lane of a 128-bit NEON vector and adds them
+  to the accumulator in place; exact. It is signed x signed and the activations are uint8,
+  so ``A`` is the activation shifted by ``data_shift`` = 128 (``x - 128``, i.e. ``x ^ 0x80``
+  read as int8; the kernel's ``data_pad`` copy makes it, the padding value shifted too) and
+  the kernel adds back ``128 * sum_k B[i, k]`` per output channel (``cpu_int8.shift_correction``,
+  a constant computed when the weights are packed), so that it still computes
+  ``sum_k x[k] * B[i, k]`` exactly. ``udot`` (u8 x u8) would need unsigned weights instead.
+* ``SMULL`` (aarch64 NEON without dotprod: Cortex-A53/A72): ``smull`` multiplies 8 s8 x s8
+  pairs into int16 products, ``sadalp`` adds each adjacent pair into an int32 accumulator:
+  groups of 2, the same shifted int8 data and correction as ``SDOT``. Exact: a product of
+  ``x - 128`` and a weight lies in ``[-16256, 16384]``, inside int16.
 """
 
 from __future__ import annotations
@@ -40,6 +52,8 @@ class Int8Dot(enum.Enum):
     PMADDWD = "pmaddwd"
     PMADDUBSW = "pmaddubsw"  # exact for |weight| <= SATURATION_FREE_WEIGHT only
     VNNI = "vnni"
+    SDOT = "sdot"  # aarch64 +dotprod; signed data: the activations are shifted by 128
+    SMULL = "smull"  # aarch64 NEON without dotprod; shifted like SDOT
 
 
 # |w| <= 64: a vpmaddubsw pair sum is at most 255 * 64 * 2 = 32640, inside int16
@@ -54,7 +68,13 @@ _LLVM = {
     (Int8Dot.PMADDUBSW, 256): "llvm.x86.avx2.pmadd.ub.sw",
     (Int8Dot.PMADDUBSW, 512): "llvm.x86.avx512.pmaddubs.w.512",
     (Int8Dot.VNNI, 512): "llvm.x86.avx512.vpdpbusd.512",
+    (Int8Dot.SDOT, 128): "llvm.aarch64.neon.sdot.v4i32.v16i8",
+    (Int8Dot.SMULL, 128): "llvm.aarch64.neon.smull.v8i16",  # then saddlp (sadalp with the add)
 }
+_SIGNED_DATA = (Int8Dot.SDOT, Int8Dot.SMULL)
+
+# what SDOT's and SMULL's data operand is: the uint8 activation minus this, as int8
+_SIGNED_DATA_SHIFT = 128
 
 
 @dataclass(frozen=True)
@@ -71,12 +91,18 @@ class DotIntrin:
     @property
     def group(self) -> int:
         """Consecutive reduction elements per int32 lane (the packed weight's last axis)."""
-        return 2 if self.kind is Int8Dot.PMADDWD else 4
+        return 2 if self.kind in (Int8Dot.PMADDWD, Int8Dot.SMULL) else 4
 
     @property
     def data_dtype(self) -> str:
         """Element type of the activation operand ``A``."""
-        return "int16" if self.kind is Int8Dot.PMADDWD else "uint8"
+        return "int16" if self.kind is Int8Dot.PMADDWD else "int8" if self.kind in _SIGNED_DATA else "uint8"
+
+    @property
+    def data_shift(self) -> int:
+        """What is subtracted from the uint8 activation to make ``A`` (0: nothing). Where it
+        is not 0 the kernel adds ``data_shift * sum_k B[i, k]`` to each output channel."""
+        return _SIGNED_DATA_SHIFT if self.kind in _SIGNED_DATA else 0
 
     @property
     def name(self) -> str:
@@ -89,15 +115,18 @@ class DotIntrin:
         broadcast + the temporary: 1x3x4 tiles spilled (49 against 75 GMAC/s), 1x7x2 too (59);
         with 10, no tile ``choose_tile`` may pick spills. ``vpmaddubsw`` needs one more (the
         int16 ones) and still fits 1x5x2 / 1x3x3 / 1x2x4 without spills; 8 or 12 measured no
-        faster. ``vpdpbusd`` accumulates in place."""
-        if self.lanes * 32 >= 512:
+        faster. ``vpdpbusd`` accumulates in place. So does ``sdot``, among NEON's 32 registers:
+        24 accumulators leave room for up to 4 weight vectors and the broadcasts, the budget
+        of Arm's own 8x12 ``sdot`` GEMM kernels (no spills in the assembly; not timed on a
+        device). ``smull`` writes a temporary, as ``vpmaddwd`` does: 20 (no spills either)."""
+        if self.lanes * 32 >= 512 or self.kind is Int8Dot.SDOT:
             return 24
-        return 10
+        return 20 if self.kind is Int8Dot.SMULL else 10
 
 
 def dot_intrin_for(target) -> DotIntrin | None:
-    """The best exact integer dot intrinsic of an LLVM ``target``; None when it is no x86
-    CPU (ARM has its own: sdot/udot, not here)."""
+    """The best exact integer dot intrinsic of an LLVM ``target``: x86 from SSE2 up, aarch64
+    (``sdot`` with ``+dotprod``, else NEON's ``smull``); None for any other CPU."""
     from tvm.target.codegen import target_has_features
 
     def has(feature: str) -> bool:
@@ -106,6 +135,8 @@ def dot_intrin_for(target) -> DotIntrin | None:
         except Exception:  # a feature this target's LLVM backend does not know
             return False
 
+    if bool(target.attrs.get("feature.is_aarch64", False)):
+        return DotIntrin(Int8Dot.SDOT, 4) if has("dotprod") else DotIntrin(Int8Dot.SMULL, 4) if has("neon") else None
     if has("avx512vnni") and has("avx512bw"):
         return DotIntrin(Int8Dot.VNNI, 16)
     if has("avx512bw"):
@@ -185,6 +216,43 @@ def _desc_impl(intrin: DotIntrin):
                 a = T.reinterpret(T.Broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=ubytes_t)
                 C[T.Ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], acc_t), a, B.vload([0, 0], bytes_t), dtype=acc_t
+                )
+
+    elif intrin.kind is Int8Dot.SDOT:
+        bytes_t = f"int8x{lanes * 4}"
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((group,), a_dtype, offset_factor=1),
+            B: T.Buffer((lanes, group), "int8", offset_factor=1),
+            C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+                T.writes(C[0:lanes])
+                a = T.reinterpret(T.Broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), lanes), dtype=bytes_t)
+                C[T.Ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], acc_t), B.vload([0, 0], bytes_t), a, dtype=acc_t
+                )
+
+    elif intrin.kind is Int8Dot.SMULL:
+        pair_t, bytes_t = f"int16x{lanes * 2}", f"int8x{lanes * 2}"
+        saddlp = f"llvm.aarch64.neon.saddlp.v{lanes}i32.v{lanes * 2}i16"
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((group,), a_dtype, offset_factor=1),
+            B: T.Buffer((lanes, group), "int8", offset_factor=1),
+            C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+                T.writes(C[0:lanes])
+                a = T.reinterpret(T.Broadcast(T.reinterpret(A.vload([0], "int8x2"), dtype="int16"), lanes), dtype=bytes_t)
+                b = B.vload([0, 0], bytes_t)
+                products = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm_name), a, b, dtype=pair_t)
+                C[T.Ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_t) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(saddlp), products, dtype=acc_t
                 )
 
     elif intrin.kind is Int8Dot.PMADDUBSW:
