@@ -19,6 +19,17 @@ Details the pass handles:
   inference in TVM 0.27; either would cost two transposes per activation (70 in MobileNetV2).
   The pass rewrites it to ``minimum(maximum(x, lo), hi)`` with scalar constants, which
   follow any layout, and back to ``R.clip`` afterwards (the ``fuse`` patterns look for it).
+* Quantized graphs (an imported QDQ / QOperator model, ``quantize/qdq.py``): ``quantize``,
+  ``dequantize`` and ``pad`` have no layout inference either, which left a transpose on each
+  side of every integer conv (ResNet-18 QDQ: 37 transposes instead of the 2 at the edges, the
+  requantization in a kernel of its own). ``layout_qdq`` splits the two ops into the
+  elementwise arithmetic of their legalization (per-channel parameters as ``[1, C, 1, 1]``
+  constants, so their axis follows the layout; bit-exact), joins them back afterwards and
+  moves a zero-point ``pad`` inside the transposes around it: the integer convs of ResNet-18
+  QDQ hand each other NHWC uint8 tensors and take their requantization as epilogue.
+* Constant weights, biases and scales are reshaped / transposed in numpy before
+  ``FoldConstant``, which would compile a kernel per shape (ResNet-18 QDQ's ``import_model``:
+  about 7 s -> 2 s).
 * ``NCHW{b}c``: ``ConvertLayout`` accepts it, but TVM 0.27's ``LegalizeOps`` leaves a blocked
   ``conv2d`` a Relax op (no TIR), so each one becomes a ``call_tir`` of our own TE compute
   (``conv2d_nchwc_te``, TOPI's ``conv2d_NCHWc`` without its need for a current target).
@@ -45,7 +56,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..targets import DataLayout
+from . import layout_qdq as qdq
 
 __all__ = ["ConvLayout", "ConvLayoutPass", "DataLayout", "block_size", "conv2d_nchwc_te", "convert_layout", "kernel_layout"]
 
@@ -129,6 +143,25 @@ def _join_clip(call, m, parts):
     return relax.op.clip(x, relax.prim_value(float(bounds[0])), relax.prim_value(float(bounds[1])))
 
 
+def _const_move_patterns():
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    return is_op("relax.reshape")(is_const(), wildcard()), is_op("relax.permute_dims")(is_const())
+
+
+def _move_const(call, _m):
+    """``reshape`` / ``permute_dims`` of a constant (a weight, a bias, a per-channel scale)
+    done in numpy: ``FoldConstant`` would compile a kernel for each shape (~0.3 s each, most
+    of a ResNet-18 QDQ model's import time)."""
+    from tvm import relax
+
+    value = call.args[0].value.numpy()
+    if call.op.name == "relax.reshape":
+        return relax.const(value.reshape([int(d) for d in call.ty.shape.values]), str(call.ty.dtype))
+    axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+    return relax.const(np.ascontiguousarray(value.transpose(axes)), str(call.ty.dtype))
+
+
 # ---------------------------------------------------------------------------- blocked conv compute
 
 
@@ -205,10 +238,16 @@ class ConvLayoutPass:
 
         layout = self.config.layout
         mod = _rewrite_functions(canonicalize_clip(mod), lambda bb: (_clip_pattern(), _split_clip))
+        for split in (qdq.quantize_split, qdq.dequantize_split):
+            mod = _rewrite_functions(mod, lambda bb, split=split: split())
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [layout.value, kernel_layout(layout)]})(mod)
+        for moved in _const_move_patterns():  # reshape first: a bias is reshaped, then permuted
+            mod = _rewrite_functions(mod, lambda bb, moved=moved: (moved, _move_const))
         mod = relax.transform.FoldConstant()(mod)
         if block_size(layout):
             mod = _rewrite_functions(mod, lambda bb: (_conv_pattern(), lambda call, _m: _blocked_conv(call, bb, layout)))
+        for join in (qdq.pad_through_transposes, qdq.dequantize_join, qdq.quantize_join):
+            mod = _rewrite_functions(mod, lambda bb, join=join: join())
         pattern, parts = _minmax_pattern()
         mod = _rewrite_functions(mod, lambda bb: (pattern, lambda call, m: _join_clip(call, m, parts)))
         # ConvertLayout transforms a tensor once per use (the input of a residual block twice)

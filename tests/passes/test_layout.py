@@ -289,3 +289,109 @@ def test_cli_layout_reaches_the_manifest(tmp_path):
     assert manifest["verification"]["status"] == "passed"
     bad = subprocess.run([*hwc, "build", str(model), "--layout", "CHWN"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--layout" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- quantized graphs
+
+
+def _qdq_function(per_channel: bool):
+    """quantize (float32 -> uint8 and int8) and dequantize (int8 and int32, per channel along
+    axis 1 or per tensor) of a [2, 4, 3, 5] tensor, the quantize output dequantized."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(7)
+    x = relax.Var("x", relax.TensorType((2, 4, 3, 5), "float32"))
+    acc = relax.Var("acc", relax.TensorType((2, 4, 3, 5), "int32"))
+    scale = relax.const(np.float32([0.5, 0.25, 0.1, 0.03]) if per_channel else np.float32(0.07))
+    zp8 = relax.const(np.int8([3, -2, 0, 7]) if per_channel else np.int8(-5))
+    zpu8 = relax.const(np.uint8([128, 0, 255, 17]) if per_channel else np.uint8(131))
+    zp32 = relax.const(rng.integers(-(2**20), 2**20, 4).astype(np.int32) if per_channel else np.int32(-70000))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, acc]):
+        with bb.dataflow():
+            qu = bb.emit(relax.op.quantize(x, scale, zpu8, axis=1, out_dtype="uint8"))
+            qs = bb.emit(relax.op.quantize(x, scale, zp8, axis=1, out_dtype="int8"))
+            outs = [
+                bb.emit(relax.op.dequantize(qu, scale, zpu8, axis=1)),
+                bb.emit(relax.op.dequantize(qs, scale, zp8, axis=1)),
+                bb.emit(relax.op.dequantize(acc, scale, zp32, axis=1)),
+            ]
+            out = bb.emit_output(relax.Tuple([qu, qs, *outs]))
+        bb.emit_func_output(out)
+    return bb.get(), tvm
+
+
+def _run(mod, *args) -> list:
+    """``main``'s outputs (one tensor or a tuple) built with TVM's default CPU pipeline."""
+    import tvm
+    from tvm import relax
+
+    ex = tvm.compile(mod, target="llvm")
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in args))
+    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantize_dequantize_split_is_bit_exact(per_channel):
+    """The elementwise form the layout pass gives ``quantize`` / ``dequantize`` (so that
+    ``ConvertLayout`` can move them) computes the same bits as TVM's legalization of the ops,
+    ties to even, clipping and int32 zero points included; joining it back restores the ops."""
+    from tvm.relax.dpl import rewrite_call
+
+    from hwcompress.passes import layout_qdq as qdq
+
+    mod, tvm = _qdq_function(per_channel)
+    split = mod
+    for make in (qdq.quantize_split, qdq.dequantize_split):
+        split = tvm.IRModule({"main": rewrite_call(*make(), split["main"])})
+    ops = {_op(c) for _, c in _bindings(split)}
+    assert "relax.quantize" not in ops and "relax.dequantize" not in ops and "relax.round" in ops
+    rng = np.random.default_rng(8)
+    x = (rng.integers(-600, 600, (2, 4, 3, 5)) / 4).astype(np.float32)  # halves of the scale 0.5: ties
+    x[0, 0, 0, :2] = [1e6, -1e6]  # clipped
+    acc = rng.integers(-(2**24), 2**24, (2, 4, 3, 5)).astype(np.int32)
+    for want, got in zip(_run(mod, x, acc), _run(split, x, acc)):
+        np.testing.assert_array_equal(got, want)
+    joined = split
+    for make in (qdq.dequantize_join, qdq.quantize_join):
+        joined = tvm.IRModule({"main": rewrite_call(*make(), joined["main"])})
+    calls = [c for _, c in _bindings(joined)]
+    assert [_op(c) for c in calls] == ["relax.quantize"] * 2 + ["relax.dequantize"] * 3
+    assert all(int(c.attrs.axis) in ((1,) if per_channel else (-1,)) for c in calls)
+
+
+def test_quantized_convs_follow_the_layout():
+    """``quantize -> pad(zero point) -> int8 conv -> dequantize`` after a float conv:
+    NHWC with no transpose inside (the per-channel dequantize along axis 3, the pad's widths
+    moved to H and W), the two at the edges left."""
+    from tvm import relax
+
+    rng = np.random.default_rng(9)
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            f = relax.const(rng.standard_normal((8, 8, 1, 1)).astype(np.float32))
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.nn.conv2d(x, f))))
+            q = bb.emit(relax.op.quantize(y, relax.const(np.float32(0.1)), relax.const(np.uint8(100)), axis=1, out_dtype="uint8"))
+            p = bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=100.0))
+            w = relax.const(rng.integers(-127, 128, (16, 8, 3, 3)).astype(np.int8))
+            a = bb.emit(relax.op.nn.conv2d(p, w, out_dtype="int32"))
+            scale = relax.const(rng.uniform(1e-3, 2e-3, 16).astype(np.float32))
+            d = bb.emit(relax.op.dequantize(a, scale, relax.const(rng.integers(-99, 99, 16).astype(np.int32)), axis=1))
+            out = bb.emit_output(relax.op.nn.relu(d))
+        bb.emit_func_output(out)
+    before = bb.get()
+    mod = convert_layout(before, ConvLayout("NHWC"))
+    calls = _bindings(mod)
+    assert [_op(c) for _, c in calls] == [
+        "relax.permute_dims", "relax.nn.conv2d", "relax.nn.relu", "relax.quantize", "relax.nn.pad", "relax.nn.conv2d",
+        "relax.dequantize", "relax.nn.relu", "relax.permute_dims",
+    ]  # fmt: skip
+    ops = {_op(c): c for _, c in calls}
+    assert [int(w) for w in ops["relax.nn.pad"].attrs.pad_width] == [0, 0, 1, 1, 1, 1, 0, 0]
+    assert int(ops["relax.dequantize"].attrs.axis) == 3 and str(ops["relax.nn.conv2d"].attrs.data_layout) == "NHWC"
+    assert str(ops["relax.nn.conv2d"].attrs.out_dtype) == "int32"
+    xv = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(_run(mod, xv)[0], _run(before, xv)[0])

@@ -255,3 +255,112 @@ def test_qoperator_model_verifies_against_its_qdq_form(quantized, tmp_path):
     assert verification["status"] == "passed"
     assert verification["reference"] == "onnxruntime (QOperator ops run as their QDQ form)"
     assert max(c["max_abs_err"] for c in verification["cases"]) < _output_step(model)
+
+
+# ---------------------------------------------------------------------------- conv layout (NHWC)
+
+
+def _chain_model():
+    """Conv(bias) -> Conv(bias) -> Relu -> Flatten -> Gemm: the second conv's input has no ReLU,
+    hence a zero point, so it reads a zero-point pad inside the graph (not at the input)."""
+    rng = np.random.default_rng(3)
+
+    def init(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+    ]
+    inits = [init("w1", 8, 3, 3, 3), init("b1", 8), init("w2", 8, 8, 3, 3), init("b2", 8)]
+    inits += [init("wf", 10, 512, scale=0.05), init("bf", 10)]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(SHAPE))]
+    return make_model(nodes, inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+
+
+@pytest.fixture(scope="module")
+def quantized_chain(tmp_path_factory):
+    """``_chain_model`` through ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations)."""
+    import onnx
+
+    path = tmp_path_factory.mktemp("qdq_chain") / "chain.onnx"
+    quantization.quantize_static(
+        _chain_model(), str(path), _Calibration(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+        activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+    )  # fmt: skip
+    return onnx.load(str(path))
+
+
+def _neighbours(mod):
+    """``{var: call}`` of ``main``'s op calls and ``{var: [calls reading it]}``."""
+    values, readers = {}, {}
+    for blk in mod["main"].body.blocks:
+        for b in blk.bindings:
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op):
+                values[b.var] = b.value
+                for arg in b.value.args:
+                    readers.setdefault(arg, []).append(b.value)
+    return values, readers
+
+
+def _upstream_ops(call, values) -> set:
+    """Every op ``call`` depends on (not itself), back to the function's inputs and constants."""
+    seen, stack = set(), list(call.args)
+    while stack:
+        value = values.get(stack.pop())
+        if value is not None:
+            seen.add(value.op.name)
+            stack.extend(value.args)
+    return seen
+
+
+@pytest.mark.parametrize("graph", ["qdq", "chain"])
+def test_integer_convs_take_no_transposes_in_nhwc(quantized, quantized_chain, graph):
+    """The host's NHWC layout step on an imported QDQ model: every integer conv NHWC / OHWI,
+    reading its (padded) uint8 input and handing its int32 sums to a ``dequantize`` along
+    axis 3 (the channel axis moved with the layout) without a transpose in between. Two
+    transposes are left, as in a float model: after the input's quantize (+ pad) and before
+    the flatten. ``chain``: the zero-point pad inside the graph is NHWC too."""
+    model = quantized("QDQ") if graph == "qdq" else quantized_chain
+    mod = import_model(model, HOST).mod
+    values, readers = _neighbours(mod)
+    convs = [c for c in _calls(mod, "relax.nn.conv2d") if str(c.attrs.out_dtype) == "int32"]
+    assert len(convs) == 2
+    for conv in convs:
+        assert (str(conv.attrs.data_layout), str(conv.attrs.kernel_layout)) == ("NHWC", "OHWI")
+        data = values[conv.args[0]]
+        if data.op.name == "relax.nn.pad":
+            data = values.get(data.args[0], data)
+        if data.op.name == "relax.permute_dims":  # only the edge one: the network input's uint8 form
+            assert _upstream_ops(data, values) <= {"relax.quantize", "relax.nn.pad", "relax.astype", "relax.add"}
+        var = next(v for v, c in values.items() if c.same_as(conv))
+        (dq,) = readers[var]
+        assert dq.op.name == "relax.dequantize" and int(dq.attrs.axis) == 3
+    assert len(_calls(mod, "relax.permute_dims")) == 2
+    pads = _calls(mod, "relax.nn.pad")
+    if graph == "chain":
+        assert [[int(w) for w in p.attrs.pad_width] for p in pads][1] == [0, 0, 1, 1, 1, 1, 0, 0]
+        assert float(pads[1].attrs.pad_value) != 0
+    # nothing between a conv and its requantization: FuseOps puts it into the kernel's epilogue
+    kernels = G.mac_kernels(B.legalize(mod, HOST))
+    assert sum(k["integer"] for k in kernels) == 3, kernels
+    assert all("dequantize" in k["kernel"] for k in kernels if k["integer"]), kernels
+
+
+def test_nhwc_build_is_bit_exact(quantized_chain):
+    """NHWC (the host's layout, no transposes around the integer convs) and NCHW (no layout
+    step) builds of an all-integer QDQ model give the same bits, and match ONNX Runtime."""
+    from hwcompress.optimize import Optimize
+
+    model = quantized_chain
+    nhwc = _built(import_model(model, HOST).mod)
+    nchw = _built(import_model(model, HOST, optimize=Optimize(layout="NCHW")).mod)
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        x = rng.standard_normal(SHAPE).astype(np.float32)
+        np.testing.assert_array_equal(nhwc(x), nchw(x))
+    _assert_within_one_step(nhwc, _ort(model, "ORT_ENABLE_BASIC"), _output_step(model), samples=8)
