@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_int8.py accuracy                 # both tasks, every method
     .venv/bin/python tools/bench_int8.py accuracy --tasks fashion --methods minmax,entropy
     .venv/bin/python tools/bench_int8.py latency --rounds 9       # ResNet-18, MobileNetV2
+    .venv/bin/python tools/bench_int8.py latency-procs --rounds 3 --reps 15   # each alone
     .venv/bin/python tools/bench_int8.py size
 
 ``accuracy``: for each task of ``tools/tasks.py`` (``fashion``: the Fashion-MNIST classifier
@@ -17,6 +18,10 @@ calibration images (the task's 512) and test images. hwc INT8 is built exactly a
 ``latency``: ResNet-18 and MobileNetV2 (224x224, batch 1, the zoo's seeded weights, calibrated
 on 8 random inputs: speed only), hwc INT8 / hwc FP32 / ORT INT8 (QDQ, as above) / ORT FP32,
 all on every core of the host, interleaved round by round; ratios against ORT INT8.
+
+``latency-procs``: hwc INT8 vs ORT INT8 only, each runtime alone in a fresh process with its
+defaults, alternated: the fair 2-thread comparison (in one process ORT's spinning pool threads
+take the cores from the next runner).
 
 ``size``: ``module.so`` of a FP32 and an INT8 artifact of ResNet-18 (weights bundled).
 """
@@ -44,18 +49,23 @@ ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entro
 # ---------------------------------------------------------------------------- hwc
 
 
-def hwc_vm(model, shapes, recipe=None):
-    """A host VM of ``model`` built the way ``hwc build`` builds it (``recipe``: extra steps)."""
-    import tvm
-
+def hwc_executable(model, shapes, recipe=None):
+    """The host executable of ``model`` built the way ``hwc build`` builds it (``recipe``:
+    extra steps)."""
     from hwcompress import build as B
     from hwcompress.api import import_model
     from hwcompress.targets import load_target
 
     spec = load_target("host")
     front = import_model(model, spec, shapes, recipe=recipe)
-    ex = B.build(B.schedule(B.legalize(front.mod, spec), spec), spec)
-    return tvm.relax.VirtualMachine(ex, tvm.cpu())
+    return B.build(B.schedule(B.legalize(front.mod, spec), spec), spec)
+
+
+def hwc_vm(model, shapes, recipe=None):
+    """A host VM of ``hwc_executable(model, shapes, recipe)``."""
+    import tvm
+
+    return tvm.relax.VirtualMachine(hwc_executable(model, shapes, recipe), tvm.cpu())
 
 
 def int8_recipe(method: str, calib):
@@ -189,6 +199,70 @@ def latency(models, rounds: int, reps: int) -> str:
     return "\n".join(lines)
 
 
+def latency_procs(models, rounds: int, reps: int) -> str:
+    """hwc INT8 vs ONNX Runtime INT8, each alone in a fresh process with its defaults (all
+    cores; ORT's pool threads spinning as they do by default), the two alternated ``rounds``
+    times: no runtime's threads compete with the other's (see BENCHMARKS.md)."""
+    import subprocess
+
+    import onnx
+
+    import zoo
+
+    rng = np.random.default_rng(0)
+    lines = ["| model | hwc INT8 ms (per round) | ORT INT8 ms (per round) | hwc / ORT (median) |", "|---|---|---|---:|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            fp32 = Path(tmp) / f"{name}.onnx"
+            onnx.save(getattr(zoo, name)(), str(fp32))
+            calib = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
+            q = ort_int8(fp32, calib, "minmax", Path(tmp) / f"{name}_int8.onnx")
+            lib = Path(tmp) / f"{name}_int8.so"
+            hwc_executable(fp32, {"input": [1, 3, 224, 224]}, int8_recipe("minmax", calib)).export_library(str(lib))
+            times = {"hwc": [], "ort": []}
+            for _ in range(rounds):
+                for runtime, path in (("hwc", lib), ("ort", q)):
+                    cmd = [sys.executable, __file__, "_time", runtime, str(path), "--reps", str(reps)]
+                    times[runtime].append(float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1]))
+            ratio = statistics.median(times["hwc"]) / statistics.median(times["ort"])
+            fmt = lambda ts: " / ".join(f"{t:.2f}" for t in ts)  # noqa: E731
+            lines.append(f"| {name} | {fmt(times['hwc'])} | {fmt(times['ort'])} | **{ratio:.2f}x** |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def _time_one(runtime: str, path: str, reps: int) -> float:
+    """Median ms of ``reps`` batch-1 224x224 calls (after a warm-up) of a hwc module or an
+    ONNX model, in this process."""
+    import time
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    if runtime == "hwc":
+        import tvm
+
+        import hwcompress  # noqa: F401 (sets the thread count)
+
+        vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+        xt = tvm.runtime.tensor(x)
+        run = lambda: vm["main"](xt)  # noqa: E731
+    else:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = _threads()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        run = lambda: sess.run(None, {"input": x})  # noqa: E731
+    for _ in range(5):
+        run()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
 def size() -> str:
     import hwcompress
     import zoo
@@ -206,7 +280,11 @@ def size() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("accuracy", "latency", "size"))
+    if argv is None and sys.argv[1:2] == ["_time"]:  # a child of latency-procs
+        _, runtime, path, _, reps = sys.argv[1:6]
+        print(f"{_time_one(runtime, path, int(reps)):.4f}")
+        return 0
+    ap.add_argument("what", choices=("accuracy", "latency", "latency-procs", "size"))
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(HWC_METHODS), help="hwc calibration methods")
     ap.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="ONNX Runtime calibration methods ('' for none)")
@@ -219,6 +297,8 @@ def main(argv=None) -> int:
         print(accuracy_table(accuracy(split(args.tasks), split(args.methods), split(args.ort_methods))))
     elif args.what == "latency":
         print(latency(split(args.models), args.rounds, args.reps))
+    elif args.what == "latency-procs":
+        print(latency_procs(split(args.models), args.rounds, args.reps))
     else:
         print(size())
     return 0

@@ -97,10 +97,16 @@ def choose_tile(out_h: int, out_w: int, out_c: int, lanes: int, acc_regs: int) -
             for tx in range(1, min(_MAX_ROWS, acc_regs) + 1):
                 if ty * tx * nvec > acc_regs:
                     break
-                score = _efficiency(ty, tx, nvec) * out_w / _round_up(out_w, tx)
+                score = tile_score(ConvTile(ty, tx, nvec, lanes), out_w)
                 if score > best_score + 1e-9:
                     best, best_score = ConvTile(ty, tx, nvec, lanes), score
     return best
+
+
+def tile_score(tile: ConvTile, out_w: int) -> float:
+    """``choose_tile``'s score of ``tile`` on an output ``out_w`` wide: the modelled
+    efficiency times the useful fraction of the width rounded up to whole tiles."""
+    return _efficiency(tile.ty, tile.tx, tile.nvec) * out_w / tile.padded_width(out_w)
 
 
 def pack_weight(weight_ohwi: np.ndarray, block: int) -> np.ndarray:

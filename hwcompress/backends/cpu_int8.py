@@ -45,11 +45,15 @@ import numpy as np
 
 from ..analysis import static_shape
 
-from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_tile, conv_geometry
-from .cpu_intrin import DotIntrin, dot_for_weights, intrin_named, register
+from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_tile, conv_geometry, tile_score
+from .cpu_intrin import DotIntrin, Int8Dot, dot_for_weights, intrin_named, register
 
 TILE_ATTR = "hwc.int8_tile"
 DOT_ATTR = "hwc.int8_dot"
+FLAT_ATTR = "hwc.int8_flat"  # the conv's output pixels as one row-major axis (``flat_tile``)
+
+# A flat tile replaces the row tile only where its modelled score is this much higher.
+_FLAT_GAIN = 1.02
 
 # Up to this many rows, a dense tile takes all rows and no padded ones (``dense_tile``).
 _GEMV_ROWS = 2
@@ -89,6 +93,23 @@ def conv_tile(out_rows: int, out_cols: int, out_c: int, intrin: DotIntrin) -> Co
     return choose_tile(out_rows, out_cols, _round_up(out_c, intrin.lanes), intrin.lanes, intrin.acc_regs)
 
 
+def flat_tile(out_rows: int, out_cols: int, out_c: int, intrin: DotIntrin) -> ConvTile | None:
+    """A register tile over the ``out_rows * out_cols`` output pixels taken as one row-major
+    axis, where that wastes less than ``conv_tile``'s rows (None elsewhere).
+
+    A row tile rounds every row up to whole tiles: 7 pixels wide, 4-pixel tiles compute 8
+    (ResNet-18's 512-channel 7x7 layers: 68 against 89 GMAC/s at 14x14); 49 flattened pixels
+    in 5-pixel tiles compute 50. The pixel of a flat index is ``(p // cols, p % cols)``, an
+    address computed once per tile pixel outside the reduction.
+    """
+    rows = conv_tile(out_rows, out_cols, out_c, intrin)
+    pixels = out_rows * out_cols
+    flat = choose_tile(1, pixels, _round_up(out_c, intrin.lanes), intrin.lanes, intrin.acc_regs)
+    if rows is None or flat is None or tile_score(flat, pixels) <= tile_score(rows, out_cols) * _FLAT_GAIN:
+        return None
+    return flat
+
+
 def dense_tile(m: int, n: int, intrin: DotIntrin) -> ConvTile:
     """The register tile of an ``m x n`` dense output (``tx`` rows x ``nvec`` vectors).
 
@@ -108,13 +129,16 @@ def dense_tile(m: int, n: int, intrin: DotIntrin) -> ConvTile:
 
 
 def conv2d_nhwc_int8(
-    data, weight, strides, padding, dilation, tile: ConvTile, intrin: DotIntrin, out_c: int, pad_value: int = 0, correction=None
+    data, weight, strides, padding, dilation, tile: ConvTile, intrin: DotIntrin, out_c: int, pad_value: int = 0, correction=None,
+    flat: bool = False,
 ):
     """TE compute of an NHWC uint8 conv with a packed int8 weight, int32 output.
 
     ``weight`` is ``pack_conv_weight``'s ``(O'/ob, KH, KW, I'/g, ob, g)``; ``padding`` is
     ``(top, left, bottom, right)``, filled with ``pad_value``; ``correction`` the int32
-    ``(O',)`` ``shift_correction`` of the weight, needed (only) where ``intrin.data_shift``.
+    ``(O',)`` ``shift_correction`` of the weight, needed (only) where ``intrin.data_shift``;
+    ``flat``: ``tile`` is a ``flat_tile`` (the conv computes ``(N, pixels, O')``, then the
+    crop reshapes it).
     Returns ``(N, OH, OW, out_c)``.
     """
     from tvm import te
@@ -128,11 +152,27 @@ def conv2d_nhwc_int8(
     pt, pl = padding[:2]
     out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), (kh, kw), strides, padding, dilation, tile)
     _check_correction(correction, intrin, n_ob * ob)
-    src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin, pad_value)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     rc = te.reduce_axis((0, n_rc), "rc")
     rk = te.reduce_axis((0, group), "rk")
+    if flat:  # output pixels p = y * out_w + x, rounded up to whole tiles
+        pixels = tile.padded_width(out_h * out_w)
+        rows = (pixels - 1) // out_w * sh + dh * (kh - 1) + 1
+        cols = (out_w - 1) * sw + dw * (kw - 1) + 1
+        src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin, pad_value)
+        conv = te.compute(
+            (n, pixels, n_ob * ob),
+            lambda b, p, o: te.sum(
+                src[b, p // out_w * sh + ry * dh, p % out_w * sw + rx * dw, rc * group + rk].astype("int32")
+                * weight[o // ob, ry, rx, rc, o % ob, rk].astype("int32"),
+                axis=[ry, rx, rc, rk],
+            ),
+            name="conv2d_nhwc_int8",
+            attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec], DOT_ATTR: intrin.name, FLAT_ATTR: 1},
+        )
+        return _crop(conv, (n, out_h, out_w, out_c), correction, lambda b, y, x, o: (b, y * out_w + x, o))
+    src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin, pad_value)
     conv = te.compute(
         (n, out_h, out_wp, n_ob * ob),
         lambda b, y, x, o: te.sum(
@@ -173,6 +213,16 @@ def dense_int8(data, weight, tile: ConvTile, intrin: DotIntrin, out_n: int, corr
     return _crop(dense, (m, out_n), correction)
 
 
+def _winograd(call, facts, weight_shape) -> bool:
+    """Whether an int8 conv runs as the exact int16 Winograd kernel (``cpu_int8_winograd``):
+    on CPUs whose int8 dot is ``vpmaddwd``-rate (AVX2 without VNNI), for eligible 3x3 layers."""
+    from . import cpu_int8_winograd as wino
+
+    if facts.int8_dot is None or facts.int8_dot.kind is Int8Dot.VNNI or facts.int8_dot.lanes != wino.LANES:
+        return False
+    return wino.eligible(call.attrs, weight_shape, static_shape(call.args[0].ty))
+
+
 def _check_correction(correction, intrin: DotIntrin, channels: int) -> None:
     from tvm.topi.utils import get_const_tuple
 
@@ -210,16 +260,18 @@ def _source(data, before, extent, channels: int, intrin: DotIntrin, pad_value: i
     return te.compute((*shape[:lead], *extent, channels), value, name="data_pad")
 
 
-def _crop(out, shape, correction=None):
+def _crop(out, shape, correction=None, index=None):
     """``out`` without the rows/columns/channels computed past ``shape``, plus the per-channel
-    ``correction`` if any (a stage of its own only when there is something to do)."""
+    ``correction`` if any (a stage of its own only when there is something to do); ``index``
+    maps an output index to ``out``'s (a flat conv's pixel axis), the identity by default."""
     from tvm import te
 
+    if correction is None and index is None and tuple(int(d) for d in out.shape) == tuple(shape):
+        return out
+    index = index or (lambda *idx: idx)
     if correction is None:
-        if tuple(int(d) for d in out.shape) == tuple(shape):
-            return out
-        return te.compute(shape, lambda *idx: out[idx], name="int8_crop")
-    return te.compute(shape, lambda *idx: out[idx] + correction[idx[-1]], name="int8_crop")
+        return te.compute(shape, lambda *idx: out[index(*idx)], name="int8_crop")
+    return te.compute(shape, lambda *idx: out[index(*idx)] + correction[idx[-1]], name="int8_crop")
 
 
 # ---------------------------------------------------------------------------- legalization
@@ -228,9 +280,10 @@ def _crop(out, shape, correction=None):
 def legalize_conv2d_int8(facts):
     """``LegalizeOps`` function for the int8 convs this module handles; ``handles(call)`` says
     which (``cpu_conv.legalize_conv2d`` asks it first)."""
+    from tvm import relax
 
     def legalize(bb, call):
-        tile, intrin = _conv_plan(call, facts)
+        tile, intrin, flat = _conv_plan(call, facts)
         register(intrin)  # a tuning database's traces tensorize with it before any default schedule runs
         attrs = call.attrs
         weight = call.args[1].value.numpy()
@@ -238,11 +291,19 @@ def legalize_conv2d_int8(facts):
         padding = padding * 2 if len(padding) == 2 else padding
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
-        out_c = weight.shape[0]
+        out_c, kh, kw, ci = weight.shape
+        if _winograd(call, facts, weight.shape):
+            from . import cpu_int8_winograd as wino
+
+            def winograd(data, weight):
+                return wino.winograd_int8_te(data, weight, padding, out_c)
+
+            packed = relax.const(wino.transform_weight(weight), "int16")
+            return bb.call_te(winograd, call.args[0], packed, primfunc_name_hint="conv2d_int8_winograd")
         packed = pack_conv_weight(weight, tile.block, intrin.group)
 
         def compute(data, weight, *correction):  # call_te converts keyword arguments; tile/intrin are no TVM objects
-            return conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile, intrin, out_c, 0, *correction)
+            return conv2d_nhwc_int8(data, weight, strides, padding, dilation, tile, intrin, out_c, 0, *correction, flat=flat)
 
         return bb.call_te(compute, call.args[0], *_kernel_constants(packed, intrin), primfunc_name_hint="conv2d_int8")
 
@@ -308,7 +369,8 @@ def _max_abs_weight(weight: np.ndarray) -> int:
     return int(np.abs(weight.astype(np.int16)).max()) if weight.size else 0
 
 
-def _conv_plan(call, facts) -> tuple[ConvTile, DotIntrin] | None:
+def _conv_plan(call, facts) -> tuple[ConvTile, DotIntrin, bool] | None:
+    """The register tile, the intrinsic and whether the tile is a ``flat_tile``."""
     intrin = _int8_operands(call, facts)
     if intrin is None:
         return None
@@ -318,7 +380,8 @@ def _conv_plan(call, facts) -> tuple[ConvTile, DotIntrin] | None:
     if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1 or out is None or static_shape(call.args[0].ty) is None:
         return None
     _, out_h, out_w, out_c = out
-    return conv_tile(out_h, out_w, out_c, intrin), intrin
+    flat = flat_tile(out_h, out_w, out_c, intrin)
+    return (flat, intrin, True) if flat is not None else (conv_tile(out_h, out_w, out_c, intrin), intrin, False)
 
 
 def _dense_plan(call, facts) -> tuple[ConvTile, DotIntrin] | None:
@@ -359,9 +422,12 @@ def schedule_int8(sch, facts) -> bool:
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
     xo, xi = sch.split(spatial[-2], [None, tx])
     oo, om, ol = sch.split(spatial[-1], [None, nvec, intrin.lanes])
+    flat = FLAT_ATTR in annotations
     if n_spatial == 4:  # conv: b, y, x, o
         yo, yi = sch.split(spatial[1], [None, ty])
         outer, tile = [spatial[0], oo, yo], [yi, xi, om]
+    elif flat:  # conv over flattened pixels: b, p, o
+        outer, tile = [spatial[0], oo], [xi, om]
     else:  # dense: m, n
         outer, tile = [oo], [xi, om]
     sch.reorder(*outer, xo, *reduction[:-1], *tile, ol, reduction[-1])
@@ -379,14 +445,19 @@ def schedule_int8(sch, facts) -> bool:
     tail = write_back
     if cropped:
         tail = names["int8_crop"]
-        sch.reverse_compute_at(tail, xo, preserve_unit_loops=True)
+        if not flat:  # a flat tile's pixels are no rectangle of the crop: its own stage
+            sch.reverse_compute_at(tail, xo, preserve_unit_loops=True)
         _unroll_vectorize(sch, sch.get_loops(write_back)[depth:], intrin.lanes)
     while True:  # the elementwise epilogue (requantization), one consumer at a time
         consumers = sch.get_consumers(tail)
         if len(consumers) != 1 or not _try(sch.reverse_compute_inline, consumers[0]):
             break
     tail_loops = sch.get_loops(tail)
-    _unroll_vectorize(sch, tail_loops[min(depth, len(tail_loops) - 1) :], intrin.lanes)
+    if cropped and flat:
+        sch.parallel(sch.fuse(*tail_loops[:2]))
+        _vectorize_tail(sch, tail_loops[-1], intrin.lanes)
+    else:
+        _unroll_vectorize(sch, tail_loops[min(depth, len(tail_loops) - 1) :], intrin.lanes)
 
     if "data_pad" in names:
         pad = names["data_pad"]

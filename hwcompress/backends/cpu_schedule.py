@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from .cpu_conv import schedule_packed_conv
 from .cpu_int8 import schedule_int8
+from .cpu_int8_winograd import schedule_int8_winograd
 from .cpu_rules import per_block, tiled_reduction
 from .cpu_winograd import schedule_winograd
 from .cpu_intrin import DotIntrin, dot_intrin_for
@@ -201,6 +202,7 @@ def _check_lowers(func, target) -> None:
 _RULES = (
     ("packed_conv", schedule_packed_conv),
     ("int8", schedule_int8),
+    ("int8_winograd", schedule_int8_winograd),
     ("winograd", schedule_winograd),
     ("tiled_reduction", tiled_reduction),
     ("per_block", per_block),

@@ -15,15 +15,18 @@ from tvm import relax, s_tir, te  # noqa: E402
 from hwcompress import build as B  # noqa: E402
 from hwcompress.backends.cpu_int8 import (  # noqa: E402
     DOT_ATTR,
+    FLAT_ATTR,
     TILE_ATTR,
     conv2d_nhwc_int8,
     dense_int8,
     conv_tile,
     dense_tile,
+    flat_tile,
     pack_conv_weight,
     pack_dense_weight,
     schedule_int8,
 )
+from hwcompress.backends.cpu_conv import choose_tile  # noqa: E402
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
 from hwcompress.backends.cpu_intrin import SATURATION_FREE_WEIGHT, DotIntrin, Int8Dot, dot_for_weights, dot_intrin_for  # noqa: E402
 from hwcompress.targets import load_target  # noqa: E402
@@ -173,6 +176,39 @@ def test_host_conv_is_bit_exact(case):
     out, ref, _, _ = _host_conv(case)
     assert out.shape == ref.shape
     np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("intrin", [FAST, DotIntrin(Int8Dot.PMADDWD, 8), DotIntrin(Int8Dot.VNNI, 16)])
+def test_flat_tile_only_where_rows_would_waste(intrin):
+    assert flat_tile(7, 7, 512, intrin) is not None  # 7-pixel rows: 4-pixel tiles compute 8
+    assert flat_tile(56, 56, 64, intrin) is None  # whole tiles per row already
+    assert flat_tile(14, 14, 256, intrin) is None or intrin.kind is Int8Dot.VNNI
+
+
+@needs_x86
+@pytest.mark.parametrize("case", ["flat_7x7", "flat_stride2_zero_point", "flat_1x1"])
+def test_flat_conv_is_bit_exact(case):
+    """A conv over the output's pixels as one axis (``flat_tile``): the pixel -> (row, column)
+    mapping, the pixels past the last row, padding and strides."""
+    (n, h, w, ci), (co, k), strides, padding, zp = {
+        "flat_7x7": ((1, 7, 7, 64), (48, 3), (1, 1), (1, 1, 1, 1), 0),
+        "flat_stride2_zero_point": ((2, 13, 13, 16), (32, 3), (2, 2), (1, 1, 1, 1), 131),
+        "flat_1x1": ((1, 7, 7, 40), (24, 1), (1, 1), (0, 0, 0, 0), 0),
+    }[case]
+    intrin = HOST_FACTS.int8_dot
+    out_h = (h + padding[0] + padding[2] - k) // strides[0] + 1
+    out_w = (w + padding[1] + padding[3] - k) // strides[1] + 1
+    tile = flat_tile(out_h, out_w, co, intrin) or choose_tile(1, out_h * out_w, -(-co // intrin.lanes) * intrin.lanes, intrin.lanes, intrin.acc_regs)
+    rng = np.random.default_rng(len(case))
+    x, wt = _full_range(rng, (n, h, w, ci), np.uint8), _full_range(rng, (co, k, k, ci), np.int8)
+    packed = pack_conv_weight(wt, tile.block, intrin.group)
+    data, weight = te.placeholder(x.shape, "uint8", "data"), te.placeholder(packed.shape, "int8", "weight")
+    out = conv2d_nhwc_int8(data, weight, strides, padding, (1, 1), tile, intrin, co, pad_value=zp, flat=True)
+    sch, lib = _build_te([data, weight, out], HOST_FACTS, HOST.tvm_target())
+    assert FLAT_ATTR in sch.mod["main"].script()
+    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], np.int32))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), result)
+    np.testing.assert_array_equal(result.numpy(), conv_ref(x, wt, strides, padding, (1, 1), zp))
 
 
 @needs_x86
