@@ -16,6 +16,7 @@ from hwcompress import build as B  # noqa: E402
 from hwcompress.backends import cpu_int8_winograd as W  # noqa: E402
 from hwcompress.backends.cpu_schedule import CpuFacts  # noqa: E402
 from hwcompress.targets import load_target  # noqa: E402
+from test_cpu_int8 import conv_ref  # noqa: E402 (the int64 numpy conv, same directory)
 
 HOST = load_target("host")
 FACTS = CpuFacts.from_target(HOST.tvm_target())
@@ -23,19 +24,6 @@ needs_avx2 = pytest.mark.skipif(
     FACTS.int8_dot is None or FACTS.int8_dot.kind.value not in ("pmaddwd", "pmaddubsw") or FACTS.int8_dot.lanes != W.LANES,
     reason="the int8 Winograd kernel is for x86 AVX2 CPUs without VNNI",
 )
-
-
-def conv_ref(x, w_ohwi, padding):
-    """int64 NHWC conv, stride 1, zero padding ``(top, left, bottom, right)``."""
-    pt, pl, pb, pr = padding
-    xp = np.pad(x.astype(np.int64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    o, kh, kw, _ = w_ohwi.shape
-    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-    out = np.zeros((x.shape[0], oh, ow, o), np.int64)
-    for ry in range(kh):
-        for rx in range(kw):
-            out += np.einsum("nhwc,oc->nhwo", xp[:, ry : ry + oh, rx : rx + ow], w_ohwi[:, ry, rx].astype(np.int64))
-    return out
 
 
 def _run_te(x, w, padding):
@@ -77,7 +65,7 @@ def test_kernel_is_bit_exact(x_shape, out_c, padding):
     x = rng.integers(0, 256, x_shape).astype(np.uint8)
     w = rng.integers(-128, 128, (out_c, 3, 3, x_shape[3])).astype(np.int8)
     out, lib = _run_te(x, w, padding)
-    np.testing.assert_array_equal(out, conv_ref(x, w, padding))
+    np.testing.assert_array_equal(out, conv_ref(x, w, padding=padding))
     asm = lib.mod.inspect_source("asm")
     assert "vpmaddwd" in asm and "vfmadd" not in asm  # integer GEMM, no float arithmetic
 
@@ -91,7 +79,7 @@ def test_worst_case_operands_are_exact(sign):
     x = np.full((1, 4, 4, W._MAX_CHANNELS), 255, np.uint8)
     w = np.full((16, 3, 3, W._MAX_CHANNELS), -128 if sign < 0 else 127, np.int8)
     out, _ = _run_te(x, w, (1, 1, 1, 1))
-    ref = conv_ref(x, w, (1, 1, 1, 1))
+    ref = conv_ref(x, w, padding=(1, 1, 1, 1))
     np.testing.assert_array_equal(out, ref)
     assert abs(ref).max() == 255 * 128 * 9 * W._MAX_CHANNELS or sign > 0
 
@@ -121,7 +109,7 @@ def test_legalization_uses_it_with_the_requantization_fused():
     assert len(kernels) == 1 and W.OUT_BLOCK in kernels[0].script()  # one kernel: requant is its epilogue
     out = relax.VirtualMachine(B.build(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     scale = (np.arange(128) % 5 + 1).astype(np.float32) * 1e-4
-    ref = np.clip(np.round(conv_ref(x, w, (0, 0, 0, 0)).astype(np.float32) * scale) + 128, 0, 255).astype(np.uint8)
+    ref = np.clip(np.round(conv_ref(x, w).astype(np.float32) * scale) + 128, 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(out, ref)
 
 
