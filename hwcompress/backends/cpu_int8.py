@@ -295,6 +295,8 @@ def legalize_conv2d_int8(facts):
         if _winograd(call, facts, weight.shape):
             from . import cpu_int8_winograd as wino
 
+            wino.register()  # as above: a database's traces tensorize with it
+
             def winograd(data, weight):
                 return wino.winograd_int8_te(data, weight, padding, out_c)
 
