@@ -86,6 +86,10 @@ def import_model(model, spec: TargetSpec, input_shapes=None, recipe=None, verify
         with _stage("compress + optimize"):
             mod = recipe.apply(mod, spec)
             after = analysis.summarize(mod)
+    if not optimize.winograd_on(spec):
+        from .build import WINOGRAD_ATTR
+
+        mod = mod.with_attr(WINOGRAD_ATTR, False)
     return Imported(original, inputs, outputs, mod, before, after, recipe, checked)
 
 

@@ -53,8 +53,18 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True):
     import tvm
 
     target = spec.tvm_target()
-    lmap = backend_legalize_map(spec, sparse=has_sparsity(mod))
+    lmap = backend_legalize_map(spec, sparse=has_sparsity(mod), winograd=winograd_allowed(mod))
     return _run_stage("legalize", tvm.transform.Sequential(legalize_passes(fuse, lmap)), mod, target)
+
+
+# Module attribute: False when the build's Winograd is off (``--winograd off``, or a target
+# whose ``[hardware].winograd`` is false), set by ``api.import_model``; the backend's integer
+# kernels then use no Winograd either (the float convs' Winograd is a recipe step).
+WINOGRAD_ATTR = "hwc.winograd"
+
+
+def winograd_allowed(mod) -> bool:
+    return mod.attrs is None or bool(mod.attrs.get(WINOGRAD_ATTR, True))
 
 
 def has_sparsity(mod) -> bool:
@@ -64,14 +74,15 @@ def has_sparsity(mod) -> bool:
     return mod.attrs is not None and REPORT_ATTR in mod.attrs
 
 
-def backend_legalize_map(spec: TargetSpec, sparse: bool = False) -> dict | None:
+def backend_legalize_map(spec: TargetSpec, sparse: bool = False, winograd: bool = True) -> dict | None:
     """The backend's own legalizations for ``spec`` (None: TVM's for every op); ``sparse``: convs
     and matmuls with 2:4 weights become the backend's sparse kernel (``backends.sparse_lower``)
     — only after the ``sparse-2-4`` technique, which keeps 2:4 weights exactly where sparse was
-    chosen (an imported model that happens to be 2:4 is not run sparse unmeasured)."""
+    chosen (an imported model that happens to be 2:4 is not run sparse unmeasured);
+    ``winograd``: whether the backend's integer kernels may use Winograd (``WINOGRAD_ATTR``)."""
     backend = get_backend(spec)
     target = spec.tvm_target()
-    lmap = backend.legalize_map(target) if backend.legalize_map else None
+    lmap = backend.legalize_map(target, winograd=winograd) if backend.legalize_map else None
     if not sparse or backend.sparse_kernel is None:
         return lmap
     import tvm

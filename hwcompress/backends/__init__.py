@@ -22,8 +22,9 @@ class Backend:
     # (tvm Target) -> (PrimFunc | IRModule -> traced s_tir.Schedule | None): the default
     # schedule as a trace, to seed tuning with; None: tuning starts without a seed
     default_trace: Callable | None = None
-    # (tvm Target) -> {op name: LegalizeFunc}: the backend's own lowering of some ops (e.g. a
-    # conv with its weight repacked for the kernel), used by ``build.legalize``
+    # (tvm Target, winograd=bool) -> {op name: LegalizeFunc}: the backend's own lowering of
+    # some ops (e.g. a conv with its weight repacked for the kernel), used by ``build.legalize``;
+    # ``winograd=False``: no Winograd in those kernels either (the build's Winograd is off)
     legalize_map: Callable | None = None
     # (tvm Target, m, n, k) -> scheduled PrimFunc ``(x[m, k], values, meta, y[m, n])``: the 2:4
     # sparse GEMM of ``backends.sparse_lower`` (raises ValueError for shapes it does not take)

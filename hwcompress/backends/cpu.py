@@ -20,7 +20,7 @@ def _default_trace(target):
     return default_trace(target)
 
 
-def _legalize_map(target):
+def _legalize_map(target, winograd: bool = True):
     from .cpu_conv import legalize_conv2d
     from .cpu_int8 import legalize_matmul_int8
     from .cpu_schedule import CpuFacts
@@ -28,7 +28,7 @@ def _legalize_map(target):
     from .cpu_dense import legalize_matmul
 
     facts = CpuFacts.from_target(target)
-    conv = legalize_conv2d(facts)
+    conv = legalize_conv2d(facts, winograd)
     return {"relax.nn.conv2d": conv, "relax.matmul": legalize_matmul(legalize_matmul_int8(facts), conv)}
 
 

@@ -230,16 +230,17 @@ def choose_depthwise_tile(out_w: int, channels: int, lanes: int, acc_regs: int) 
 # ---------------------------------------------------------------------------- legalization
 
 
-def legalize_conv2d(facts):
+def legalize_conv2d(facts, winograd: bool = True):
     """A ``LegalizeOps`` function for ``relax.nn.conv2d`` on a CPU with ``facts``: eligible
-    convs become the packed kernel, every other conv TVM's default legalization."""
+    convs become the packed kernel, every other conv TVM's default legalization
+    (``winograd``: int8 convs may run as ``cpu_int8_winograd``, see ``legalize_conv2d_int8``)."""
     import tvm
     from tvm import relax
 
     from .cpu_int8 import legalize_conv2d_int8
 
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
-    int8 = legalize_conv2d_int8(facts)
+    int8 = legalize_conv2d_int8(facts, winograd)
 
     def legalize(bb, call):
         if int8.handles(call):  # uint8 x int8 -> int32: the integer kernels

@@ -277,9 +277,10 @@ def _crop(out, shape, correction=None, index=None):
 # ---------------------------------------------------------------------------- legalization
 
 
-def legalize_conv2d_int8(facts):
+def legalize_conv2d_int8(facts, winograd: bool = True):
     """``LegalizeOps`` function for the int8 convs this module handles; ``handles(call)`` says
-    which (``cpu_conv.legalize_conv2d`` asks it first)."""
+    which (``cpu_conv.legalize_conv2d`` asks it first). ``winograd``: eligible layers may run
+    as the integer Winograd kernel (``_winograd``); False where the build's Winograd is off."""
     from tvm import relax
 
     def legalize(bb, call):
@@ -292,16 +293,16 @@ def legalize_conv2d_int8(facts):
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
         out_c, kh, kw, ci = weight.shape
-        if _winograd(call, facts, weight.shape):
+        if winograd and _winograd(call, facts, weight.shape):
             from . import cpu_int8_winograd as wino
 
             wino.register()  # as above: a database's traces tensorize with it
 
-            def winograd(data, weight):
+            def winograd_conv(data, weight):
                 return wino.winograd_int8_te(data, weight, padding, out_c)
 
             packed = relax.const(wino.transform_weight(weight), "int16")
-            return bb.call_te(winograd, call.args[0], packed, primfunc_name_hint="conv2d_int8_winograd")
+            return bb.call_te(winograd_conv, call.args[0], packed, primfunc_name_hint="conv2d_int8_winograd")
         packed = pack_conv_weight(weight, tile.block, intrin.group)
 
         def compute(data, weight, *correction):  # call_te converts keyword arguments; tile/intrin are no TVM objects

@@ -118,7 +118,7 @@ def _longest_reduction(func) -> int:
     return longest
 
 
-def _legalize_map(target):
+def _legalize_map(target, winograd: bool = True):  # noqa: ARG001 (no integer Winograd on CUDA)
     from .cuda_int8 import legalize_map
 
     return legalize_map(target)

@@ -131,3 +131,29 @@ def test_eligibility():
     assert not W.eligible(Attrs, (64, 3, 3, 64), (1, 58, 58, 64))  # too few channels for it to pay
     assert not W.eligible(Padded, (512, 3, 3, 512), (1, 7, 7, 512))  # 16 tiles: too few
     assert not W.eligible(Attrs, (128, 3, 3, W._MAX_CHANNELS + 1), (1, 30, 30, W._MAX_CHANNELS + 1))
+
+
+@needs_avx2
+@pytest.mark.parametrize("winograd", ["auto", "off"])
+def test_winograd_off_also_turns_the_integer_kernel_off(winograd):
+    """``--winograd off`` (``Optimize(winograd="off")``) reaches the backend's int8 kernels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hwcompress.api import import_model
+    from hwcompress.optimize import Optimize
+    from hwcompress.passes.quantize import Int8Static
+    from hwcompress.recipe import Recipe
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((128, 128, 3, 3)) * 0.05).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128, 14, 14])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 14, 14])], [numpy_helper.from_array(w, "W")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    recipe = Recipe((Int8Static(data=rng.standard_normal((2, 128, 14, 14)).astype(np.float32)),))
+    front = import_model(model, HOST, recipe=recipe, optimize=Optimize(winograd=winograd))
+    names = [gv.name_hint for gv, f in B.legalize(front.mod, HOST).functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any("winograd" in n for n in names) == (winograd == "auto"), names
