@@ -45,15 +45,13 @@ import numpy as np
 
 from ..analysis import static_shape
 
-from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_tile, conv_geometry, tile_score
+from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_flat_tile, choose_tile, conv_geometry
 from .cpu_intrin import DotIntrin, Int8Dot, dot_for_weights, intrin_named, register
 
 TILE_ATTR = "hwc.int8_tile"
 DOT_ATTR = "hwc.int8_dot"
 FLAT_ATTR = "hwc.int8_flat"  # the conv's output pixels as one row-major axis (``flat_tile``)
 
-# A flat tile replaces the row tile only where its modelled score is this much higher.
-_FLAT_GAIN = 1.02
 
 # Up to this many rows, a dense tile takes all rows and no padded ones (``dense_tile``).
 _GEMV_ROWS = 2
@@ -94,20 +92,10 @@ def conv_tile(out_rows: int, out_cols: int, out_c: int, intrin: DotIntrin) -> Co
 
 
 def flat_tile(out_rows: int, out_cols: int, out_c: int, intrin: DotIntrin) -> ConvTile | None:
-    """A register tile over the ``out_rows * out_cols`` output pixels taken as one row-major
-    axis, where that wastes less than ``conv_tile``'s rows (None elsewhere).
-
-    A row tile rounds every row up to whole tiles: 7 pixels wide, 4-pixel tiles compute 8
-    (ResNet-18's 512-channel 7x7 layers: 68 against 89 GMAC/s at 14x14); 49 flattened pixels
-    in 5-pixel tiles compute 50. The pixel of a flat index is ``(p // cols, p % cols)``, an
-    address computed once per tile pixel outside the reduction.
-    """
+    """``cpu_conv.choose_flat_tile`` for the int8 kernels: a tile over the output pixels as one
+    axis where ``conv_tile``'s rows would waste more (None elsewhere)."""
     rows = conv_tile(out_rows, out_cols, out_c, intrin)
-    pixels = out_rows * out_cols
-    flat = choose_tile(1, pixels, _round_up(out_c, intrin.lanes), intrin.lanes, intrin.acc_regs)
-    if rows is None or flat is None or tile_score(flat, pixels) <= tile_score(rows, out_cols) * _FLAT_GAIN:
-        return None
-    return flat
+    return choose_flat_tile(out_rows, out_cols, _round_up(out_c, intrin.lanes), intrin.lanes, intrin.acc_regs, rows)
 
 
 def dense_tile(m: int, n: int, intrin: DotIntrin) -> ConvTile:

@@ -106,6 +106,10 @@ CASES = {
     "depthwise_stride2_odd": dict(cin=24, cout=24, h=15, w=15, k=3, stride=2, pads=(1, 1, 1, 1), group=24),
     "depthwise_5x5_cropped": dict(cin=16, cout=16, h=11, w=13, k=5, pads=(2, 2, 2, 2), group=16),
     "depthwise_residual": dict(cin=16, cout=16, h=9, w=9, k=3, pads=(1, 1, 1, 1), group=16, batch=2, residual=True),
+    # 7-wide outputs: the pixels as one axis (choose_flat_tile)
+    "flat_1x1_7x7": dict(cin=32, cout=48, h=7, w=7, k=1),
+    "flat_3x3_stride2_to_7x7": dict(cin=16, cout=32, h=13, w=13, k=3, stride=2, pads=(1, 1, 1, 1)),
+    "flat_batch2_residual_7x7": dict(cin=16, cout=16, h=7, w=7, k=3, pads=(1, 1, 1, 1), batch=2, residual=True),
 }
 
 
@@ -137,6 +141,24 @@ def test_packed_conv_matches_onnxruntime(name):
     text = func.script()
     assert TILE_ATTR in text, "the eligible conv did not become the packed kernel"
     _run_and_compare(model, spec, mod)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n.startswith("flat_")))
+def test_seven_wide_outputs_take_a_flat_tile(name):
+    from hwcompress.backends.cpu_conv import FLAT_ATTR
+
+    _, mod = _lowered(_conv_model(**CASES[name]))
+    (func,) = _conv_kernels(mod).values()
+    assert FLAT_ATTR in func.script()
+
+
+def test_flat_tile_only_on_narrow_outputs():
+    from hwcompress.backends.cpu_conv import choose_flat_tile
+
+    rows = choose_tile(7, 7, 512, 8, 12)
+    assert choose_flat_tile(7, 7, 512, 8, 12, rows) is not None  # 7 wide: rows would compute 8+
+    assert choose_flat_tile(14, 14, 576, 8, 12, choose_tile(14, 14, 576, 8, 12)) is None  # measured slower flat
+    assert choose_flat_tile(56, 56, 64, 8, 12, choose_tile(56, 56, 64, 8, 12)) is None
 
 
 def test_packed_kernel_takes_a_packed_constant_and_inlines_its_epilogue():
