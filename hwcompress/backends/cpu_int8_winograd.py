@@ -10,10 +10,11 @@ exact while ``C * 1020 * 1152 < 2^31`` (``C <= _MAX_CHANNELS``). The output tran
 GEMM results, which may pass int32 for adversarial inputs although the final ``4 * conv``
 fits: it runs in uint32, whose wrapping is defined, and the result is reinterpreted as int32.
 
-Why: on AVX2 without VNNI the direct int8 kernels run at the multiply pipes' 32 MACs a cycle
-(``vpmaddubsw`` + ``vpmaddwd``); ``vpmaddwd`` alone on int16 does 16 per instruction, the same
-rate, so F(2,3)'s 16 products per 2x2 outputs (36 direct) are a 2.25x cut of the multiplies,
-less the transforms. With VNNI (64 MACs per instruction on zmm) the direct kernel stays.
+Why: on AVX2 without VNNI the direct int8 kernels multiply with ``vpmaddubsw`` + ``vpmaddwd``
+(32 MACs per pair); ``vpmaddwd`` alone on int16 does 16 per instruction, measured on Zen 3 at
+~0.8 of the pair's MAC rate (BENCHMARKS.md), so F(2,3)'s 16 products per 2x2 outputs (36
+direct) are a ~1.8x cut of the multiply time, less the transforms: 1.2-1.3x on the layers
+where it is used. With VNNI (64 MACs per instruction on zmm) the direct kernel stays.
 
 Stages (block names as in ``passes.winograd_te``, whose transforms and schedule helpers this
 reuses; the output block is ``conv2d_winograd_int8`` so the float rule leaves these alone):
@@ -38,10 +39,9 @@ _ALPHA, _M = 4, 2
 ROWS_ATTR = "hwc.winograd_rows"  # the GEMM register tile's rows (tiles), set by the compute
 _MAX_CHANNELS = 1024  # C * 1020 * 1152 < 2^31: the GEMM's int32 sums cannot overflow
 # Where it pays, measured on ResNet-18's layers (one Zen 3 core, interleaved with the direct
-# int8 kernel, bit-identical outputs): 28x28x128 1.21x, 14x14x256 1.21x; but 56x56x64 0.82x
-# (64 channels: the transforms' share of the work is 4x that at 256) and 7x7x512 0.79x (16
-# tiles: each int16 weight, 3.6x the int8 bytes, is used 16 times; the direct kernel is
-# compute-bound there).
+# int8 kernel, bit-identical outputs): 28x28x128 1.16-1.21x, 14x14x256 1.21-1.28x; but
+# 56x56x64 0.82-0.84x (64 channels: the transforms' share of the work is 4x that at 256) and
+# 7x7x512 0.79-0.82x (16 tiles: each int16 weight, 3.6x the int8 bytes, is used 16 times).
 _MIN_CHANNELS = 128
 _MIN_TILES = 49
 
