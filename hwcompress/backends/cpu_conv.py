@@ -202,23 +202,27 @@ def depthwise_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTi
     return _cropped(conv, out_w)
 
 
-def conv_geometry(size, kernel, strides, padding, dilation, tile: ConvTile) -> tuple[int, int, int, int, int]:
+def conv_geometry(size, kernel, strides, padding, dilation, tile: ConvTile, flat: bool = False) -> tuple[int, int, int, int, int]:
     """``(out_h, out_w, out_wp, rows, cols)`` of a conv on an ``size = (h, w)`` input:
     the output size, its width rounded up to whole register tiles, and the input rows and
-    columns (padding included) that the rounded-up output reads."""
+    columns (padding included) that the rounded-up output reads. ``flat`` (a
+    ``choose_flat_tile`` tile): ``out_wp`` is the pixel count rounded up to whole tiles, whose
+    extra pixels read rows past the last output row."""
     (h, w), (kh, kw), (sh, sw), (dh, dw) = size, kernel, strides, dilation
     pt, pl, pb, pr = padding
     out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if flat:
+        pixels = tile.padded_width(out_h * out_w)
+        return out_h, out_w, pixels, (pixels - 1) // out_w * sh + dh * (kh - 1) + 1, (out_w - 1) * sw + dw * (kw - 1) + 1
     out_wp = tile.padded_width(out_w)
     return out_h, out_w, out_wp, (out_h - 1) * sh + dh * (kh - 1) + 1, (out_wp - 1) * sw + dw * (kw - 1) + 1
 
 
 def _padded_source(data, kernel, strides, padding, dilation, tile: ConvTile, flat: bool = False):
     """The zero-padded input (extra columns when the width is rounded up to whole tiles; the
-    input itself when no padding is needed), the output geometry, strides and dilation.
-    ``flat``: the geometry's third entry is the pixel count rounded up to whole tiles (extra
-    rows past the last output row)."""
+    input itself when no padding is needed), the output geometry (``conv_geometry``'s, with
+    ``flat``), strides and dilation."""
     from tvm import te
     from tvm.topi.utils import get_const_tuple
 
@@ -226,11 +230,7 @@ def _padded_source(data, kernel, strides, padding, dilation, tile: ConvTile, fla
     sh, sw = strides
     dh, dw = dilation
     pt, pl = padding[:2]
-    out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), kernel, strides, padding, dilation, tile)
-    if flat:
-        out_wp = tile.padded_width(out_h * out_w)
-        rows = (out_wp - 1) // out_w * sh + dh * (kernel[0] - 1) + 1
-        cols = (out_w - 1) * sw + dw * (kernel[1] - 1) + 1
+    out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), kernel, strides, padding, dilation, tile, flat)
     dtype = str(data.dtype)
     if pt or pl or rows > h + pt or cols > w + pl:
 

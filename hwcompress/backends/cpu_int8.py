@@ -138,19 +138,16 @@ def conv2d_nhwc_int8(
         raise ValueError(f"packed weight {weight.shape} does not fit data {data.shape} / tile {tile} / {intrin.name}")
     (sh, sw), (dh, dw) = strides, dilation
     pt, pl = padding[:2]
-    out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), (kh, kw), strides, padding, dilation, tile)
+    out_h, out_w, out_wp, rows, cols = conv_geometry((h, w), (kh, kw), strides, padding, dilation, tile, flat)
     _check_correction(correction, intrin, n_ob * ob)
+    src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin, pad_value)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     rc = te.reduce_axis((0, n_rc), "rc")
     rk = te.reduce_axis((0, group), "rk")
-    if flat:  # output pixels p = y * out_w + x, rounded up to whole tiles
-        pixels = tile.padded_width(out_h * out_w)
-        rows = (pixels - 1) // out_w * sh + dh * (kh - 1) + 1
-        cols = (out_w - 1) * sw + dw * (kw - 1) + 1
-        src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin, pad_value)
+    if flat:  # output pixels p = y * out_w + x, rounded up to whole tiles (out_wp of them)
         conv = te.compute(
-            (n, pixels, n_ob * ob),
+            (n, out_wp, n_ob * ob),
             lambda b, p, o: te.sum(
                 src[b, p // out_w * sh + ry * dh, p % out_w * sw + rx * dw, rc * group + rk].astype("int32")
                 * weight[o // ob, ry, rx, rc, o % ob, rk].astype("int32"),
@@ -160,7 +157,6 @@ def conv2d_nhwc_int8(
             attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec], DOT_ATTR: intrin.name, FLAT_ATTR: 1},
         )
         return _crop(conv, (n, out_h, out_w, out_c), correction, lambda b, y, x, o: (b, y * out_w + x, o))
-    src = _source(data, (pt, pl), (rows, cols), n_rc * group, intrin, pad_value)
     conv = te.compute(
         (n, out_h, out_wp, n_ob * ob),
         lambda b, y, x, o: te.sum(
@@ -280,11 +276,11 @@ def legalize_conv2d_int8(facts, winograd: bool = True):
         padding = padding * 2 if len(padding) == 2 else padding
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
-        out_c, kh, kw, ci = weight.shape
+        out_c = weight.shape[0]
         if winograd and _winograd(call, facts, weight.shape):
             from . import cpu_int8_winograd as wino
 
-            wino.register()  # as above: a database's traces tensorize with it
+            register(wino.INTRIN)  # as above: a database's traces tensorize with it
 
             def winograd_conv(data, weight):
                 return wino.winograd_int8_te(data, weight, padding, out_c)

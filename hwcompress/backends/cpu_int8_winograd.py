@@ -29,11 +29,12 @@ import numpy as np
 
 from ..passes.winograd_te import STAGE_ATTR, _one_sided
 from .cpu_conv import _round_up, _try, _vectorize_tail
-from .cpu_winograd import _schedule_transform
+from .cpu_intrin import DotIntrin, Int8Dot, register
+from .cpu_winograd import _gemm_rows, _schedule_transform
 
 OUT_BLOCK = "conv2d_winograd_int8"
-INTRIN = "hwc_dot_8x2_pmaddwd_i16"  # C[8] += A[2] (int16 pair, broadcast) x B[8, 2] (int16)
 LANES = 8  # int32 lanes of an AVX2 vector
+INTRIN = DotIntrin(Int8Dot.PMADDWD16, LANES)  # C[8] += A[2] (int16 pair, broadcast) x B[8, 2] (int16)
 BLOCK = 2 * LANES  # output channels of a GEMM register tile
 _ALPHA, _M = 4, 2
 ROWS_ATTR = "hwc.winograd_rows"  # the GEMM register tile's rows (tiles), set by the compute
@@ -92,7 +93,9 @@ def winograd_int8_te(data, weight, padding, out_c: int):
     out_h, out_w = h + pt + pb - 2, w + pl + pr - 2
     nh, nw = -(-out_h // _M), -(-out_w // _M)
     tiles = n * nh * nw
-    rows = _gemm_rows(tiles)
+    # 5 or 4 rows x 2 accumulator vectors: vpmaddwd's temporary, two weight vectors and a
+    # broadcast fit AVX2's 16 registers
+    rows = _gemm_rows(tiles, sizes=(5, 4))
     p_tiles = _round_up(tiles, rows)  # whole GEMM row tiles (no predicate: the dot is tensorized)
     ci2 = 2 * n_k2
 
@@ -138,49 +141,6 @@ def winograd_int8_te(data, weight, padding, out_c: int):
     return te.compute((n, out_h, out_w, out_c), gather, name=OUT_BLOCK)
 
 
-# ---------------------------------------------------------------------------- intrinsic
-
-
-def register() -> str:
-    """Register ``INTRIN`` (``vpmaddwd`` on int16 pairs) once per process; returns its name."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    if TensorIntrin.get(INTRIN, allow_missing=True) is not None:
-        return INTRIN
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((2,), "int16", offset_factor=1),
-        B: T.Buffer((8, 2), "int16", offset_factor=1),
-        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            for i, k in T.grid(8, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
-
-    @T.prim_func(s_tir=True)
-    def impl(
-        A: T.Buffer((2,), "int16", offset_factor=1),
-        B: T.Buffer((8, 2), "int16", offset_factor=1),
-        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            a = T.reinterpret(T.Broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8), dtype="int16x16")
-            C[T.Ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], "int16x16"), dtype="int32x8"
-            )
-
-    TensorIntrin.register(INTRIN, desc, impl)
-    return INTRIN
-
-
 # ---------------------------------------------------------------------------- schedule
 
 
@@ -222,7 +182,7 @@ def _schedule_gemm(sch, bgemm) -> None:
     """Batched GEMM (eps, nu, p, o | k2, kk): ``u x 2`` vectors of int32 accumulators, the
     input-channel pairs the reduction outside the tile, parallel over the 16 GEMMs and the
     output-channel blocks."""
-    register()
+    register(INTRIN)
     eps, nu, p, o, k2, kk = sch.get_loops(bgemm)
     u = int(sch.get(bgemm).annotations[ROWS_ATTR])
     p_o, p_i = sch.split(p, [None, u])
@@ -234,17 +194,9 @@ def _schedule_gemm(sch, bgemm) -> None:
     sch.unroll(p_i)
     sch.unroll(o_m)
     init = sch.decompose_reduction(bgemm, k2)
-    sch.tensorize(o_l, INTRIN)
+    sch.tensorize(o_l, INTRIN.name)
     for block in (init, write_back):
         loops = sch.get_loops(block)[2:]  # under parallel, p_o
         for loop in loops[:-1]:
             sch.unroll(loop)
         sch.vectorize(loops[-1])
-
-
-def _gemm_rows(tiles: int) -> int:
-    """GEMM tile rows: 5 or 4 (x 2 accumulator vectors: ``vpmaddwd``'s temporary, two weight
-    vectors and a broadcast fit AVX2's 16 registers), whichever wastes fewer padded rows."""
-    if tiles < 4:
-        return tiles
-    return min((5, 4), key=lambda u: (-(-tiles // u) * u, -u))

@@ -3,8 +3,9 @@
 One intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of ``lanes`` int32
 outputs ``C`` (the accumulator tile, ``local`` scope), ``group`` consecutive reduction
 elements ``A`` (one input pixel or row, broadcast) and a packed weight panel ``B`` (``lanes``
-output channels x ``group``, int8). Five instructions, picked from the target's features
-(``dot_intrin_for``) and the layer's weights (``dot_for_weights``):
+output channels x ``group``, int8; int16 for ``PMADDWD16``). Five instructions for the int8
+kernels, picked from the target's features (``dot_intrin_for``) and the layer's weights
+(``dot_for_weights``), and one for the integer Winograd's GEMM (``cpu_int8_winograd``):
 
 * ``VNNI`` (AVX512-VNNI): ``vpdpbusd`` multiplies 4 u8 x s8 pairs per int32 lane and adds
   them to the accumulator in one instruction; exact (the sums of four products fit in
@@ -38,6 +39,8 @@ output channels x ``group``, int8). Five instructions, picked from the target's 
   pairs into int16 products, ``sadalp`` adds each adjacent pair into an int32 accumulator:
   groups of 2, the same shifted int8 data and correction as ``SDOT``. Exact: a product of
   ``x - 128`` and a weight lies in ``[-16256, 16384]``, inside int16.
+* ``PMADDWD16`` (AVX2): ``vpmaddwd`` as ``PMADDWD``, on int16 weights read as they are (the
+  integer Winograd's transformed weights and data both exceed int8).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Int8Dot(enum.Enum):
     VNNI = "vnni"
     SDOT = "sdot"  # aarch64 +dotprod; signed data: the activations are shifted by 128
     SMULL = "smull"  # aarch64 NEON without dotprod; shifted like SDOT
+    PMADDWD16 = "pmaddwd16"  # int16 x int16: the integer Winograd's batched GEMM
 
 
 # |w| <= 64: a vpmaddubsw pair sum is at most 255 * 64 * 2 = 32640, inside int16
@@ -70,6 +74,7 @@ _LLVM = {
     (Int8Dot.VNNI, 512): "llvm.x86.avx512.vpdpbusd.512",
     (Int8Dot.SDOT, 128): "llvm.aarch64.neon.sdot.v4i32.v16i8",
     (Int8Dot.SMULL, 128): "llvm.aarch64.neon.smull.v8i16",  # then saddlp (sadalp with the add)
+    (Int8Dot.PMADDWD16, 256): "llvm.x86.avx2.pmadd.wd",
 }
 _SIGNED_DATA = (Int8Dot.SDOT, Int8Dot.SMULL)
 
@@ -91,12 +96,19 @@ class DotIntrin:
     @property
     def group(self) -> int:
         """Consecutive reduction elements per int32 lane (the packed weight's last axis)."""
-        return 2 if self.kind in (Int8Dot.PMADDWD, Int8Dot.SMULL) else 4
+        return 2 if self.kind in (Int8Dot.PMADDWD, Int8Dot.PMADDWD16, Int8Dot.SMULL) else 4
 
     @property
     def data_dtype(self) -> str:
         """Element type of the activation operand ``A``."""
-        return "int16" if self.kind is Int8Dot.PMADDWD else "int8" if self.kind in _SIGNED_DATA else "uint8"
+        if self.kind in (Int8Dot.PMADDWD, Int8Dot.PMADDWD16):
+            return "int16"
+        return "int8" if self.kind in _SIGNED_DATA else "uint8"
+
+    @property
+    def weight_dtype(self) -> str:
+        """Element type of the weight operand ``B``."""
+        return "int16" if self.kind is Int8Dot.PMADDWD16 else "int8"
 
     @property
     def data_shift(self) -> int:
@@ -182,14 +194,14 @@ def _desc_impl(intrin: DotIntrin):
     """TVMScript description and implementation of ``intrin``."""
     from tvm.script import tirx as T
 
-    lanes, group, a_dtype = intrin.lanes, intrin.group, intrin.data_dtype
+    lanes, group, a_dtype, w_dtype = intrin.lanes, intrin.group, intrin.data_dtype, intrin.weight_dtype
     llvm_name = _LLVM[(intrin.kind, lanes * 32)]
     acc_t = f"int32x{lanes}"
 
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((group,), a_dtype, offset_factor=1),
-        B: T.Buffer((lanes, group), "int8", offset_factor=1),
+        B: T.Buffer((lanes, group), w_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
@@ -207,7 +219,7 @@ def _desc_impl(intrin: DotIntrin):
         @T.prim_func(s_tir=True)
         def impl(
             A: T.Buffer((group,), a_dtype, offset_factor=1),
-            B: T.Buffer((lanes, group), "int8", offset_factor=1),
+            B: T.Buffer((lanes, group), w_dtype, offset_factor=1),
             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
         ) -> None:
             with T.sblock("root"):
@@ -224,7 +236,7 @@ def _desc_impl(intrin: DotIntrin):
         @T.prim_func(s_tir=True)
         def impl(
             A: T.Buffer((group,), a_dtype, offset_factor=1),
-            B: T.Buffer((lanes, group), "int8", offset_factor=1),
+            B: T.Buffer((lanes, group), w_dtype, offset_factor=1),
             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
         ) -> None:
             with T.sblock("root"):
@@ -242,7 +254,7 @@ def _desc_impl(intrin: DotIntrin):
         @T.prim_func(s_tir=True)
         def impl(
             A: T.Buffer((group,), a_dtype, offset_factor=1),
-            B: T.Buffer((lanes, group), "int8", offset_factor=1),
+            B: T.Buffer((lanes, group), w_dtype, offset_factor=1),
             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
         ) -> None:
             with T.sblock("root"):
@@ -264,7 +276,7 @@ def _desc_impl(intrin: DotIntrin):
         @T.prim_func(s_tir=True)
         def impl(
             A: T.Buffer((group,), a_dtype, offset_factor=1),
-            B: T.Buffer((lanes, group), "int8", offset_factor=1),
+            B: T.Buffer((lanes, group), w_dtype, offset_factor=1),
             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
         ) -> None:
             with T.sblock("root"):
@@ -276,21 +288,21 @@ def _desc_impl(intrin: DotIntrin):
                     T.llvm_lookup_intrinsic_id(pmaddwd), pairs, T.Broadcast(T.int16(1), lanes * 2), dtype=acc_t
                 )
 
-    else:
+    else:  # PMADDWD: int8 weights sign-extended per vector; PMADDWD16: int16 weights as they are
         pair_t = f"int16x{lanes * 2}"
-        wbytes_t = f"int8x{lanes * 2}"
+        wbytes_t = f"{w_dtype}x{lanes * 2}"
 
         @T.prim_func(s_tir=True)
         def impl(
             A: T.Buffer((group,), a_dtype, offset_factor=1),
-            B: T.Buffer((lanes, group), "int8", offset_factor=1),
+            B: T.Buffer((lanes, group), w_dtype, offset_factor=1),
             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
         ) -> None:
             with T.sblock("root"):
                 T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
                 T.writes(C[0:lanes])
                 a = T.reinterpret(T.Broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), lanes), dtype=pair_t)
-                b = T.Cast(pair_t, B.vload([0, 0], wbytes_t))
+                b = B.vload([0, 0], wbytes_t) if w_dtype == "int16" else T.Cast(pair_t, B.vload([0, 0], wbytes_t))
                 C[T.Ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_t) + T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(llvm_name), a, b, dtype=acc_t
                 )

@@ -123,12 +123,13 @@ def _schedule_transform(sch, second, first, lanes: int) -> None:
         sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _gemm_rows(tiles: int) -> int:
+def _gemm_rows(tiles: int, sizes=(6, 5, 4)) -> int:
     """Rows of the GEMM register tile (6 x 2 vectors fill 12 of 16 registers): the size in
-    6, 5, 4 that wastes the fewest padded rows (a larger one on ties)."""
-    if tiles < 4:
+    ``sizes`` that wastes the fewest padded rows (a larger one on ties); all rows when there
+    are fewer than the smallest size."""
+    if tiles < min(sizes):
         return tiles
-    return min((6, 5, 4), key=lambda u: (-(-tiles // u) * u, -u))
+    return min(sizes, key=lambda u: (-(-tiles // u) * u, -u))
 
 
 def _extent(sch, loop) -> int:
