@@ -11,15 +11,16 @@ before the recipe's first ``int8``, ``fuse`` or Winograd step: int8 quantizes th
 layout its kernels read (NHWC / OHWI on CPU targets), and ``fuse`` and Winograd turn convs into
 kernels or groups that ``ConvertLayout`` cannot see, while Winograd reads NHWC convs directly.
 Pruning runs before the layout (its groups follow NCHW imports) and before int8 (it cuts float
-weights); a recipe ordering them otherwise is refused, as is ``fuse`` / Winograd before int8
-(the convs would no longer be there to quantize). The layout step is skipped when the layout
+weights), as does ``sparse-2-4`` (2:4 INT8: it prunes the float weights and, told that int8
+follows, measures its decision on INT8 kernels); a recipe ordering them otherwise is refused,
+as is ``fuse`` / Winograd before int8 (the convs would no longer be there to quantize). The layout step is skipped when the layout
 resolves to ``NCHW``, the layout ONNX imports. A technique the user's recipe already names is
 not added a second time: the recipe's own settings win.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from .targets import DataLayout
@@ -118,6 +119,8 @@ def effective_recipe(recipe, optimize: Optimize, spec):
             f"the recipe has a layout step ({mine[0].layout.value}) but --layout {optimize.layout.value} was asked for"
         )
     head = [FoldBatchNorm()] if optimize.fold_bn and FoldBatchNorm not in named else []
+    if any(isinstance(s, Int8Static) for s in recipe.steps):  # 2:4 INT8: measure the INT8 kernels
+        recipe = Recipe(tuple(replace(s, int8=True) if isinstance(s, Sparse24) else s for s in recipe.steps))
     tail = [Winograd()] if optimize.winograd_on(spec) and Winograd not in named else []
     steps = list(recipe.steps)
     layout = optimize.layout_for(spec)
@@ -135,15 +138,11 @@ def _check_int8_order(steps) -> None:
     at = next((i for i, s in enumerate(steps) if isinstance(s, Int8Static)), None)
     if at is None:
         return
-    if any(isinstance(s, Sparse24) for s in steps):
-        # quantizing the 2:4 float weights would run them on the dense int8 kernels: a build
-        # that looks sparse and is not; 2:4 INT8 kernels do not exist yet
-        raise RecipeError("sparse-2-4 together with int8 is not supported yet (no 2:4 INT8 kernels); use one of them")
     for step in steps[:at]:
         if isinstance(step, (Fuse, Winograd)):
             name = type(step).__name__.lower()
             raise RecipeError(f"the recipe runs {name} before int8, which then finds no convs to quantize; put int8 first")
     for step in steps[at + 1 :]:
-        if isinstance(step, (ChannelPrune, ConvLayout)):
-            name = "prune" if isinstance(step, ChannelPrune) else "layout"
+        if isinstance(step, (ChannelPrune, ConvLayout, Sparse24)):
+            name = {ChannelPrune: "prune", ConvLayout: "layout", Sparse24: "sparse-2-4"}[type(step)]
             raise RecipeError(f"the recipe runs {name} after int8; it must come before int8 (it rewrites float convs)")

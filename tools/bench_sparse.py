@@ -1,10 +1,12 @@
-"""Dense vs 2:4 sparse float32 GEMM on this host: batch-1 dense layers and 1x1 convs as GEMM.
+"""Dense vs 2:4 sparse GEMM on this host (float32, or INT8 with ``--int8``): batch-1 dense
+layers and 1x1 convs as GEMM.
 
     .venv/bin/python tools/bench_sparse.py                      # 1 and 2 threads, all shapes
     .venv/bin/python tools/bench_sparse.py --threads 1 --shapes 1x1024x1024,49x2048x512
     .venv/bin/python tools/bench_sparse.py --trials 64 --work-dir /tmp/sp_tune   # dense tuned too
     .venv/bin/python tools/bench_sparse.py --json out.json
     .venv/bin/python tools/bench_sparse.py --cold               # weights streamed from DRAM
+    .venv/bin/python tools/bench_sparse.py --int8 --threads 1   # 2:4 INT8 vs dense INT8
 
 A shape ``MxNxK`` is ``y[M, N] = x[M, K] @ W[N, K].T`` with ``W`` 2:4-masked random weights.
 Dense: a Relax ``R.matmul(x, W.T)`` by a constant, built the way hwc builds it
@@ -14,6 +16,12 @@ Sparse: ``cpu_sparse.sparse24_kernel`` with the variant ``pick_variant`` measure
 called with ``relax.call_tir`` on the constant ``values``/``meta`` and built the same way.
 Both run through the Relax VM, timed with ``time_evaluator`` in alternating rounds (median of
 the rounds' medians).
+
+``--int8``: ``x`` uint8, ``W`` int8 in ``[-63, 63]`` (what the quantizer makes for this AVX2
+host) 2:4-masked, int32 out; dense is the uint8 x int8 ``R.matmul`` on hwc's INT8 kernel,
+sparse the same graph marked as sparsified, so that ``sparse_lower`` gives it the 2:4 INT8
+kernel (``cpu_sparse_int8``, its default variant): both exactly as a build makes them, and
+both must agree exactly.
 
 Warm (default): one layer timed over and over, so its weights stay in the caches (all but
 4096x4096 fit in a 32 MB L3) -- unlike a model, whose layers evict each other. ``--cold``: C
@@ -48,12 +56,12 @@ def _parse(shape: str) -> tuple[int, int, int]:
     return m, n, k
 
 
-def _relax(m: int, k: int, n: int, body, copies: int = 1):
+def _relax(m: int, k: int, n: int, body, copies: int = 1, dtype: str = "float32"):
     """``main(x)``: ``body(bb, x, i)`` for each copy ``i``; one output, or a tuple of all."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    x = relax.Var("x", relax.TensorType((m, k), dtype))
     with bb.function("main", [x]):
         with bb.dataflow():
             outs = [bb.emit(body(bb, x, i)) for i in range(copies)]
@@ -106,6 +114,27 @@ def sparse_vm(ws: list[np.ndarray], m: int, spec, variant):
     return relax.VirtualMachine(B.build(B.default_schedule(mod, spec), spec), tvm.cpu())
 
 
+def int8_vms(ws: list[np.ndarray], m: int, spec) -> dict:
+    """{"dense_default": VM, "sparse": VM} of ``x (uint8) @ w.T (int8)`` for each ``w`` of ``ws``:
+    the same graph, built plain and marked as sparsified (``build.has_sparsity``)."""
+    import tvm
+    from tvm import relax
+
+    from hwcompress import build as B
+    from hwcompress.passes.sparsity.sparse24 import REPORT_ATTR
+
+    n, k = ws[0].shape
+    w_kn = [relax.const(np.ascontiguousarray(w.T)) for w in ws]
+    mod = _relax(m, k, n, lambda bb, x, i: relax.op.matmul(x, w_kn[i], out_dtype="int32"), len(ws), "uint8")
+    vms = {}
+    for name, variant in (("dense_default", mod), ("sparse", mod.with_attr(REPORT_ATTR, json.dumps({"layers": []})))):
+        lowered = B.legalize(variant, spec)
+        if name == "sparse":
+            assert any(gv.name_hint.startswith("sparse24_gemm") for gv in lowered.functions), "no 2:4 INT8 kernel"
+        vms[name] = relax.VirtualMachine(B.build(B.default_schedule(lowered, spec), spec), tvm.cpu())
+    return vms
+
+
 def bench_shape(m, n, k, spec, args) -> dict:
     import tvm
 
@@ -113,17 +142,23 @@ def bench_shape(m, n, k, spec, args) -> dict:
     from hwcompress.passes.sparsity.mask24 import decompress, compress
 
     rng = np.random.default_rng(0)
-    copies = cold_copies(n, k, args.l3_mb) if args.cold else 1
-    ws = [decompress(compress(rng.standard_normal((n, k)).astype(np.float32))) for _ in range(copies)]  # masked
-    x = tvm.runtime.tensor(rng.standard_normal((m, k)).astype(np.float32))
-    target = spec.tvm_target()
-    variant, _ = pick_variant(m, n, k, target, number=args.number, repeat=3)
-    vms = {f"dense_{name}": vm for name, vm in dense_vm(ws, m, spec, args.trials, args.work_dir).items()}
-    vms["sparse"] = sparse_vm(ws, m, spec, variant)
+    copies = cold_copies(n, k, args.l3_mb, args.int8) if args.cold else 1
+    if args.int8:
+        ws = [decompress(compress(rng.integers(-63, 64, (n, k)).astype(np.int8))) for _ in range(copies)]
+        x = tvm.runtime.tensor(rng.integers(0, 256, (m, k)).astype(np.uint8))
+        vms, variant = int8_vms(ws, m, spec), None
+    else:
+        ws = [decompress(compress(rng.standard_normal((n, k)).astype(np.float32))) for _ in range(copies)]  # masked
+        x = tvm.runtime.tensor(rng.standard_normal((m, k)).astype(np.float32))
+        variant, _ = pick_variant(m, n, k, spec.tvm_target(), number=args.number, repeat=3)
+        vms = {f"dense_{name}": vm for name, vm in dense_vm(ws, m, spec, args.trials, args.work_dir).items()}
+        vms["sparse"] = sparse_vm(ws, m, spec, variant)
     first = lambda out: (out[0] if copies > 1 else out).numpy()  # noqa: E731
     outs = {name: first(vm["main"](x)) for name, vm in vms.items()}
     ref = outs["dense_default"]
     err = float(np.abs(outs["sparse"] - ref).max() / max(np.abs(ref).max(), 1e-30))
+    if args.int8 and err:
+        raise SystemExit(f"{m}x{n}x{k}: the 2:4 INT8 kernel differs from the dense INT8 one (rel. err {err:.1e})")
     number = max(1, args.number // copies) if copies > 1 else args.number
     evals = {name: vm.time_evaluator("main", tvm.cpu(), number=number, repeat=1) for name, vm in vms.items()}
     rounds = {name: [] for name in vms}
@@ -133,7 +168,7 @@ def bench_shape(m, n, k, spec, args) -> dict:
     ms = {name: statistics.median(ts) * 1e3 for name, ts in rounds.items()}
     dense_best = min((v, name) for name, v in ms.items() if name.startswith("dense"))
     return {
-        "shape": f"{m}x{n}x{k}", "m": m, "n": n, "k": k, "variant": variant.name, "copies": copies,
+        "shape": f"{m}x{n}x{k}", "m": m, "n": n, "k": k, "variant": variant.name if variant else "int8 default", "copies": copies,
         "dense_ms": dense_best[0], "dense_kind": dense_best[1].removeprefix("dense_"),
         "sparse_ms": ms["sparse"], "ratio": dense_best[0] / ms["sparse"], "rel_err": err, "all_ms": ms,
     }  # fmt: skip
@@ -148,10 +183,10 @@ def l3_bytes() -> int:
         return 32 << 20
 
 
-def cold_copies(n: int, k: int, l3_mb: float | None) -> int:
+def cold_copies(n: int, k: int, l3_mb: float | None, int8: bool = False) -> int:
     """Copies of an ``n x k`` layer whose 2:4 compressed weights exceed twice the L3."""
     l3 = int(l3_mb * (1 << 20)) if l3_mb else l3_bytes()
-    sparse = n * (k // 2) * 4 + n * ((k + 7) // 8)
+    sparse = n * (k // 2) * (1 if int8 else 4) + n * ((k + 7) // 8)
     return max(2, -(-2 * l3 // sparse) + 1)
 
 
@@ -177,6 +212,8 @@ def run_threads(threads: int, args) -> list[dict]:
            "--number", str(args.number), "--trials", str(args.trials)]  # fmt: skip
     if args.cold:
         cmd += ["--cold"] + (["--l3-mb", str(args.l3_mb)] if args.l3_mb else [])
+    if args.int8:
+        cmd += ["--int8"]
     if args.work_dir:
         cmd += ["--work-dir", str(args.work_dir)]
     # 1 thread on the last CPU (the first takes most of the machine's other work)
@@ -208,8 +245,11 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--cold", action="store_true", help="C copies of each layer, weights > 2x L3 (per-layer time)")
     ap.add_argument("--l3-mb", type=float, default=None, help="L3 size for --cold (default: sysfs)")
+    ap.add_argument("--int8", action="store_true", help="uint8 x 2:4 int8 against hwc's dense INT8 kernel")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.int8 and args.trials:
+        ap.error("--trials tunes the float dense kernel; the INT8 kernels are hand-scheduled (drop --trials)")
     if args.worker:
         return worker(args)
     rows = [row for t in args.threads.split(",") for row in run_threads(int(t), args)]

@@ -29,6 +29,10 @@ class Backend:
     # (tvm Target, m, n, k) -> scheduled PrimFunc ``(x[m, k], values, meta, y[m, n])``: the 2:4
     # sparse GEMM of ``backends.sparse_lower`` (raises ValueError for shapes it does not take)
     sparse_kernel: Callable | None = None
+    # (tvm Target, m, n, k, W int8 [n, k]) -> (scheduled PrimFunc ``(x uint8 [m, k], values,
+    # meta, y int32 [m, n])``, values, meta): the 2:4 INT8 GEMM and the weight packed for it
+    # (raises ValueError for shapes it does not take)
+    sparse_kernel_int8: Callable | None = None
 
 
 def get_backend(spec) -> Backend:

@@ -38,6 +38,14 @@ def _sparse_kernel(target, m, n, k):
     return sparse24_kernel(m, n, k, target)
 
 
+def _sparse_kernel_int8(target, m, n, k, weight):
+    from .cpu_sparse_int8 import kind_for, pack, sparse24_int8_kernel, variants8
+
+    kind = kind_for(target, k, int(abs(weight.astype("int16")).max()))
+    values, meta = pack(weight, kind)
+    return sparse24_int8_kernel(m, n, k, target, variants8(m, n, k, kind)[0]), values, meta
+
+
 def _finalize(target):
     from tvm.relax.backend.cpu_generic import pipeline
 
@@ -62,4 +70,5 @@ BACKEND = Backend(
     default_trace=_default_trace,
     legalize_map=_legalize_map,
     sparse_kernel=_sparse_kernel,
+    sparse_kernel_int8=_sparse_kernel_int8,
 )

@@ -15,6 +15,11 @@ The kernel (``kernel_for(m, n, k) -> PrimFunc``, signature ``(x[m, k], values[n,
 meta[n, ceil(k/8)], y[m, n])``, the compressed form of ``passes.sparsity.mask24``) is the
 backend's: ``cpu_sparse`` or ``cuda_sparse``; a shape it does not take raises ValueError and
 the layer stays dense.
+
+INT8 (2:4 INT8): a conv / matmul of uint8 data by a constant 2:4 int8 weight with an int32
+result (what the int8 quantizer makes of a 2:4 float layer: zeros stay zeros) goes to
+``int8_kernel_for(m, n, k, W) -> (PrimFunc, values, meta)`` (``cpu_sparse_int8``), which also
+packs the weight for its kernel; the requantization after it stays a separate kernel.
 """
 
 from __future__ import annotations
@@ -34,17 +39,20 @@ KERNEL_NAME = "sparse24_gemm"
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque
 
 
-def _plan(call, kernel_for):
-    """``(kind, W[N, K] float32, kernel)`` when ``call`` runs sparse, else None."""
+def _plan(call, kernel_for, int8_kernel_for=None):
+    """``(kind, W[N, K], (kernel, values, meta))`` when ``call`` runs sparse, else None."""
     import tvm
 
     data, weight = call.args[:2]
-    if not isinstance(weight, tvm.ir.expr.GenericConst) or str(weight.ty.dtype) != "float32":
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or static_shape(data.ty) is None:
         return None
-    if str(data.ty.dtype) != "float32" or static_shape(data.ty) is None:
-        return None
+    dtypes = (str(data.ty.dtype), str(weight.ty.dtype))
     out_dtype = str(call.attrs.out_dtype) if getattr(call.attrs, "out_dtype", None) is not None else ""
-    if out_dtype not in ("", "float32"):
+    if dtypes == ("float32", "float32") and out_dtype in ("", "float32"):
+        int8 = False
+    elif dtypes == ("uint8", "int8") and out_dtype == "int32" and int8_kernel_for is not None:
+        int8 = True
+    else:
         return None
     w = weight.value.numpy()
     name = call.op.name
@@ -65,36 +73,42 @@ def _plan(call, kernel_for):
         m = math.prod(out[:3]) if out else 0
     else:
         return None
+    n, k = gemm.shape
     try:
-        kernel = kernel_for(m, gemm.shape[0], gemm.shape[1])
+        if int8:
+            return kind, gemm, int8_kernel_for(m, n, k, gemm)
+        kernel = kernel_for(m, n, k)
     except ValueError:
         return None
-    return None if kernel is None else (kind, gemm, kernel)
+    if kernel is None:
+        return None
+    c = compress(gemm)
+    return kind, gemm, (kernel, c.values, c.meta)
 
 
-def sparse_legalize(inner: Callable, kernel_for: Callable) -> Callable:
-    """A ``LegalizeOps`` function: 2:4 layers become ``kernel_for``'s kernel, everything else
-    ``inner`` (the backend's legalization of the op)."""
+def sparse_legalize(inner: Callable, kernel_for: Callable, int8_kernel_for: Callable | None = None) -> Callable:
+    """A ``LegalizeOps`` function: 2:4 layers become ``kernel_for``'s kernel (``int8_kernel_for``'s
+    for uint8 x int8 layers), everything else ``inner`` (the backend's legalization of the op)."""
 
     def legalize(bb, call):
-        plan = _plan(call, kernel_for)
+        plan = _plan(call, kernel_for, int8_kernel_for)
         if plan is None:
             return inner(bb, call)
-        kind, gemm, kernel = plan
-        return _emit(bb, call, kind, gemm, kernel)
+        kind, gemm, operands = plan
+        return _emit(bb, call, kind, gemm, *operands)
 
     inner_handles = getattr(inner, "handles", lambda call: False)
-    legalize.handles = lambda call: _plan(call, kernel_for) is not None or inner_handles(call)
+    legalize.handles = lambda call: _plan(call, kernel_for, int8_kernel_for) is not None or inner_handles(call)
     return legalize
 
 
-def _emit(bb, call, kind: str, gemm: np.ndarray, kernel):
+def _emit(bb, call, kind: str, gemm: np.ndarray, kernel, values: np.ndarray, meta: np.ndarray):
     from tvm import relax, topi
 
     data = call.args[0]
     shape = static_shape(data.ty)
-    c = compress(gemm)
     n, k = gemm.shape
+    out_dtype = "int32" if str(gemm.dtype) == "int8" else "float32"
     if kind == "matmul":
         m = math.prod(shape[:-1])
         x = data if len(shape) == 2 else bb.emit_te(topi.reshape, data, (m, k), primfunc_name_hint="reshape")
@@ -109,7 +123,7 @@ def _emit(bb, call, kind: str, gemm: np.ndarray, kernel):
         x = bb.emit_te(_im2col, data, geometry, tuple(out_shape), primfunc_name_hint="im2col")
     # opaque to FuseOps: a hand-written kernel takes no fused producer or epilogue
     gvar = bb.add_func(kernel.with_attr("op_pattern", OPAQUE), KERNEL_NAME)
-    y = relax.call_tir(gvar, [x, relax.const(c.values, "float32"), relax.const(c.meta, "uint8")], relax.TensorType((m, n), "float32"))
+    y = relax.call_tir(gvar, [x, relax.const(values), relax.const(meta, "uint8")], relax.TensorType((m, n), out_dtype))
     if tuple(out_shape) == (m, n):
         return y
     y = bb.emit(y)

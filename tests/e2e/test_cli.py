@@ -197,8 +197,9 @@ def test_int8_flag_errors(tmp_path):
 def test_sparse_2_4_flag_errors(tmp_path):
     model = EXAMPLES / "fashion_resnet.onnx"
     shape = ("--input-shape", "input=1,1,28,28")
-    r = hwc("build", model, *shape, "--sparse-2-4", "--int8", "--calibration", "data-free", "-o", tmp_path / "o")
-    assert_one_line_error(r, "sparse-2-4", "int8")
+    (tmp_path / "r.toml").write_text('[[steps]]\ntechnique = "int8-data-free"\n[[steps]]\ntechnique = "sparse-2-4"\n')
+    r = hwc("build", model, *shape, "--recipe", tmp_path / "r.toml", "-o", tmp_path / "o")
+    assert_one_line_error(r, "sparse-2-4 after int8", "before int8")  # it prunes float weights
     (tmp_path / "r.toml").write_text('[[steps]]\ntechnique = "sparse-2-4"\ndecide = "sometimes"\n')
     assert_one_line_error(hwc("build", model, *shape, "--recipe", tmp_path / "r.toml", "-o", tmp_path / "o"), "decide")
     (tmp_path / "r.toml").write_text('[[steps]]\ntechnique = "sparse-2-4"\nlayers = ["conv2d[99]"]\n')

@@ -1,10 +1,13 @@
 """2:4 sparsity end to end: ``hwc build --sparse-2-4`` (layers measured on this host) and the
 API with every eligible layer sparse; the artifacts verify against the 2:4 graph run with
-dense kernels, the manifest reports each layer, and a 2:4 artifact is smaller."""
+dense kernels, the manifest reports each layer, and a 2:4 artifact is smaller. 2:4 INT8
+(``--sparse-2-4 --int8``): the decision measured on INT8 kernels, the chosen layers on the 2:4
+INT8 kernels, verified against the quantized 2:4 graph."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +55,43 @@ def test_every_eligible_layer_sparse_verifies_and_shrinks_the_artifact(tmp_path)
     size = {a: (a.path / "module.so").stat().st_size for a in (dense, sparse)}
     assert size[dense] - size[sparse] > 0.8 * saved  # the artifact stores the compressed weights only
     assert sparse.run([x])[0].shape == (1, 10)  # accuracy without fine-tuning: tools/bench_sparse_accuracy.py
+
+
+def test_cli_sparse_2_4_with_int8_measures_int8_kernels(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "hwcompress", "build", EXAMPLES / "small_cnn.onnx", "--sparse-2-4", "--int8",
+         "--calibration", "data-free", "-o", tmp_path / "art"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    report = manifest["sparsity"]
+    assert report["measured"] and report["int8"]
+    steps = [s["technique"] for s in manifest["recipe"]["steps"]]
+    assert steps.index("sparse-2-4") < steps.index("int8-data-free")
+    for rec in report["layers"]:
+        if "dense_ms" in rec:
+            assert rec["sparse"] == (rec["sparse_ms"] < rec["dense_ms"]), rec
+            assert rec["weight_bytes_dense"] == np.prod(rec["shape"])  # int8 bytes
+    assert manifest["verification"]["status"] == "passed"
+
+
+def test_every_eligible_layer_sparse_int8(tmp_path):
+    """Every eligible layer 2:4 then INT8: the 2:4 layers' int8 weights keep the pattern and run
+    on the 2:4 INT8 kernels (one per layer), the artifact verifies against the quantized graph."""
+    from hwcompress import build as B
+    from hwcompress.api import import_model
+    from hwcompress.passes import Int8DataFree
+    from hwcompress.targets import load_target
+
+    shapes = {"input": [1, 1, 28, 28]}
+    model = EXAMPLES / "fashion_resnet.onnx"
+    recipe = Recipe((Sparse24(decide="all", permute=False), Int8DataFree()))
+    art = hwcompress.compile(model, "host", tmp_path / "s8", shapes, recipe, verify_inputs=[np.load(EXAMPLES / "fashion_sample.npy")[:1]])
+    report = art.manifest["sparsity"]
+    assert art.manifest["verification"]["status"] == "passed" and report["int8"]
+    assert report["sparse_layers"] == 9 and report["weight_bytes"]["ratio"] == 0.625  # int8 values + 2-bit positions
+    spec = load_target("host")
+    front = import_model(model, spec, shapes, recipe=recipe)
+    main = B.legalize(front.mod, spec)["main"].script()  # one call per layer (same-shape layers share a kernel)
+    assert len(re.findall(r"call_tir\((cls\.)?sparse24_gemm\d*, ", main)) == 9

@@ -262,6 +262,8 @@ class _Graph:
         from ..fold_bn import _channel_vector
 
         op, ndim = _op(value), len(_shape(x) or ())
+        if op is None:  # not a call (e.g. a variable bound to another)
+            return None
         lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
         if op == "relax.nn.relu" and value.args[0].same_as(x):
             return np.zeros(n), hi, ("arg", 0)

@@ -15,6 +15,11 @@ sparse kernel was *measured* faster than the dense one for that target (sparse k
 on small or compute-bound layers); on a target that cannot run here (a GPU, a cross target)
 every eligible layer, and the report says they were not measured.
 
+Together with INT8 (a recipe's ``int8`` step after this one; ``int8=True``, which the build
+sets): the int8 quantizer keeps the 2:4 zeros, the backends run those layers on their 2:4 INT8
+kernels (``backends.cpu_sparse_int8``), and the measured decision compares INT8 kernels: the
+layer quantized per output channel (the target's weight range), dense int8 against 2:4 int8.
+
 The report (``sparsity_report(mod)``, in the manifest as ``sparsity``) lists per layer the
 decision, the kept-magnitude fraction with and without the permutation, and the timings.
 """
@@ -59,11 +64,14 @@ class Sparse24:
         Search an input-channel permutation that keeps more weight magnitude.
     decide : Decide or str
         ``auto`` / ``measure`` / ``all`` (see ``Decide``).
+    int8 : bool
+        The layers will run as INT8 (an ``int8`` step follows): measure INT8 kernels.
     """
 
     layers: tuple[str, ...] | None = None
     permute: bool = True
     decide: Decide = Decide.AUTO
+    int8: bool = False
 
     def __post_init__(self):
         if self.layers is not None:
@@ -148,7 +156,7 @@ class _Layer:
     record: dict
 
 
-def _plan_layer(site: _Site, permute: bool) -> _Layer:
+def _plan_layer(site: _Site, permute: bool, int8: bool = False) -> _Layer:
     w = site.call.args[1].value.numpy()
     rows = _gemm_rows(site.call, w)
     perm = permutation_search(rows) if permute else None
@@ -162,10 +170,15 @@ def _plan_layer(site: _Site, permute: bool) -> _Layer:
         "shape": list(w.shape),
         "kept_magnitude": round(kept_fraction(rows), 4),
         "kept_magnitude_permuted": round(kept_fraction(rows, perm), 4) if permute else None,
-        "weight_bytes_dense": w.nbytes,
-        "weight_bytes_sparse": compress(_gemm_view(site.call, weight)).nbytes,
+        # what the artifact stores: float32, or int8 values when an int8 step follows
+        "weight_bytes_dense": w.size * (1 if int8 else 4),
+        "weight_bytes_sparse": _compressed_bytes(compress(_gemm_view(site.call, weight)), int8),
     }
     return _Layer(site, weight, perm, record)
+
+
+def _compressed_bytes(c, int8: bool) -> int:
+    return c.values.size * (1 if int8 else 4) + c.meta.nbytes
 
 
 def _gemm_view(call, w: np.ndarray) -> np.ndarray:
@@ -182,18 +195,41 @@ def _emit_layer(bb, call, x, weight: np.ndarray, perm: np.ndarray | None, name: 
     return bb.emit(relax.Call(call.op, [x, relax.const(weight, "float32"), *call.args[2:]], call.attrs), name_hint=name)
 
 
-def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool):
+def _int8_layer(call, x, weight: np.ndarray, qmax: int):
+    """``call`` as the int8 quantizer runs it: uint8 ``x`` by the weight quantized symmetric
+    per output channel to ``[-qmax, qmax]`` (zeros stay zeros), int32 out."""
+    from tvm import relax
+
+    axis = 0 if call.op.name == CONV2D else 1  # OHWI / [K, N]
+    peak = np.abs(weight).max(axis=tuple(a for a in range(weight.ndim) if a != axis), keepdims=True)
+    q = np.clip(np.round(weight / np.where(peak > 0, peak / qmax, 1.0)), -qmax, qmax).astype(np.int8)
+    if call.op.name == MATMUL:
+        return relax.op.matmul(x, relax.const(q), out_dtype="int32")
+    a = call.attrs
+    return relax.op.nn.conv2d(
+        x, relax.const(q), strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+        data_layout=a.data_layout, kernel_layout=a.kernel_layout, out_layout=a.out_layout, out_dtype="int32",
+    )  # fmt: skip
+
+
+def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool, qmax: int | None = None):
     """A module running one layer on its own (the measurement's unit); ``sparse``: marked as
-    sparsified, so that its 2:4 weight gets the sparse kernel (``build.has_sparsity``)."""
+    sparsified, so that its 2:4 weight gets the sparse kernel (``build.has_sparsity``);
+    ``qmax``: the layer as INT8 (``_int8_layer``)."""
     import tvm
     from tvm import relax
 
     data = site.call.args[0]
-    x = relax.Var("x", relax.TensorType([int(d) for d in data.ty.shape], "float32"))
+    x = relax.Var("x", relax.TensorType([int(d) for d in data.ty.shape], "float32" if qmax is None else "uint8"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
-            out = bb.emit_output(_emit_layer(bb, site.call, x, weight, perm, "y"))
+            if qmax is None:
+                y = _emit_layer(bb, site.call, x, weight, perm, "y")
+            else:
+                xp = x if perm is None else bb.emit(relax.op.take(x, relax.const(perm.astype(np.int64)), axis=len(x.ty.shape) - 1))
+                y = bb.emit(_int8_layer(site.call, xp, weight, qmax), name_hint="y")
+            out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = tvm.IRModule({"main": bb.get()["main"]})
     return mod.with_attr(REPORT_ATTR, json.dumps({"layers": []})) if sparse else mod
@@ -211,12 +247,14 @@ def _time_layers(modules: dict, spec, rounds: int = 3) -> dict[str, float]:
 
     runners = {}
     for key, mod in modules.items():
-        if spec.hardware.winograd:  # the dense alternative of a 3x3 conv is what builds run: Winograd
-            mod = winograd(mod, Winograd(), spec)
+        if spec.hardware.winograd and str(mod["main"].params[0].ty.dtype) == "float32":
+            mod = winograd(mod, Winograd(), spec)  # a float 3x3 conv's dense kernel is Winograd
         exe = build.build(build.default_schedule(build.legalize(mod, spec), spec), spec)
         vm = relax.VirtualMachine(exe, tvm.cpu())
-        shape = [int(d) for d in mod["main"].params[0].ty.shape]
-        x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+        param = mod["main"].params[0].ty
+        shape, rng = [int(d) for d in param.shape], np.random.default_rng(0)
+        x = rng.standard_normal(shape).astype(np.float32) if str(param.dtype) == "float32" else rng.integers(0, 256, shape, np.uint8)
+        x = tvm.runtime.tensor(x)
         vm["main"](x)  # warm up
         runners[key] = (vm.time_evaluator("main", tvm.cpu(), number=10, repeat=1, min_repeat_ms=20), x)
     times = {key: [] for key in modules}
@@ -235,6 +273,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
 
     from ...errors import RecipeError
     from ...targets import load_target, runnable_here
+    from ..quantize.int8 import weight_qmax
     from ..quantize.int8_graph import emit_main, module_with_main
 
     spec = spec if spec is not None else load_target("host")
@@ -255,11 +294,15 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
         if site.reason is not None:
             records.append({"layer": site.name, "sparse": False, "reason": site.reason})
             continue
-        layer = _plan_layer(site, config.permute)
+        layer = _plan_layer(site, config.permute, config.int8)
         record = layer.record
         if measure:
             original = site.call.args[1].value.numpy()
-            modules = {"dense": _layer_module(site, original, None, False), "sparse": _layer_module(site, layer.weight, layer.perm, True)}
+            qmax = weight_qmax(spec) if config.int8 else None
+            modules = {
+                "dense": _layer_module(site, original, None, False, qmax),
+                "sparse": _layer_module(site, layer.weight, layer.perm, True, qmax),
+            }
             t = _time_layers(modules, spec)
             record |= {"dense_ms": round(t["dense"] * 1e3, 4), "sparse_ms": round(t["sparse"] * 1e3, 4), "speedup": round(t["dense"] / t["sparse"], 3)}
             # decided on the reported (rounded) times, so the report explains itself; a tie stays dense
@@ -278,6 +321,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
         "measured": measure,
         "not_measured_because": None if measure else (why_not or "decide='all'"),
         "permute": config.permute,
+        "int8": config.int8,
         "layers": records,
     }
     sparse = [r for r in records if r.get("sparse")]
