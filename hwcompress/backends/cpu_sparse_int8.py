@@ -173,6 +173,10 @@ def _avx2(m: int, n: int, k: int, v: Variant8, split):
         pairs = T.call_llvm_pure_intrin("int16x16", _PMADDUBSW, g, w)
         return T.call_llvm_pure_intrin("int32x8", _PMADDWD, pairs, T.Broadcast(T.int16(1), 16))
 
+    def step(acc, xg, values, meta, row, xrow, h):
+        """``acc`` plus step ``h`` of output row ``row`` times ``x`` row ``xrow``."""
+        return acc + product(gathered(xg, control(meta, row, h), xrow, h), values.vload([row, 32 * h], "int8x32"))
+
     def hsum(acc, base):
         return sum((acc[base + j] for j in range(1, 8)), acc[base])
 
@@ -198,27 +202,17 @@ def _avx2(m: int, n: int, k: int, v: Variant8, split):
                         for u in T.unroll(U):
                             for r in T.unroll(R):
                                 for i in T.unroll(MR):
-                                    acc[T.Ramp((r * MR + i) * 8, 1, 8)] = acc[T.Ramp((r * MR + i) * 8, 1, 8)] + product(
-                                        gathered(
-                                            xg,
-                                            control(meta, T.min(((tk * per + b) // mblk) * R + r, n - 1), hc * U + u),
-                                            T.min(((tk * per + b) % mblk) * MR + i, m - 1),
-                                            hc * U + u,
-                                        ),
-                                        values.vload([T.min(((tk * per + b) // mblk) * R + r, n - 1), 32 * (hc * U + u)], "int8x32"),
+                                    acc[T.Ramp((r * MR + i) * 8, 1, 8)] = step(
+                                        acc[T.Ramp((r * MR + i) * 8, 1, 8)], xg, values, meta,
+                                        T.min(((tk * per + b) // mblk) * R + r, n - 1), T.min(((tk * per + b) % mblk) * MR + i, m - 1), hc * U + u,
                                     )  # fmt: skip
                     for u in T.unroll(max(tail, 1)):
                         if u < tail:
                             for r in T.unroll(R):
                                 for i in T.unroll(MR):
-                                    acc[T.Ramp((r * MR + i) * 8, 1, 8)] = acc[T.Ramp((r * MR + i) * 8, 1, 8)] + product(
-                                        gathered(
-                                            xg,
-                                            control(meta, T.min(((tk * per + b) // mblk) * R + r, n - 1), full * U + u),
-                                            T.min(((tk * per + b) % mblk) * MR + i, m - 1),
-                                            full * U + u,
-                                        ),
-                                        values.vload([T.min(((tk * per + b) // mblk) * R + r, n - 1), 32 * (full * U + u)], "int8x32"),
+                                    acc[T.Ramp((r * MR + i) * 8, 1, 8)] = step(
+                                        acc[T.Ramp((r * MR + i) * 8, 1, 8)], xg, values, meta,
+                                        T.min(((tk * per + b) // mblk) * R + r, n - 1), T.min(((tk * per + b) % mblk) * MR + i, m - 1), full * U + u,
                                     )  # fmt: skip
                     for r in T.unroll(R):
                         for i in T.unroll(MR):
