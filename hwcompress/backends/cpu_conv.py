@@ -21,7 +21,9 @@ weight, one group, float32) to this module's kernel instead:
 Depthwise convs (one filter per channel) get the same treatment with the weight as
 ``(KH, KW, C)`` and a ``tx`` pixels x ``nvec`` channel-vector tile (``depthwise_nhwc_packed``):
 MobileNetV2's 17 depthwise layers took 1.87 ms on one core against 2.38 ms with TOPI's
-compute and the generic schedule (ONNX Runtime: 1.56 ms).
+compute and the generic schedule (ONNX Runtime: 1.56 ms). A depthwise conv reads its input in
+place, the padding as bounds checks: the padded copy cost more than the conv at stride 2
+(whole MobileNetV2 FP32: 1.10x faster than with the copy).
 
 Measured on one core of the 2-core Zen 3 host: ResNet-18's 3x3 stride-1 layers 92-94 GFLOP/s
 (the core's FP32 peak is ~97 at the clock it runs), the 7x7 stem 90, the 512-channel 7x7 layer
@@ -368,6 +370,7 @@ def schedule_packed_conv(sch, facts) -> bool:
 
     loops = sch.get_loops(conv)
     flat = FLAT_ATTR in sch.get(conv).annotations
+    depthwise = not flat and len(loops) == 6  # b, y, x, c | ry, rx
     if flat:  # conv over flattened pixels: b, p, o | ry, rx, rc
         b, p, o, ry, rx, rc = loops
         xo, xi = sch.split(p, [None, tx])
@@ -423,7 +426,12 @@ def schedule_packed_conv(sch, facts) -> bool:
     else:
         _unroll_vectorize(sch, sch.get_loops(tail)[2 if cropped else depth:], lanes)
 
-    if "data_pad" in names:
+    if "data_pad" in names and depthwise:
+        # a depthwise conv reads each input 9 times (3x3) at most, 2.25 at stride 2: the padded
+        # copy cost more than the bounds checks of reading the input in place (one core,
+        # 3x3 + bias + ReLU6: 112x112x96 s2 2.0x, 56x56x144 s1 1.08x, 14x14x576 s1 1.45x)
+        sch.compute_inline(names["data_pad"])
+    elif "data_pad" in names:
         pad = names["data_pad"]
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*loops[:2]))
