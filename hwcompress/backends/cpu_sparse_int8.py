@@ -79,7 +79,7 @@ def slot_order() -> np.ndarray:
 
 
 def pack(w_nk: np.ndarray, kind: Kind) -> tuple[np.ndarray, np.ndarray]:
-    """``(values int8 [N, K/2], meta uint8 [N, K/8])`` of a 2:4 int8 ``W[N, K]`` for ``kind``."""
+    """``(values int8 [N, K/2], meta uint8 [N, ceil(K/8)])`` of a 2:4 int8 ``W[N, K]`` for ``kind``."""
     from ..passes.sparsity.mask24 import compress, is_2to4
 
     w = np.asarray(w_nk)
@@ -121,14 +121,14 @@ def sparse24_int8_kernel(m: int, n: int, k: int, target, variant: Variant8):
     Returns
     -------
     tvm.tirx.PrimFunc
-        ``(x: uint8[m, k], values: int8[n, k//2], meta: uint8[n, k//8], y: int32[m, n])``,
+        ``(x: uint8[m, k], values: int8[n, k//2], meta: uint8[n, ceil(k/8)], y: int32[m, n])``,
         marked ``tirx.is_scheduled``, without a global symbol.
     """
     from .cpu_schedule import CpuFacts
     from .cpu_sparse import _split
 
-    if min(m, n, k) < 1 or k % 8:
-        raise ValueError(f"bad 2:4 int8 GEMM shape m={m} n={n} k={k} (k must be a multiple of 8)")
+    if min(m, n, k) < 1 or k % 4:
+        raise ValueError(f"bad 2:4 int8 GEMM shape m={m} n={n} k={k} (k must be a multiple of 4)")
     cores = CpuFacts.from_target(target).num_cores
     if variant.kind is Kind.AVX2:
         if k % STEP:
@@ -236,7 +236,7 @@ def _generic(m: int, n: int, k: int, split):
     def kernel(
         x: T.Buffer((m, k), "uint8"),
         values: T.Buffer((n, k // 2), "int8"),
-        meta: T.Buffer((n, k // 8), "uint8"),
+        meta: T.Buffer((n, (k + 7) // 8), "uint8"),
         y: T.Buffer((m, n), "int32"),
     ):
         T.func_attr({"tirx.noalias": True})

@@ -231,3 +231,19 @@ def test_the_permutation_alone_changes_nothing(monkeypatch, x):
     assert [b for blk in out["main"].body.blocks for b in blk.bindings if getattr(getattr(b.value, "op", None), "name", "") == "relax.take"]
     want, got = _run(host_vm(mod), x), _run(host_vm(out), x)
     np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
+def test_int8_decision_measures_int8_kernels_and_needs_a_2_4_int8_kernel():
+    """``int8=True`` (an int8 step follows): the layer is timed as uint8 x int8 on both sides,
+    the report says so and counts int8 bytes; a target without 2:4 INT8 kernels (CUDA) keeps
+    every layer dense with the reason, rather than reporting layers sparse that would run dense."""
+    from hwcompress.targets import load_target
+
+    mod = _model()
+    report = sparsity_report(sparsify(mod, Sparse24(layers=("matmul[0]",), permute=False, int8=True), HOST))
+    (rec,) = report["layers"]
+    assert report["int8"] and report["measured"] and rec["dense_ms"] > 0 and rec["sparse_ms"] > 0
+    assert rec["weight_bytes_dense"] == 144 * 24 and rec["weight_bytes_sparse"] == 72 * 24 + 18 * 24
+    cuda = sparsity_report(sparsify(mod, Sparse24(decide="all", int8=True), load_target("jetson-orin")))
+    assert cuda["sparse_layers"] == 0
+    assert all("no 2:4 INT8 kernels" in r["reason"] for r in cuda["layers"])

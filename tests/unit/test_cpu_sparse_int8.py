@@ -51,7 +51,7 @@ def test_avx2_variants_are_bit_exact(m, n, k):
         np.testing.assert_array_equal(_run(m, n, k, w, x, S8.Kind.AVX2, variant), ref, err_msg=variant.name)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 8, 8), (2, 5, 24), (4, 16, 72)])
+@pytest.mark.parametrize("m,n,k", [(1, 8, 8), (2, 5, 24), (4, 16, 72), (3, 7, 36)])
 def test_generic_is_bit_exact_on_full_range_weights(m, n, k):
     rng = np.random.default_rng(k)
     w, x = _masked(rng, n, k, 127), rng.integers(0, 256, (m, k)).astype(np.uint8)

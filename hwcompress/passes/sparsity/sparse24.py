@@ -94,8 +94,10 @@ class _Site:
     reason: str | None  # None: eligible
 
 
-def _sites(func, spec) -> list[_Site]:
+def _sites(func, spec, int8: bool = False) -> list[_Site]:
     from tvm import relax
+
+    from ...backends import get_backend
 
     sites, counts = [], {CONV2D: 0, MATMUL: 0}
     for block in func.body.blocks:
@@ -109,6 +111,8 @@ def _sites(func, spec) -> list[_Site]:
             reason = _reason(call)
             if reason is None and not spec.hardware.sparse_2_4:
                 reason = f"target {spec.name} has no 2:4 kernels ([hardware].sparse_2_4 = false)"
+            elif reason is None and int8 and get_backend(spec).sparse_kernel_int8 is None:
+                reason = f"target {spec.name} has no 2:4 INT8 kernels (the layer runs dense INT8)"
             sites.append(_Site(binding.var, call, name, reason))
     return sites
 
@@ -278,7 +282,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
 
     spec = spec if spec is not None else load_target("host")
     func = mod["main"]
-    sites = _sites(func, spec)
+    sites = _sites(func, spec, config.int8)
     names = {s.name for s in sites}
     if config.layers is not None:
         unknown = sorted(set(config.layers) - names)
