@@ -43,6 +43,15 @@ def test_tile_wastes_little_and_fills_the_registers():
         assert tile.padded_width(out_w) <= out_w * 1.05 and tile.ty * tile.tx * tile.nvec >= 8
 
 
+def test_unpadded_conv_avoids_rounding_its_width():
+    """A conv without padding reads its input in place unless its width is rounded up to whole
+    tiles (then it copies the input): MobileNetV2's 1x1 16->96 at 112x112 was 1.28x faster
+    with a tile dividing 112 (one core)."""
+    assert choose_tile(112, 112, 96, 8, 12).padded_width(112) > 112  # a 3x3 conv copies anyway
+    tile = choose_tile(112, 112, 96, 8, 12, unpadded=True)
+    assert tile.padded_width(112) == 112 and tile.ty * tile.tx * tile.nvec >= 8
+
+
 def test_no_tile_without_a_whole_vector_of_channels():
     assert choose_tile(14, 14, 10, 8, 12) is None
     assert choose_depthwise_tile(14, 12, 8, 12) is None
