@@ -247,3 +247,5 @@ def test_int8_decision_measures_int8_kernels_and_needs_a_2_4_int8_kernel():
     cuda = sparsity_report(sparsify(mod, Sparse24(decide="all", int8=True), load_target("jetson-orin")))
     assert cuda["sparse_layers"] == 0
     assert all("no 2:4 INT8 kernels" in r["reason"] for r in cuda["layers"])
+    npu = sparsity_report(sparsify(mod, Sparse24(decide="all", int8=True), load_target("npu-stub")))
+    assert npu["sparse_layers"] == 0 and all("2:4" in r["reason"] for r in npu["layers"])  # NPU layers run dense

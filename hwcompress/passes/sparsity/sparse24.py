@@ -111,6 +111,8 @@ def _sites(func, spec, int8: bool = False) -> list[_Site]:
             reason = _reason(call)
             if reason is None and not spec.hardware.sparse_2_4:
                 reason = f"target {spec.name} has no 2:4 kernels ([hardware].sparse_2_4 = false)"
+            elif reason is None and int8 and spec.npu is not None:
+                reason = f"target {spec.name}: INT8 layers run on its NPU, which has no 2:4 kernels"
             elif reason is None and int8 and get_backend(spec).sparse_kernel_int8 is None:
                 reason = f"target {spec.name} has no 2:4 INT8 kernels (the layer runs dense INT8)"
             sites.append(_Site(binding.var, call, name, reason))
