@@ -39,9 +39,10 @@ def _sparse_kernel(target, m, n, k):
 
 
 def _sparse_kernel_int8(target, m, n, k, weight):
+    from .cpu_int8 import _max_abs_weight
     from .cpu_sparse_int8 import kind_for, pack, sparse24_int8_kernel, variants8
 
-    kind = kind_for(target, k, int(abs(weight.astype("int16")).max()))
+    kind = kind_for(target, k, _max_abs_weight(weight))
     values, meta = pack(weight, kind)
     return sparse24_int8_kernel(m, n, k, target, variants8(m, n, k, kind)[0]), values, meta
 

@@ -75,9 +75,10 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-# Score factor of a tile that rounds an unpadded conv's width up: the input is then copied
-# with the extra columns. Measured (one core, 1x1 16->96 at 112x112 + bias + ReLU6): tile
-# 1x6x2 (114 columns, a copy) 0.85 ms, 1x4x3 (none) 0.66 ms, the model scoring them 1.10 / 1.06.
+# Score factor of a tile that rounds the output width up where that costs more than the extra
+# columns: an unpadded conv then copies its input (one core, 1x1 16->96 at 112x112 + bias +
+# ReLU6: tile 1x6x2, 114 columns and a copy, 0.85 ms; 1x4x3, none, 0.66 ms; the model scored
+# them 1.10 / 1.06), a depthwise conv, which reads in place, crops and checks more bounds.
 _ROUNDING_COPY = 0.9
 
 
@@ -383,25 +384,17 @@ def schedule_packed_conv(sch, facts) -> bool:
     loops = sch.get_loops(conv)
     flat = FLAT_ATTR in sch.get(conv).annotations
     depthwise = not flat and len(loops) == 6  # b, y, x, c | ry, rx
-    if flat:  # conv over flattened pixels: b, p, o | ry, rx, rc
-        b, p, o, ry, rx, rc = loops
-        xo, xi = sch.split(p, [None, tx])
-        oo, om, ol = sch.split(o, [None, nvec, lanes])
-        sch.reorder(b, oo, xo, ry, rx, rc, xi, om, ol)
-        write_back = sch.cache_write(conv, 0, "local")
-        sch.reverse_compute_at(write_back, xo, preserve_unit_loops=True)
-        sch.parallel(sch.fuse(b, oo))
-        depth = 2  # parallel, xo
-    elif len(loops) == 7:  # conv: b, y, x, o | ry, rx, rc
-        b, y, x, o, ry, rx, rc = loops
-        yo, yi = sch.split(y, [None, ty])
+    if not depthwise:  # conv: b, y, x, o | ry, rx, rc; flat: b, p, o | ry, rx, rc (no row axis)
+        b, *y, x, o, ry, rx, rc = loops
+        rows = list(sch.split(y[0], [None, ty])) if y else []  # [yo, yi]
         xo, xi = sch.split(x, [None, tx])
         oo, om, ol = sch.split(o, [None, nvec, lanes])
-        sch.reorder(b, oo, yo, xo, ry, rx, rc, yi, xi, om, ol)
+        sch.reorder(b, oo, *rows[:1], xo, ry, rx, rc, *rows[1:], xi, om, ol)
         write_back = sch.cache_write(conv, 0, "local")
         sch.reverse_compute_at(write_back, xo, preserve_unit_loops=True)
-        sch.parallel(sch.fuse(b, oo, yo))
-        sch.unroll(yi)
+        sch.parallel(sch.fuse(b, oo, *rows[:1]))
+        if rows:
+            sch.unroll(rows[1])
         depth = 2  # parallel, xo
     else:  # depthwise: b, y, x, c | ry, rx; each pixel's channels are contiguous
         b, y, x, o, ry, rx = loops

@@ -196,12 +196,15 @@ def _gemm_view(call, w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1) if call.op.name == CONV2D else w.T
 
 
-def _emit_layer(bb, call, x, weight: np.ndarray, perm: np.ndarray | None, name: str):
+def _emit_layer(bb, call, x, weight: np.ndarray, perm: np.ndarray | None, name: str, qmax: int | None = None):
+    """``call`` on ``x`` (read through ``perm``) with ``weight``; ``qmax``: as INT8 (``_int8_layer``)."""
     from tvm import relax
 
     if perm is not None:
         axis = len(x.ty.shape) - 1  # NHWC channels / matmul K: the last axis
         x = bb.emit(relax.op.take(x, relax.const(perm.astype(np.int64)), axis=axis), name_hint=f"{name}_perm")
+    if qmax is not None:
+        return bb.emit(_int8_layer(call, x, weight, qmax), name_hint=name)
     return bb.emit(relax.Call(call.op, [x, relax.const(weight, "float32"), *call.args[2:]], call.attrs), name_hint=name)
 
 
@@ -210,9 +213,10 @@ def _int8_layer(call, x, weight: np.ndarray, qmax: int):
     per output channel to ``[-qmax, qmax]`` (zeros stay zeros), int32 out."""
     from tvm import relax
 
+    from ..quantize.observers import quantize, weight_qparams
+
     axis = 0 if call.op.name == CONV2D else 1  # OHWI / [K, N]
-    peak = np.abs(weight).max(axis=tuple(a for a in range(weight.ndim) if a != axis), keepdims=True)
-    q = np.clip(np.round(weight / np.where(peak > 0, peak / qmax, 1.0)), -qmax, qmax).astype(np.int8)
+    q = np.clip(quantize(weight, weight_qparams(weight, axis, qmax)), -qmax, qmax).astype(np.int8)
     if call.op.name == MATMUL:
         return relax.op.matmul(x, relax.const(q), out_dtype="int32")
     a = call.attrs
@@ -234,12 +238,7 @@ def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, spar
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
-            if qmax is None:
-                y = _emit_layer(bb, site.call, x, weight, perm, "y")
-            else:
-                xp = x if perm is None else bb.emit(relax.op.take(x, relax.const(perm.astype(np.int64)), axis=len(x.ty.shape) - 1))
-                y = bb.emit(_int8_layer(site.call, xp, weight, qmax), name_hint="y")
-            out = bb.emit_output(y)
+            out = bb.emit_output(_emit_layer(bb, site.call, x, weight, perm, "y", qmax))
         bb.emit_func_output(out)
     mod = tvm.IRModule({"main": bb.get()["main"]})
     return mod.with_attr(REPORT_ATTR, json.dumps({"layers": []})) if sparse else mod
