@@ -186,7 +186,7 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
         raise ValueError(f"pairs needs an AVX2 target and k % {WINDOW} == 0 (k={k})")
     cores = CpuFacts.from_target(target).num_cores
     if variant.gather is Gather.GENERIC:
-        func = _generic(m, n, k, variant, cores)
+        func = generic_kernel(m, n, k, cores)
     elif variant.gather is Gather.PAIRS:
         func = pair_kernel(m, n, k, max(1, variant.rows // 2), variant.unroll, variant.m_rows, variant.lut, lambda b: _split(b, cores))
     elif variant.gather is Gather.BROADCAST:
@@ -207,32 +207,39 @@ def _split(blocks: int, cores: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- generic
 
 
-def _generic(m: int, n: int, k: int, v: Variant, cores: int):
+def generic_kernel(m: int, n: int, k: int, cores: int, x_dtype: str = "float32", w_dtype: str = "float32", acc: str = "float32"):
+    """Scalar loops over the kept weights at their decoded positions (any LLVM target);
+    ``cpu_sparse_int8`` builds its generic kernel here too (uint8 x int8 -> int32)."""
+    import tvm
     from tvm.script import tirx as T
 
     groups = k // 4
     tasks, per = _split(n, cores)
+    zero = tvm.tirx.const(0, acc)
 
     def pos(meta, row, g, slot):
         return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * slot)) & 3)
 
+    def widen(value, dtype):
+        return value if dtype == acc else T.Cast(acc, value)
+
     @T.prim_func
     def kernel(
-        x: T.Buffer((m, k), "float32"),
-        values: T.Buffer((n, k // 2), "float32"),
+        x: T.Buffer((m, k), x_dtype),
+        values: T.Buffer((n, k // 2), w_dtype),
         meta: T.Buffer((n, (k + 7) // 8), "uint8"),
-        y: T.Buffer((m, n), "float32"),
+        y: T.Buffer((m, n), acc),
     ):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(tasks):
             for b in range(per):
                 if t * per + b < n:
                     for i in range(m):
-                        y[i, t * per + b] = T.float32(0)
+                        y[i, t * per + b] = zero
                         for g in range(groups):
                             y[i, t * per + b] = y[i, t * per + b] + (
-                                values[t * per + b, 2 * g] * x[i, pos(meta, t * per + b, g, 0)]
-                                + values[t * per + b, 2 * g + 1] * x[i, pos(meta, t * per + b, g, 1)]
+                                widen(values[t * per + b, 2 * g], w_dtype) * widen(x[i, pos(meta, t * per + b, g, 0)], x_dtype)
+                                + widen(values[t * per + b, 2 * g + 1], w_dtype) * widen(x[i, pos(meta, t * per + b, g, 1)], x_dtype)
                             )
 
     return kernel

@@ -125,7 +125,7 @@ def sparse24_int8_kernel(m: int, n: int, k: int, target, variant: Variant8):
         marked ``tirx.is_scheduled``, without a global symbol.
     """
     from .cpu_schedule import CpuFacts
-    from .cpu_sparse import _split
+    from .cpu_sparse import _split, generic_kernel
 
     if min(m, n, k) < 1 or k % 4:
         raise ValueError(f"bad 2:4 int8 GEMM shape m={m} n={n} k={k} (k must be a multiple of 4)")
@@ -135,7 +135,7 @@ def sparse24_int8_kernel(m: int, n: int, k: int, target, variant: Variant8):
             raise ValueError(f"the AVX2 2:4 int8 kernel needs k % {STEP} == 0 (k={k})")
         func = _avx2(m, n, k, variant, lambda b: _split(b, cores))
     else:
-        func = _generic(m, n, k, lambda b: _split(b, cores))
+        func = generic_kernel(m, n, k, cores, "uint8", "int8", "int32")
     return func.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
 
 
@@ -218,37 +218,6 @@ def _avx2(m: int, n: int, k: int, v: Variant8, split):
                         for i in T.unroll(MR):
                             y[T.min(((tk * per + b) % mblk) * MR + i, m - 1), T.min(((tk * per + b) // mblk) * R + r, n - 1)] = hsum(
                                 acc, (r * MR + i) * 8
-                            )
-
-    return kernel
-
-
-def _generic(m: int, n: int, k: int, split):
-    from tvm.script import tirx as T
-
-    groups = k // 4
-    tasks, per = split(n)
-
-    def pos(meta, row, g, slot):
-        return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * slot)) & 3)
-
-    @T.prim_func
-    def kernel(
-        x: T.Buffer((m, k), "uint8"),
-        values: T.Buffer((n, k // 2), "int8"),
-        meta: T.Buffer((n, (k + 7) // 8), "uint8"),
-        y: T.Buffer((m, n), "int32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        for t in T.parallel(tasks):
-            for b in range(per):
-                if t * per + b < n:
-                    for i in range(m):
-                        y[i, t * per + b] = 0
-                        for g in range(groups):
-                            y[i, t * per + b] = y[i, t * per + b] + (
-                                T.Cast("int32", values[t * per + b, 2 * g]) * T.Cast("int32", x[i, pos(meta, t * per + b, g, 0)])
-                                + T.Cast("int32", values[t * per + b, 2 * g + 1]) * T.Cast("int32", x[i, pos(meta, t * per + b, g, 1)])
                             )
 
     return kernel
