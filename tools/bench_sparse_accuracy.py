@@ -28,16 +28,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_int8 import _vm_runner, accuracy_table, hwc_vm  # noqa: E402
+from bench_int8 import _vm_runner, accuracy_table, hwc_vm, int8_recipe  # noqa: E402
 from tasks import BATCH, TASKS, load_task, top1  # noqa: E402
 
 
 def _recipe(calib=None, **kw):
     """``Sparse24(**kw)``, then min/max INT8 on ``calib`` when given (2:4 INT8)."""
-    from hwcompress.passes import Int8Static, Sparse24
+    from hwcompress.passes import Sparse24
     from hwcompress.recipe import Recipe
 
-    int8 = () if calib is None else (Int8Static(calibration="minmax", data=calib),)
+    int8 = () if calib is None else int8_recipe("minmax", calib).steps
     return Recipe((Sparse24(**kw), *int8))
 
 
@@ -81,11 +81,8 @@ def run(tasks, int8: bool = False) -> list[dict]:
 def _int8_rows(task, path, shapes, calib, x, y) -> list[dict]:
     """2:4 INT8: min/max INT8 alone, then 2:4 + INT8 on every eligible layer and on the layers
     the ``--sparse-2-4 --int8`` build measures faster (INT8 kernels against each other)."""
-    from hwcompress.passes import Int8Static
-    from hwcompress.recipe import Recipe
-
     rows = []
-    base = top1(_vm_runner(hwc_vm(path, shapes, Recipe((Int8Static(calibration="minmax", data=calib),)))), x, y)
+    base = top1(_vm_runner(hwc_vm(path, shapes, int8_recipe("minmax", calib))), x, y)
     rows.append({"task": task, "variant": "INT8 minmax", "acc": base})
     for permute in (False, True):
         acc = top1(_vm_runner(hwc_vm(path, shapes, _recipe(calib, decide="all", permute=permute))), x, y)
