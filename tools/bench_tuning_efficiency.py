@@ -35,6 +35,7 @@ comparison means something from a few hundred trials per task.
     .venv/bin/python tools/bench_tuning_efficiency.py --model fashion --tasks 2 --trials 32
     .venv/bin/python tools/bench_tuning_efficiency.py --model resnet18 --tasks 3 --trials 256 --per-iter 64
     .venv/bin/python tools/bench_tuning_efficiency.py --model resnet18 --report
+    .venv/bin/python tools/bench_tuning_efficiency.py --model mobilenet_v2 --report --work-root A --work-root B  # seeds combined
 """
 
 from __future__ import annotations
@@ -341,6 +342,31 @@ def markdown(results: list[TaskResult], agg: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def combined_report(runs: list[tuple[dict, list[TaskResult]]]) -> str:
+    """Each run's table, then (for several runs, e.g. one per seed) the aggregate over every
+    (task, run) pair both methods finished. Each pair keeps its own 5% threshold (the best
+    either method found in that run); the runs must share the trial budget."""
+    out = [markdown(results, summary(results, meta["trials"]), meta) for meta, results in runs]
+    if len(runs) < 2:
+        return out[0]
+    budgets = {meta["trials"] for meta, _ in runs}
+    if len(budgets) != 1:
+        raise SystemExit(f"error: the runs have different trial budgets ({sorted(budgets)}): not combinable")
+    budget = budgets.pop()
+    pairs = [r for _, results in runs for r in results]
+    agg = summary(pairs, budget)
+    seeds = ", ".join(str(meta["seed"]) for meta, _ in runs)
+    g, tot = agg["random_over_xgb_trials_geomean"], agg["random_over_xgb_trials_total"]
+    out.append(
+        f"**All {len(runs)} runs (seeds {seeds}), {agg['tasks']} finished (task, seed) pairs**: trials to 5% "
+        f"xgb {agg['xgb_trials_to_5pct_sum']} ({agg['xgb_never_reached']} never), random {agg['random_trials_to_5pct_sum']} "
+        f"({agg['random_never_reached']} never); random / xgb "
+        + (f"{tot:.2f} (sum), {g:.2f} (geomean)" if tot is not None and g is not None else "-")
+        + f"; xgb needed fewer trials on {agg['xgb_fewer_trials_tasks']} pair(s), random on {agg['random_fewer_trials_tasks']}."
+    )
+    return "\n\n".join(out)
+
+
 def save(root: Path, meta: dict, results: list[TaskResult]) -> dict:
     """Write ``efficiency.json`` and ``curves.csv`` (unfinished runs included); returns the summary."""
     agg = summary(results, meta["trials"])
@@ -405,7 +431,8 @@ def main(argv=None) -> int:
                    help="threads of the search (default: MetaSchedule's, the physical cores); 1 makes it reproducible")
     p.add_argument("--target", default="host")
     p.add_argument("--seed", type=int, default=0, help="search and cost-model seed, the same for both methods")
-    p.add_argument("--work-root", type=Path, default=None, help="default: tuning/efficiency-<model>-<target>")
+    p.add_argument("--work-root", type=Path, action="append", default=None,
+                   help="default: tuning/efficiency-<model>-<target>; with --report, once per run to combine (e.g. one per seed)")
     p.add_argument("--report", action="store_true", help="print the tables from WORK_ROOT/efficiency.json; no tuning")
     args = p.parse_args(argv)
     if args.tasks < 1 or args.trials < 1:
@@ -416,11 +443,13 @@ def main(argv=None) -> int:
     from hwcompress.targets import load_target
 
     spec = load_target(args.target)
-    root = args.work_root or ROOT / "tuning" / f"efficiency-{args.model}-{spec.name}"
+    roots = args.work_root or [ROOT / "tuning" / f"efficiency-{args.model}-{spec.name}"]
     if args.report:
-        meta, results = load(root)
-        print(markdown(results, summary(results, meta["trials"]), meta))
+        print(combined_report([load(r) for r in roots]))
         return 0
+    if len(roots) > 1:
+        p.error("one --work-root per tuning run (several only with --report)")
+    root = roots[0]
     root.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "target": spec.name, "tasks": args.tasks, "trials": args.trials, "per_iter": args.per_iter,
             "population": args.population, "search_threads": args.search_threads, "seed": args.seed}

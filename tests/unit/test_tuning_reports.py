@@ -197,3 +197,19 @@ def test_partial_results_saved_and_reported(tmp_path):
     table = eff.markdown(results, eff.summary(results, 2), meta2)
     assert "(1 trials so far)" in table and "(not run)" in table and "all 1 finished" in table
     assert (tmp_path / "curves.csv").read_text().count("\n") == 1 + 4 + 1
+
+
+def test_combined_report_over_seeds():
+    def run(seed, xgb, rnd):
+        res = eff.TaskResult(eff.TaskInfo("a", 1e8, 1), {"xgb": eff.Run("xgb", "x", xgb), "random": eff.Run("random", "r", rnd)}, 2)
+        return {"model": "m", "target": "host", "tasks": 1, "trials": 2, "per_iter": 32, "population": 128, "seed": seed}, [res]
+
+    # seed 0: xgb 1 trial to 5%, random 2; seed 1: random never gets within 5% (counted as the budget, 2)
+    text = eff.combined_report([run(0, [1.0, 1.0], [2.0, 1.0]), run(1, [1.0, 1.0], [2.0, 2.0])])
+    assert text.count("| **all 1 finished**") == 2
+    assert "All 2 runs (seeds 0, 1), 2 finished (task, seed) pairs" in text
+    assert "xgb 2 (0 never), random 4 (1 never)" in text and "random / xgb 2.00 (sum)" in text
+    assert eff.combined_report([run(0, [1.0, 1.0], [2.0, 1.0])]).count("All ") == 0  # one run: its table alone
+    with pytest.raises(SystemExit, match="different trial budgets"):
+        meta, res = run(1, [1.0, 1.0], [2.0, 2.0])
+        eff.combined_report([run(0, [1.0, 1.0], [2.0, 1.0]), ({**meta, "trials": 3}, res)])
