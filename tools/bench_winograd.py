@@ -5,15 +5,18 @@
     .venv/bin/python tools/bench_winograd.py resnet18 [--tile 2] [--db DIR ...]
 
 ``layers``: every distinct 3x3 stride-1 layer of ResNet-18 at 224x224, batch 1, as
-``Conv(bias) + Relu`` (the shape it has after BN folding), built three ways: ``direct``
+``Conv(bias) + Relu`` (the shape it has after BN folding), in the conv layout builds for the
+target use (``--layout``, default its ``[hardware].conv_layout``: NHWC on CPUs, where the
+direct conv is hwcompress's packed kernel; ``NCHW`` measures the imported layout), built four ways: ``direct``
 (``build.legalize``), ``f2`` and ``f4`` (``winograd(mod, Winograd(tile=m))`` first). Without
 ``--tune`` every kernel gets hwcompress's default CPU schedule (Winograd kernels:
 the CPU backend's Winograd rule); ``auto`` is ``Winograd()`` (the tile ``choose_tile`` picks); with ``--tune N`` each variant of
 each layer is tuned with ``tune_module`` for the same ``N`` trials (own database per variant,
 under ``--work-dir``; re-running continues it) and built with that database.
 
-``resnet18``: the whole model, direct vs ``winograd(mod, Winograd(tile=...))`` (auto tile
-when ``--tile`` is not given), both with default schedules unless ``--db`` is given.
+``resnet18``: the whole model (in ``--layout`` as above), direct vs ``winograd(mod,
+Winograd(tile=...))`` (auto tile when ``--tile`` is not given), both with default schedules
+unless ``--db`` is given.
 
 Variants of one layer run interleaved in the same rounds (the machine is shared and noisy);
 the table gives medians and ``direct / variant`` speedups (> 1: Winograd is faster), and each
@@ -45,15 +48,19 @@ LAYERS = {
 }
 
 
-def relax_module(model, variant: str, tile: int | None = None):
-    """The imported module with ``variant`` applied (``direct``, ``f2``, ``f4``, ``auto``)."""
+def relax_module(model, variant: str, layout: str, spec, tile: int | None = None):
+    """The imported module in conv ``layout`` with ``variant`` applied (``direct``, ``f2``,
+    ``f4``, ``auto``), in the order a build runs them (layout, then Winograd)."""
     import hwcompress
+    from hwcompress.passes.layout import ConvLayout, convert_layout
     from hwcompress.passes.winograd import Winograd, winograd
 
     mod = hwcompress.import_onnx(model)
+    if layout != "NCHW":
+        mod = convert_layout(mod, ConvLayout(layout))
     if variant == "direct":
         return mod
-    return winograd(mod, Winograd(tile={"f2": 2, "f4": 4, "auto": tile}[variant]))
+    return winograd(mod, Winograd(tile={"f2": 2, "f4": 4, "auto": tile}[variant]), spec)
 
 
 def build(mod, spec, databases=()):
@@ -80,13 +87,14 @@ def bench_layers(args, spec) -> None:
     import tvm
 
     rows = []
+    layout = args.layout or spec.hardware.conv_layout.value
     for name in args.layers.split(","):
         c, hw = LAYERS[name]
         model = conv_relu_model(c, c, hw)
         x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, c, hw, hw)).astype(np.float32))
         runners, outs = {}, {}
         for variant in args.variants.split(","):
-            mod = relax_module(model, variant)
+            mod = relax_module(model, variant, layout, spec)
             dbs = []
             if args.tune:
                 t0 = time.perf_counter()
@@ -102,8 +110,8 @@ def bench_layers(args, spec) -> None:
             rows.append((name, variant, ms[variant] * 1e3, ms["direct"] / ms[variant], err))
             print(f"  {name:<8} {variant:<6} {ms[variant] * 1e3:8.3f} ms  x{ms['direct'] / ms[variant]:.2f}  err {err:.1e}", flush=True)
     mode = f"tuned, {args.tune} trials per variant" if args.tune else "default schedules"
-    print(f"\n3x3 stride-1 layers of ResNet-18, conv+bias+relu, batch 1 ({mode}; median of {args.rounds} rounds x {args.reps})")
-    print(f"| layer | variant | ms | speedup vs direct | rel. max err vs direct |\n|---|---|---:|---:|---:|")
+    print(f"\n3x3 stride-1 layers of ResNet-18, conv+bias+relu, {layout}, batch 1 ({mode}; median of {args.rounds} rounds x {args.reps})")
+    print("| layer | variant | ms | speedup vs direct | rel. max err vs direct |\n|---|---|---:|---:|---:|")
     for name, variant, ms, speedup, err in rows:
         print(f"| {name} | {variant} | {ms:.3f} | {speedup:.2f}x | {err:.1e} |")
 
@@ -116,6 +124,7 @@ def bench_resnet18(args, spec) -> None:
     zoo = importlib.util.module_from_spec(zoo_spec)
     zoo_spec.loader.exec_module(zoo)
     import hwcompress
+    from hwcompress.passes.layout import ConvLayout, convert_layout
     from hwcompress.passes.winograd import Winograd, winograd
 
     model = zoo.resnet18()
@@ -124,8 +133,11 @@ def bench_resnet18(args, spec) -> None:
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     xt = tvm.runtime.tensor(x)
     runners = {}
+    layout = args.layout or spec.hardware.conv_layout.value
     for variant in ("direct", "winograd"):
         mod = hwcompress.import_onnx(model, shapes)
+        if layout != "NCHW":
+            mod = convert_layout(mod, ConvLayout(layout))
         if variant == "winograd":
             mod = winograd(mod, Winograd(tile=args.tile), spec)
         vm = build(mod, spec, args.db or ())
@@ -133,7 +145,7 @@ def bench_resnet18(args, spec) -> None:
         print(f"  {variant}: rel max err vs ORT {err:.1e}", flush=True)
         runners[variant] = lambda vm=vm: vm["main"](xt)
     ms = interleaved(runners, args.rounds, args.reps)
-    print(f"\nResNet-18 224x224 batch 1, tile {args.tile or 'auto'} (median of {args.rounds} rounds x {args.reps})")
+    print(f"\nResNet-18 224x224 batch 1, {layout}, tile {args.tile or 'auto'} (median of {args.rounds} rounds x {args.reps})")
     for variant, s in ms.items():
         print(f"  {variant:<9} {s * 1e3:8.2f} ms  x{ms['direct'] / s:.2f}")
 
@@ -144,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="host")
     ap.add_argument("--layers", default=",".join(LAYERS))
     ap.add_argument("--variants", default="direct,f2,f4,auto", help="layers: comma list of direct, f2, f4, auto")
+    ap.add_argument("--layout", default=None, help="conv layout (default: the target's conv_layout, as builds use)")
     ap.add_argument("--tune", type=int, default=0, help="layers: tune each variant for this many trials")
     ap.add_argument("--work-dir", default="/tmp/hwc_bench_winograd")
     ap.add_argument("--tile", type=int, default=None, help="resnet18: 2 or 4 (default: auto per layer)")

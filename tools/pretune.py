@@ -6,6 +6,7 @@ and writes them to schedules/<target>/, which every build for that target applie
 
     python tools/pretune.py --target host --models resnet18,mobilenet_v2,fashion --trials 2000
     python tools/pretune.py --target host --ship-only        # re-extract from existing work dirs
+    python tools/pretune.py --target host --coverage         # kernels the shipped database still matches
 """
 
 from __future__ import annotations
@@ -160,6 +161,29 @@ def _ms(secs) -> str:
     return f"{1e3 * secs:.4g}" if secs is not None else "-"
 
 
+def coverage(target: str, names: list[str], emit=print) -> dict[str, tuple[int, int]]:
+    """Per model, ``(kernels the shipped database schedules, kernels)`` in a build as
+    ``hwc build`` lowers it. A database goes stale when a change to the frontend, the passes
+    or a backend's computes changes a kernel's workload: its records then match nothing and the
+    build silently runs default schedules, so check this after such changes (and re-tune)."""
+    from hwcompress import api, build
+    from hwcompress.targets import load_target
+
+    spec = load_target(target)
+    dbs = api.find_shipped_databases(spec)
+    zoo = models()
+    out = {}
+    for name in names:
+        make, shapes = zoo[name]
+        front = api.import_model(make(), spec, shapes)
+        lowered = build.apply_databases(build.legalize(front.mod, spec), spec, dbs)
+        tuned, total = build.scheduled_kernels(lowered), build.kernels(lowered)
+        out[name] = (len(tuned), len(total))
+        emit(f"{name}: {len(tuned)} of {len(total)} kernels tuned by {', '.join(str(d) for d in dbs) or '(no shipped database)'}"
+             + (f" ({', '.join(tuned)})" if tuned else ""))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="host")
@@ -167,7 +191,11 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=2000, help="per model, counting earlier runs")
     p.add_argument("--trials-per-iter", type=int, default=64, help="candidates per search round (amortizes the search)")
     p.add_argument("--ship-only", action="store_true", help="do not tune; ship from existing work dirs")
+    p.add_argument("--coverage", action="store_true", help="only report how many kernels of each model the shipped database tunes")
     args = p.parse_args(argv)
+    if args.coverage:
+        coverage(args.target, [item.partition(":")[0] for item in args.models.split(",")])
+        return 0
 
     import hwcompress
 
