@@ -161,16 +161,17 @@ def _ms(secs) -> str:
     return f"{1e3 * secs:.4g}" if secs is not None else "-"
 
 
-def coverage(target: str, names: list[str], emit=print) -> dict[str, tuple[int, int]]:
+def coverage(target: str, names: list[str], emit=print, databases=None) -> dict[str, tuple[int, int]]:
     """Per model, ``(kernels the shipped database schedules, kernels)`` in a build as
     ``hwc build`` lowers it. A database goes stale when a change to the frontend, the passes
     or a backend's computes changes a kernel's workload: its records then match nothing and the
-    build silently runs default schedules, so check this after such changes (and re-tune)."""
+    build silently runs default schedules, so check this after such changes (and re-tune).
+    ``databases``: these instead of the shipped ones."""
     from hwcompress import api, build
     from hwcompress.targets import load_target
 
     spec = load_target(target)
-    dbs = api.find_shipped_databases(spec)
+    dbs = api.find_shipped_databases(spec) if databases is None else [Path(d) for d in databases]
     zoo = models()
     out = {}
     for name in names:

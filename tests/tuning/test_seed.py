@@ -136,7 +136,7 @@ def test_seeding_failures_do_not_raise(caplog, tmp_path):
     assert len(db) == 0
 
 
-def test_pretune_ships_only_records_faster_than_the_seed(tuned, tmp_path):
+def test_pretune_ships_only_records_faster_than_the_seed(tuned, tmp_path, monkeypatch):
     """The tuned run's records plus two synthetic ones for one kernel: an untuned kernel
     "measured" 1000x faster than its seed (shipped) and one 1000x slower (not shipped)."""
     import shutil
@@ -176,6 +176,12 @@ def test_pretune_ships_only_records_faster_than_the_seed(tuned, tmp_path):
     assert len(shipped) == count
     best = shipped.get_top_k(shipped.commit_workload(func_mod), 1)[0]
     assert abs(float(best.run_secs[0]) - task.default_ms / 1e6) < 1e-3 * task.default_ms / 1e6
+
+    # --coverage: a build of the model applies the shipped records; an empty database none
+    monkeypatch.setattr(pretune, "models", lambda: {"tiny": (lambda: tiny_cnn(batch=1), None)})
+    assert pretune.coverage("host", ["tiny"], emit=lines.append, databases=[tmp_path / "out"]) == {"tiny": (count, len(result.tasks))}
+    assert pretune.coverage("host", ["tiny"], emit=lines.append, databases=[]) == {"tiny": (0, len(result.tasks))}
+    assert lines[-1].startswith("tiny: 0 of ")
 
 
 def test_a_kernel_without_default_rule_is_seeded_as_legalized():
