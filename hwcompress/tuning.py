@@ -141,18 +141,23 @@ def tune(
     optimize : as in ``compile`` (``Optimize``): the build that will use the database must use
         the same settings, or its kernels will not match the database
     """
-    from .api import import_model
-    from .build import legalize
-
     if trials < 1:
         raise TuningError(f"--trials must be >= 1, got {trials}")
     spec = load_target(target)
     work = Path(work_dir) if work_dir is not None else default_work_dir(model, spec)
+    mod = legalized_model(model, spec, input_shapes, recipe, optimize)
+    return tune_module(mod, spec, trials, work, tracker, key, trials_per_iter=trials_per_iter, seed=seed, progress=progress)
+
+
+def legalized_model(model, spec: TargetSpec, input_shapes=None, recipe=None, optimize=None):
+    """The legalized module whose kernels ``tune`` tunes: the model imported and lowered as a
+    build with the same ``recipe`` and ``optimize`` lowers it (the kernels a database matches)."""
+    from .api import import_model
+    from .build import legalize
     from .optimize import as_optimize
 
     optimize = as_optimize(optimize)
-    mod = legalize(import_model(model, spec, input_shapes, recipe, optimize=optimize).mod, spec, fuse=optimize.fuse)
-    return tune_module(mod, spec, trials, work, tracker, key, trials_per_iter=trials_per_iter, seed=seed, progress=progress)
+    return legalize(import_model(model, spec, input_shapes, recipe, optimize=optimize).mod, spec, fuse=optimize.fuse)
 
 
 # Kernels below this share of the model's time (their measured default schedule x how often

@@ -48,19 +48,24 @@ LAYERS = {
 }
 
 
-def relax_module(model, variant: str, layout: str, spec, tile: int | None = None):
+def relax_module(model, variant: str, layout: str, spec, tile: int | None = None, shapes=None):
     """The imported module in conv ``layout`` with ``variant`` applied (``direct``, ``f2``,
     ``f4``, ``auto``), in the order a build runs them (layout, then Winograd)."""
     import hwcompress
     from hwcompress.passes.layout import ConvLayout, convert_layout
     from hwcompress.passes.winograd import Winograd, winograd
 
-    mod = hwcompress.import_onnx(model)
+    mod = hwcompress.import_onnx(model, shapes)
     if layout != "NCHW":
         mod = convert_layout(mod, ConvLayout(layout))
     if variant == "direct":
         return mod
     return winograd(mod, Winograd(tile={"f2": 2, "f4": 4, "auto": tile}[variant]), spec)
+
+
+def conv_layout(args, spec) -> str:
+    """``--layout``, else the target's ``[hardware].conv_layout`` (the layout builds use)."""
+    return args.layout or spec.hardware.conv_layout.value
 
 
 def build(mod, spec, databases=()):
@@ -87,7 +92,7 @@ def bench_layers(args, spec) -> None:
     import tvm
 
     rows = []
-    layout = args.layout or spec.hardware.conv_layout.value
+    layout = conv_layout(args, spec)
     for name in args.layers.split(","):
         c, hw = LAYERS[name]
         model = conv_relu_model(c, c, hw)
@@ -123,23 +128,15 @@ def bench_resnet18(args, spec) -> None:
     zoo_spec = importlib.util.spec_from_file_location("_hwc_tools_zoo", ROOT / "tools" / "zoo.py")
     zoo = importlib.util.module_from_spec(zoo_spec)
     zoo_spec.loader.exec_module(zoo)
-    import hwcompress
-    from hwcompress.passes.layout import ConvLayout, convert_layout
-    from hwcompress.passes.winograd import Winograd, winograd
-
     model = zoo.resnet18()
     shapes = {"input": (1, 3, 224, 224)}
     x = np.random.default_rng(0).standard_normal(shapes["input"]).astype(np.float32)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     xt = tvm.runtime.tensor(x)
     runners = {}
-    layout = args.layout or spec.hardware.conv_layout.value
+    layout = conv_layout(args, spec)
     for variant in ("direct", "winograd"):
-        mod = hwcompress.import_onnx(model, shapes)
-        if layout != "NCHW":
-            mod = convert_layout(mod, ConvLayout(layout))
-        if variant == "winograd":
-            mod = winograd(mod, Winograd(tile=args.tile), spec)
+        mod = relax_module(model, "auto" if variant == "winograd" else "direct", layout, spec, args.tile, shapes)
         vm = build(mod, spec, args.db or ())
         err = float(np.abs(vm["main"](xt).numpy() - ref).max() / np.abs(ref).max())
         print(f"  {variant}: rel max err vs ORT {err:.1e}", flush=True)

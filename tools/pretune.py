@@ -162,13 +162,14 @@ def _ms(secs) -> str:
 
 
 def coverage(target: str, names: list[str], emit=print, databases=None) -> dict[str, tuple[int, int]]:
-    """Per model, ``(kernels the shipped database schedules, kernels)`` in a build as
-    ``hwc build`` lowers it. A database goes stale when a change to the frontend, the passes
+    """Per model, ``(kernels the shipped database schedules, kernels)`` in the module ``tune``
+    tunes and ``hwc build`` lowers (``tuning.legalized_model``). A database goes stale when a change to the frontend, the passes
     or a backend's computes changes a kernel's workload: its records then match nothing and the
     build silently runs default schedules, so check this after such changes (and re-tune).
     ``databases``: these instead of the shipped ones."""
     from hwcompress import api, build
     from hwcompress.targets import load_target
+    from hwcompress.tuning import legalized_model
 
     spec = load_target(target)
     dbs = api.find_shipped_databases(spec) if databases is None else [Path(d) for d in databases]
@@ -176,8 +177,7 @@ def coverage(target: str, names: list[str], emit=print, databases=None) -> dict[
     out = {}
     for name in names:
         make, shapes = zoo[name]
-        front = api.import_model(make(), spec, shapes)
-        lowered = build.apply_databases(build.legalize(front.mod, spec), spec, dbs)
+        lowered = build.apply_databases(legalized_model(make(), spec, shapes), spec, dbs)
         tuned, total = build.scheduled_kernels(lowered), build.kernels(lowered)
         out[name] = (len(tuned), len(total))
         emit(f"{name}: {len(tuned)} of {len(total)} kernels tuned by {', '.join(str(d) for d in dbs) or '(no shipped database)'}"
