@@ -33,6 +33,11 @@ class Backend:
     # meta, y int32 [m, n])``, values, meta): the 2:4 INT8 GEMM and the weight packed for it
     # (raises ValueError for shapes it does not take)
     sparse_kernel_int8: Callable | None = None
+    # (m, n, k) -> why a 2:4 layer of that GEMM shape should stay dense, or None: the rule
+    # ``sparsify``'s ``decide="auto"`` follows where it cannot time the layer (a target that
+    # does not run here), drawn from measurements on the backend's hardware; None: every
+    # eligible layer goes sparse unmeasured
+    sparse_unmeasured_rule: Callable | None = None
 
 
 def get_backend(spec) -> Backend:

@@ -74,6 +74,9 @@ def _default_schedule(target):
 # H100, GeneralReduction's depthwise kernels made MobileNetV2 1.27x slower than running
 # nothing fused (BENCHMARKS.md, "GPU").
 _MIN_THREAD_REDUCTION = 32
+# 2:4 layers with fewer GEMM rows than this stay dense where they cannot be timed (see
+# ``_sparse_unmeasured_rule``)
+SPARSE_MIN_ROWS = 2
 
 
 def _declining(rule, min_reduction: int = 0):
@@ -128,6 +131,17 @@ def _sparse_kernel(target, m, n, k):
     from .cuda_sparse import sparse24_kernel_cuda
 
     return sparse24_kernel_cuda(m, n, k, target)
+
+
+def _sparse_unmeasured_rule(m: int, n: int, k: int) -> str | None:  # noqa: ARG001
+    """Single-row GEMVs stay dense. On an H100 (``tools/bench_gpu_sparse.py``, BENCHMARKS.md)
+    the ``mma.sp`` kernel measured 0.24-0.74x of the dense float32 build at one row (dlight's
+    GEMV rule), 1.4-2.8x at 8 to 1024 rows (an MMA is 8 rows wide: 2-7 rows cost what 8 do,
+    and the dense build leaves its GEMV rule from 2 rows on)."""
+    if m < SPARSE_MIN_ROWS:
+        return (f"{m} row (a GEMV): the sparse tensor-core kernel measured slower than the dense build's GEMV on an H100 "
+                f"(not measured on this target)")
+    return None
 
 
 def _finalize(target):
@@ -322,4 +336,5 @@ BACKEND = Backend(
     export=_export,
     legalize_map=_legalize_map,
     sparse_kernel=_sparse_kernel,
+    sparse_unmeasured_rule=_sparse_unmeasured_rule,
 )

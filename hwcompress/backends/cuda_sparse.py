@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SparseTile", "choose_tile", "emulate", "mma_k", "mma_sp_reference", "sparse24_kernel_cuda"]
+__all__ = [
+    "SparseTile", "choose_tile", "dense_f16_kernel_cuda", "emulate", "mma_k", "mma_sp_reference", "sparse24_kernel_cuda",
+]
 
 # Metadata of a group outside the matrix (padding rows): positions 0 and 1, a valid pattern
 # (0b0000, 0b0101, 0b1010, 0b1111 are undefined behaviour in mma.sp), with zero values.
@@ -62,9 +64,16 @@ class SparseTile:
 
 
 def choose_tile(m: int, n: int) -> SparseTile:
-    """The tile of an ``m x n`` output: 2 x 2 MMA tiles per warp and 2 x 2 warps, fewer along
-    ``m`` when ``x`` has few rows (a GEMV pads ``m`` to 8: wider tiles only add padding)."""
-    tm = 1 if m <= 8 else 2
+    """The tile of an ``m x n`` output, from tiles timed on an H100 (``tools/bench_gpu_sparse.py
+    --tiles``): up to 8 rows of ``x`` (a GEMV pads ``m`` to 8), one MMA tile per warp and 4
+    warps along ``n`` (more blocks: 1.2-1.9x faster than 2 x 2 tiles); large outputs (``m x n``
+    >= 2^20) 4 x 4 MMA tiles per warp (the operands' reuse in registers: 1.8-2.2x at 256 and
+    1024 x 4096); else 2 x 2 MMA tiles and 2 x 2 warps, fewer where the output is narrower."""
+    if m <= 8:
+        return SparseTile(tn=1, tm=1, wn=min(4, -(-n // 16)), wm=1)
+    if m >= 64 and n >= 128 and m * n >= 1 << 20:
+        return SparseTile(tn=4, tm=4, wn=2, wm=2)
+    tm = 2
     wm = 1 if m <= 8 * tm else 2
     return SparseTile(tn=2 if n > 16 else 1, tm=tm, wn=2 if n > 32 else 1, wm=wm)
 
@@ -150,11 +159,23 @@ def _meta_byte(ks: int, step, lane):
 # ---------------------------------------------------------------------------- the kernel
 
 
+def _pack_f16x2(lo, hi):
+    """The b32 register of two f16 operands, ``lo`` in the low half (the MMA's order).
+
+    Built with bit operations rather than a ``uint32`` view of a ``float16`` local array: TVM's
+    storage rewrite does not see reads through such a view and merged two same-sized operand
+    arrays into one (the dense twin at tile (2, 4, 2, 2) multiplied A by itself, found on an
+    H100)."""
+    from tvm.script import tirx as T
+
+    return T.Cast("uint32", T.reinterpret("uint16", lo)) | (T.Cast("uint32", T.reinterpret("uint16", hi)) << T.uint32(16))
+
+
 def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
     from tvm.script import tirx as T
 
     tn, tm, wn, wm = tile.tn, tile.tm, tile.wn, tile.wm
-    halves, words = ks // 4, ks // 8  # per thread per step: f16 of A (and of B), as b32 registers
+    words = ks // 8  # per thread per step: b32 registers of A (and of B), two f16 each
     steps, grid_n, grid_m = k // ks, -(-n // tile.block_n), -(-m // tile.block_m)
     guard_n, guard_m = grid_n * tile.block_n != n, grid_m * tile.block_m != m
     # ordered_metadata: the two indices of a group increasing, which mask24 guarantees; PTX
@@ -195,27 +216,28 @@ def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
         bm = T.launch_thread("blockIdx.x", grid_m)
         warp = T.launch_thread("threadIdx.y", wn * wm)
         lane = T.launch_thread("threadIdx.x", 32)
-        # operands converted to f16 in registers; the b32 views are what mma.sp takes
-        a_half = T.decl_buffer([tn * halves], "float16", scope="local")
-        b_half = T.decl_buffer([tm * halves], "float16", scope="local")
-        a_word = T.decl_buffer([tn * words], "uint32", data=a_half.data, scope="local")
-        b_word = T.decl_buffer([tm * words], "uint32", data=b_half.data, scope="local")
+        # operands converted to f16 in registers, two per b32 register (what mma.sp takes)
+        a_word = T.decl_buffer([tn * words], "uint32", scope="local")
+        b_word = T.decl_buffer([tm * words], "uint32", scope="local")
         e = T.decl_buffer([tn], "uint32", scope="local")
         acc = T.decl_buffer([tn * tm * 4], "float32", scope="local")
         for i in T.unroll(tn * tm * 4):
             acc[i] = T.float32(0)
         for step in T.serial(steps):
             for i_n in T.unroll(tn):
-                for i in T.unroll(halves):
-                    a_half[i_n * halves + i] = f16(
-                        values, w_row(bn, warp, lane, i_n, i % 4 // 2), _values_col(ks, step, lane, i), n, guard_n
-                    )
+                for j in T.unroll(words):  # halves 2j, 2j + 1: one row, adjacent columns
+                    a_word[i_n * words + j] = _pack_f16x2(*[
+                        f16(values, w_row(bn, warp, lane, i_n, i % 4 // 2), _values_col(ks, step, lane, i), n, guard_n)
+                        for i in (2 * j, 2 * j + 1)
+                    ])  # fmt: skip
                 e[i_n] = meta_word(meta, w_row(bn, warp, lane, i_n, 0), _meta_byte(ks, step, lane)) | (
                     meta_word(meta, w_row(bn, warp, lane, i_n, 1), _meta_byte(ks, step, lane)) << T.uint32(16)
                 )
             for i_m in T.unroll(tm):
-                for i in T.unroll(halves):
-                    b_half[i_m * halves + i] = f16(x, x_row(bm, warp, lane, i_m), _x_col(ks, step, lane, i), m, guard_m)
+                for j in T.unroll(words):
+                    b_word[i_m * words + j] = _pack_f16x2(*[
+                        f16(x, x_row(bm, warp, lane, i_m), _x_col(ks, step, lane, i), m, guard_m) for i in (2 * j, 2 * j + 1)
+                    ])  # fmt: skip
             for i_n in T.unroll(tn):
                 for i_m in T.unroll(tm):
                     if ks == 32:
@@ -240,6 +262,77 @@ def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
                         y[x_row(bm, warp, lane, i_m, 1) + i % 2, w_row(bn, warp, lane, i_n, i // 2)] = acc[
                             (i_n * tm + i_m) * 4 + i
                         ]
+
+    return kernel
+
+
+def dense_f16_kernel_cuda(m: int, n: int, k: int, tile: SparseTile | None = None):
+    """The dense twin of ``sparse24_kernel_cuda``: the same tiles, threads, f16 conversion in
+    registers and f32 sums, with ``w [n, k]`` float32 dense and ``mma.sync.m16n8k16`` in place
+    of ``mma.sp``. Not used by builds: it is the baseline that isolates what 2:4 gains on tensor
+    cores (hwc's dense CUDA build runs float32 on CUDA cores). ``k`` a multiple of 16."""
+    if m < 1 or n < 1 or k <= 0 or k % 16:
+        raise ValueError(f"dense f16 twin needs m, n >= 1 and k a multiple of 16, got {m}x{n}x{k}")
+    return _build_dense(m, n, k, tile or choose_tile(m, n))
+
+
+def _build_dense(m: int, n: int, k: int, tile: SparseTile):
+    from tvm.script import tirx as T
+
+    tn, tm, wn, wm = tile.tn, tile.tm, tile.wn, tile.wm
+    steps, grid_n, grid_m = k // 16, -(-n // tile.block_n), -(-m // tile.block_m)
+    guard_n, guard_m = grid_n * tile.block_n != n, grid_m * tile.block_m != m
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+
+    def f16(buf, row, col, rows, guard):
+        if not guard:
+            return T.Cast("float16", buf[row, col])
+        return T.if_then_else(row < rows, T.Cast("float16", buf[T.min(row, rows - 1), col]), T.float16(0))
+
+    def inside(row, col):
+        return T.And(row < n, col < m) if guard_n or guard_m else T.bool(True)
+
+    def acc_regs(acc, c):
+        return [acc[c + i] for i in range(4)]
+
+    @T.prim_func(s_tir=True)
+    def kernel(x: T.Buffer((m, k), "float32"), w: T.Buffer((n, k), "float32"), y: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        bn = T.launch_thread("blockIdx.y", grid_n)
+        bm = T.launch_thread("blockIdx.x", grid_m)
+        warp = T.launch_thread("threadIdx.y", wn * wm)
+        lane = T.launch_thread("threadIdx.x", 32)
+        a_word = T.decl_buffer([tn * 4], "uint32", scope="local")
+        b_word = T.decl_buffer([tm * 2], "uint32", scope="local")
+        acc = T.decl_buffer([tn * tm * 4], "float32", scope="local")
+        for i in T.unroll(tn * tm * 4):
+            acc[i] = T.float32(0)
+        for step in T.serial(steps):
+            for i_n in T.unroll(tn):  # dense m16n8k16 A: the compressed k32 fragment's layout
+                for j in T.unroll(4):
+                    a_word[i_n * 4 + j] = _pack_f16x2(*[
+                        f16(w, _w_row(tile, bn, warp, lane, i_n, i % 4 // 2), _values_col(32, step, lane, i), n, guard_n)
+                        for i in (2 * j, 2 * j + 1)
+                    ])  # fmt: skip
+            for i_m in T.unroll(tm):
+                for j in T.unroll(2):
+                    b_word[i_m * 2 + j] = _pack_f16x2(*[
+                        f16(x, _x_row(tile, bm, warp, lane, i_m), _x_col(16, step, lane, i), m, guard_m) for i in (2 * j, 2 * j + 1)
+                    ])  # fmt: skip
+            for i_n in T.unroll(tn):
+                for i_m in T.unroll(tm):
+                    T.ptx[mma](
+                        *acc_regs(acc, (i_n * tm + i_m) * 4),
+                        a_word[i_n * 4], a_word[i_n * 4 + 1], a_word[i_n * 4 + 2], a_word[i_n * 4 + 3],
+                        b_word[i_m * 2], b_word[i_m * 2 + 1],
+                        *acc_regs(acc, (i_n * tm + i_m) * 4),
+                    )  # fmt: skip
+        for i_n in T.unroll(tn):
+            for i_m in T.unroll(tm):
+                for i in T.unroll(4):
+                    row, col = _w_row(tile, bn, warp, lane, i_n, i // 2), _x_row(tile, bm, warp, lane, i_m, 1) + i % 2
+                    if inside(row, col):
+                        y[col, row] = acc[(i_n * tm + i_m) * 4 + i]
 
     return kernel
 

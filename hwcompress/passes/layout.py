@@ -241,9 +241,7 @@ class ConvLayoutPass:
         for split in (qdq.quantize_split, qdq.dequantize_split):
             mod = _rewrite_functions(mod, lambda bb, split=split: split())
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [layout.value, kernel_layout(layout)]})(mod)
-        for moved in _const_move_patterns():  # reshape first: a bias is reshaped, then permuted
-            mod = _rewrite_functions(mod, lambda bb, moved=moved: (moved, _move_const))
-        mod = relax.transform.FoldConstant()(mod)
+        mod = relax.transform.FoldConstant()(fold_const_moves(mod))
         if block_size(layout):
             mod = _rewrite_functions(mod, lambda bb: (_conv_pattern(), lambda call, _m: _blocked_conv(call, bb, layout)))
         for join in (qdq.pad_through_transposes, qdq.dequantize_join, qdq.quantize_join):
@@ -252,6 +250,14 @@ class ConvLayoutPass:
         mod = _rewrite_functions(mod, lambda bb: (pattern, lambda call, m: _join_clip(call, m, parts)))
         # ConvertLayout transforms a tensor once per use (the input of a residual block twice)
         return relax.transform.DeadCodeElimination()(relax.transform.EliminateCommonSubexpr()(mod))
+
+
+def fold_const_moves(mod):
+    """``mod`` with every ``reshape`` / ``permute_dims`` of a constant done in numpy (a Gemm's
+    transposed weight becomes a constant again, which passes that take constant weights need)."""
+    for moved in _const_move_patterns():  # reshape first: a bias is reshaped, then permuted
+        mod = _rewrite_functions(mod, lambda bb, moved=moved: (moved, _move_const))
+    return mod
 
 
 def _rewrite_functions(mod, make):

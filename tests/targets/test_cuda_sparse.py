@@ -26,6 +26,7 @@ from hwcompress.backends import cuda_sparse as cs  # noqa: E402
 from hwcompress.backends.cuda_sparse import (  # noqa: E402
     SparseTile,
     choose_tile,
+    dense_f16_kernel_cuda,
     emulate,
     mma_k,
     mma_sp_reference,
@@ -109,7 +110,7 @@ def test_targets_without_sparse_tensor_cores_are_refused():
         sparse24_kernel_cuda(4, 16, 32, tvm.target.Target({"kind": "llvm"}))
 
 
-@pytest.mark.parametrize("m,n", [(1, 1000), (3, 16), (49, 64), (196, 256), (4096, 512)])
+@pytest.mark.parametrize("m,n", [(1, 1000), (1, 40), (3, 16), (49, 64), (196, 256), (4096, 512), (1024, 4096)])
 def test_tiles(m, n):
     tile = choose_tile(m, n)
     assert 32 * tile.wn * tile.wm <= 1024
@@ -252,6 +253,34 @@ def test_nvcc_builds_sparse_tensor_core_code(spec, m, n, k, ks, tmp_path):
     assert "HMMA.168" not in sass  # no dense tensor-core fallback
 
 
+@needs_nvcc
+def test_dense_twin_builds_dense_tensor_core_code(tmp_path):
+    """The benchmark's baseline (``tools/bench_gpu_sparse.py``): the same kernel on the dense
+    weight, ``mma.sync.m16n8k16``, in registers, and no sparse instruction."""
+    func = dense_f16_kernel_cuda(49, 70, 144)
+    shapes = [tuple(int(d) for d in p.ty.shape) for p in func.params]
+    assert shapes == [(49, 144), (70, 144), (49, 70)]
+    bb = relax.BlockBuilder()
+    x, w = relax.Var("x", relax.TensorType((49, 144), "float32")), relax.Var("w", relax.TensorType((70, 144), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            gvar = bb.add_func(func, "dense_f16")
+            out = bb.emit_output(relax.call_tir(gvar, [x, w], relax.TensorType((49, 70), "float32")))
+        bb.emit_func_output(out)
+    source = _cuda_source(B.build(B.schedule(bb.get(), SM80), SM80))
+    ptx = _ptx(source, "sm_80")
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and "mma.sp" not in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    sass = _sass(cuda_backend.compile_cuda_source(source, SM80), tmp_path)
+    assert "HMMA.16816.F32" in sass and "HMMA.SP" not in sass
+
+
+@pytest.mark.parametrize("k", [15, 0])
+def test_dense_twin_refuses_k_not_a_multiple_of_16(k):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        dense_f16_kernel_cuda(1, 8, k)
+
+
 # ---------------------------------------------------------------------------- on a GPU
 
 
@@ -278,22 +307,29 @@ def test_runs_on_the_gpu_like_numpy(m, n, k):
 # ---------------------------------------------------------------------------- the whole path
 
 
-@needs_nvcc
-def test_sparse_2_4_build_for_jetson_runs_matmuls_on_mma_sp():
-    """``sparsify`` on a Jetson Orin target (cannot run here: every eligible layer, unmeasured)
-    then hwc's legalization: the 2:4 matmuls become the sparse tensor-core kernel."""
-    from hwcompress.passes import Sparse24, sparsify
-    from hwcompress.passes.sparsity import sparsity_report
-
+def _two_layer_mlp(rows: int):
     rng = np.random.default_rng(0)
-    x = relax.Var("x", relax.TensorType((1, 256), "float32"))
+    x = relax.Var("x", relax.TensorType((rows, 256), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
             h = bb.emit(relax.op.nn.relu(relax.op.matmul(x, relax.const(rng.standard_normal((256, 128)).astype(np.float32)))))
-            out = bb.emit_output(relax.op.matmul(h, relax.const(rng.standard_normal((128, 10)).astype(np.float32))))
+            # ONNX Gemm (transB = 1, as PyTorch's Linear exports) imports as matmul(h, permute_dims(W))
+            w_t = relax.op.permute_dims(relax.const(rng.standard_normal((10, 128)).astype(np.float32)), [1, 0])
+            out = bb.emit_output(relax.op.matmul(h, w_t))
         bb.emit_func_output(out)
-    mod = sparsify(bb.get(), Sparse24(), ORIN)
+    return bb.get()
+
+
+@needs_nvcc
+def test_sparse_2_4_build_for_jetson_runs_matmuls_on_mma_sp():
+    """``sparsify`` on a Jetson Orin target (cannot run here: every eligible layer that is not a
+    GEMV, unmeasured) then hwc's legalization: the 2:4 matmuls, a Gemm's transposed weight included (CUDA targets
+    have no layout step to fold it), become the sparse tensor-core kernel."""
+    from hwcompress.passes import Sparse24, sparsify
+    from hwcompress.passes.sparsity import sparsity_report
+
+    mod = sparsify(_two_layer_mlp(32), Sparse24(), ORIN)
     report = sparsity_report(mod)
     assert not report["measured"] and "no CUDA GPU" in report["not_measured_because"]
     assert report["sparse_layers"] == 2
@@ -304,3 +340,32 @@ def test_sparse_2_4_build_for_jetson_runs_matmuls_on_mma_sp():
     kernels = set(re.findall(r"void __launch_bounds__\(\d+\) (sparse24_gemm\w*)\(", source))  # declared, defined
     assert len(kernels) == 2, kernels
     assert source.count(helper + "(") >= 1 + len(kernels)
+
+
+@pytest.mark.parametrize("decide, sparse", [("auto", 0), ("all", 2)])
+def test_cuda_gemvs_stay_dense_unless_all_layers_are_asked_for(decide, sparse):
+    """Unmeasured on CUDA, ``auto`` keeps one-row matmuls dense (the backend's rule, from the
+    H100 measurement); ``all`` takes every eligible layer."""
+    from hwcompress.passes import Sparse24, sparsify
+    from hwcompress.passes.sparsity import sparsity_report
+
+    report = sparsity_report(sparsify(_two_layer_mlp(1), Sparse24(decide=decide), ORIN))
+    assert report["sparse_layers"] == sparse
+    if not sparse:
+        assert all("GEMV" in r["reason"] and not r["measured"] for r in report["layers"])
+
+
+def test_gpu_bench_checks_against_the_decompressed_weight():
+    """``tools/bench_gpu_sparse.py run`` judges the GPU's results with its own numpy reference
+    (no hwcompress import there): it must be ``x @ W.T`` of the weight ``values`` + ``meta``
+    encode, and the emulated kernel must pass its bound while a wrong weight must not."""
+    from tests.tool_modules import load_tool
+
+    tool = load_tool("bench_gpu_sparse")
+    x, c = _operands(49, 70, 144, seed=3)
+    ref = tool._reference("sparse", [x, c.values, c.meta], tool._mask24())
+    np.testing.assert_allclose(ref, x.astype(np.float64) @ decompress(c).astype(np.float64).T, rtol=1e-12, atol=1e-9)
+    assert np.abs(emulate(x, c.values, c.meta) - ref).max() <= tool.fp16_tol(144)
+    assert np.abs(emulate(x, c.values[::-1].copy(), c.meta) - ref).max() > tool.fp16_tol(144)
+    w = decompress(c)
+    np.testing.assert_allclose(tool._reference("dense", [x, w], None), ref, rtol=1e-12, atol=1e-9)

@@ -13,8 +13,9 @@ input channels a multiple of 4) and matmul by a constant weight, or the named ``
 of those, with ``decide="auto"`` (default) on a target that runs here, only the layers whose
 sparse kernel was *measured* faster than the dense one for that target, by at least
 ``MIN_SPEEDUP`` (sparse kernels lose on small or compute-bound layers, and smaller gains are
-noise); on a target that cannot run here (a GPU, a cross target) every eligible layer, and the
-report says they were not measured.
+noise); on a target that cannot run here (a GPU, a cross target) every eligible layer the
+backend's ``sparse_unmeasured_rule`` (measured on its hardware elsewhere) does not keep dense
+-- on CUDA, GEMVs -- and the report says they were not measured.
 
 Together with INT8 (a recipe's ``int8`` step after this one; ``int8=True``, which the build
 sets): the int8 quantizer keeps the 2:4 zeros, the backends run those layers on their 2:4 INT8
@@ -145,8 +146,17 @@ def _reason(call) -> str | None:
     if int(attrs.groups) != 1:
         return "grouped / depthwise conv"
     if (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NHWC", "OHWI"):
-        return f"{attrs.data_layout} layout: the sparse kernels take NHWC convs (the target's conv_layout)"
+        return f"{attrs.data_layout} layout: the sparse kernels take NHWC convs (the target's conv_layout; build with --layout NHWC)"
     return None if w.shape[-1] % 4 == 0 else f"{w.shape[-1]} input channels, not a multiple of 4"
+
+
+def _gemm_shape(call) -> tuple[int, int, int]:
+    """``(m, n, k)`` of the layer as a GEMM: ``m`` rows of the output (batch x positions for
+    an NHWC conv), ``n`` outputs, ``k`` the reduction (x taps for a conv)."""
+    out = [int(d) for d in call.ty.shape]
+    w = [int(d) for d in call.args[1].ty.shape]
+    k = w[0] if call.op.name == MATMUL else int(np.prod(w[1:]))
+    return int(np.prod(out[:-1])), out[-1], k
 
 
 def _gemm_rows(call, w: np.ndarray) -> np.ndarray:
@@ -283,9 +293,11 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     from ...errors import RecipeError
     from ...targets import load_target, runnable_here
     from ..quantize.int8 import weight_qmax
+    from ..layout import fold_const_moves
     from ..quantize.int8_graph import emit_main, module_with_main
 
     spec = spec if spec is not None else load_target("host")
+    mod = fold_const_moves(mod)  # Gemm's permute_dims(W): targets without a layout step keep it
     func = mod["main"]
     sites = _sites(func, spec, config.int8)
     names = {s.name for s in sites}
@@ -298,6 +310,8 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     measure = config.decide is Decide.MEASURE or (config.decide is Decide.AUTO and runs_here)
     if measure and not runs_here:
         raise RecipeError(f"sparse-2-4: decide='measure' needs the target to run here ({why_not}); use decide='all'")
+    from ...backends import get_backend
+
     chosen, records = {}, []
     for site in sites:
         if site.reason is not None:
@@ -323,8 +337,12 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
                     else f"sparse measured only {record['speedup']}x faster (< {MIN_SPEEDUP}x: within the noise)"
                 )  # fmt: skip
         else:
-            record["sparse"] = True
+            rule = get_backend(spec).sparse_unmeasured_rule if config.decide is Decide.AUTO else None
+            why_dense = rule(*_gemm_shape(site.call)) if rule else None
+            record["sparse"] = why_dense is None
             record["measured"] = False
+            if why_dense:
+                record["reason"] = why_dense
         records.append(record)
         if record["sparse"]:
             chosen[site.var] = layer
