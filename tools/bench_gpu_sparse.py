@@ -16,7 +16,9 @@ TVM compiler.
   and threads, ``mma.sync.m16n8k16`` on the dense weight): what 2:4 itself gains on tensor
   cores, apart from float32 -> float16 tensor cores;
 * ``sparse``: ``cuda_sparse.sparse24_kernel_cuda`` (``mma.sp``) on the compressed weight
-  (``values`` random on the GPU, ``meta`` of a real 2:4 mask from a file).
+  (``values`` random on the GPU, ``meta`` of a real 2:4 mask from a file);
+* ``gemv`` (up to ``GEMV_MAX_ROWS`` rows): ``cuda_sparse.sparse24_gemv_cuda``, the same
+  operands on CUDA cores (a warp per output channel).
 
 ``run`` checks ``f16`` and ``sparse`` against numpy's float64 product of the same operands
 (the weight decompressed from ``values`` + ``meta``), within the float16 rounding bound of the
@@ -47,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (M, N, K): batch-1 dense layers 512-4096 wide, batched GEMVs, 1x1 convs (M = H x W), GEMMs
 SHAPES = [
     (1, 512, 512), (1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096), (1, 1000, 2048),
+    (2, 4096, 4096), (4, 1024, 1024), (4, 4096, 4096),
     (8, 1024, 1024), (8, 4096, 4096), (16, 1024, 1024), (16, 4096, 4096), (32, 2048, 2048),
     (49, 2048, 512), (49, 512, 2048), (196, 1024, 256), (784, 512, 128),
     (256, 4096, 4096), (1024, 4096, 4096),
@@ -54,6 +57,8 @@ SHAPES = [
 # tiles (tn, tm, wn, wm) tried with --tiles, for both the 2:4 kernel and its f16 twin
 TILES_GEMV = [(1, 1, 2, 1), (1, 1, 4, 1), (1, 1, 8, 1), (2, 1, 4, 1), (2, 1, 2, 1)]
 TILES_GEMM = [(2, 2, 2, 2), (4, 2, 2, 2), (2, 4, 2, 2), (4, 4, 2, 2), (2, 2, 4, 2), (2, 2, 2, 4)]
+GEMV_MAX_ROWS = 8  # shapes with at most this many rows also get the CUDA-core 2:4 GEMV
+GEMV_BLOCK_ROWS = [2, 4, 8]  # its output channels per block tried with --tiles
 ACCURACY = {"digits": 4400, "fashion": 2000}  # task: test images top-1 is measured on
 ACC_BATCH = 100
 
@@ -141,6 +146,10 @@ def prepare(out: Path, target: str, shapes: list[tuple[int, int, int]], accuracy
         add(shape, "fp32", B.build(lifted, spec), inputs, "vm")
         f16_in = [x_in, {"random": [n, k], "dtype": "float32"}, {"zeros": [m, n], "dtype": "float32"}]
         sparse_in = [x_in, {"random": [n, k // 2], "dtype": "float32"}, meta_file, {"zeros": [m, n], "dtype": "float32"}]
+        if m <= GEMV_MAX_ROWS and k % 8 == 0:  # the CUDA-core GEMV, rows (warps) per block
+            for rows in [S.GEMV_ROWS] + ([r for r in GEMV_BLOCK_ROWS if r != S.GEMV_ROWS] if tiles else []):
+                variant = "gemv" if rows == S.GEMV_ROWS else f"gemv-r{rows}"
+                add(shape, variant, _compile_tir(S.sparse24_gemv_cuda(m, n, k, rows), spec), sparse_in, "tir", "sparse")
         for tile in [None] + ((TILES_GEMV if m <= 8 else TILES_GEMM) if tiles else []):
             t = S.SparseTile(*tile) if tile else None
             add(shape, "f16", _compile_tir(S.dense_f16_kernel_cuda(m, n, k, t), spec), f16_in, "tir", "dense", tile)
@@ -264,7 +273,8 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int) -> dict:
 
 def table(results: dict) -> str:
     lines = [f"device: {results['device']} ({results['arch']} code)", "",
-             "| MxNxK | fp32 ms | f16 ms | 2:4 ms | fp32 / 2:4 | f16 / 2:4 | 2:4 result |", "|---|---:|---:|---:|---:|---:|---|"]
+             "| MxNxK | fp32 ms | f16 ms | 2:4 ms | fp32 / 2:4 | f16 / 2:4 | 2:4 result | 2:4 GEMV ms | fp32 / GEMV | GEMV result |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     mods = results["modules"]
     for shape in dict.fromkeys(_name(r["shape"]) for r in mods.values()):
         fp32, f16, sp = (mods.get(f"{shape}-{v}") for v in ("fp32", "f16", "sparse"))
@@ -273,11 +283,15 @@ def table(results: dict) -> str:
         check = "ok" if sp.get("ok") else "WRONG"
         if not f16.get("ok"):
             check += " (f16 twin WRONG)"
+        gemv = mods.get(f"{shape}-gemv")
+        tail = (f" {gemv['ms']:.4f} | {fp32['ms'] / gemv['ms']:.2f}x | {'ok' if gemv.get('ok') else 'WRONG'} |" if gemv
+                else " | | |")
         lines.append(f"| {shape} | {fp32['ms']:.4f} | {f16['ms']:.4f} | {sp['ms']:.4f} | {fp32['ms'] / sp['ms']:.2f}x | "
-                     f"{f16['ms'] / sp['ms']:.2f}x | {check} (max err {sp['max_abs_err']:.2g}) |")
+                     f"{f16['ms'] / sp['ms']:.2f}x | {check} (max err {sp['max_abs_err']:.2g}) |" + tail)
     lines += ["", "x / 2:4: that kernel's time / the 2:4 kernel's (> 1: 2:4 is faster); fp32 = hwc's dense CUDA build,"
               " f16 = the 2:4 kernel's dense twin on tensor cores; default tiles (choose_tile)"]
     tiled = [r for r in mods.values() if r.get("tile")]
+    lines_gemv = []
     if tiled:
         lines += ["", "Best tile of each kernel (default tile included):", "",
                   "| MxNxK | f16 best ms (tile) | 2:4 best ms (tile) | 2:4 default ms | f16 best / 2:4 best | all results ok |",
@@ -287,6 +301,10 @@ def table(results: dict) -> str:
             # a wrong result is no candidate (its time says nothing)
             best = {v: min((r for r in rows if r["variant"] == v and r.get("ok")), key=lambda r: r["ms"], default=None)
                     for v in ("f16", "sparse")}
+            gemvs = [r for r in rows if r["variant"].startswith("gemv") and r.get("ok")]
+            if gemvs:
+                g = min(gemvs, key=lambda r: r["ms"])
+                lines_gemv.append(f"| {shape} | " + " | ".join(f"{r['variant']} {r['ms']:.4f}" for r in gemvs) + f" | {g['variant']} |")
             if None in best.values():
                 lines.append(f"| {shape} | no correct result | | | | False |")
                 continue
@@ -295,6 +313,9 @@ def table(results: dict) -> str:
             lines.append(f"| {shape} | {best['f16']['ms']:.4f} ({best['f16'].get('tile') or 'default'}) | "
                          f"{best['sparse']['ms']:.4f} ({best['sparse'].get('tile') or 'default'}) | {default['ms']:.4f} | "
                          f"{best['f16']['ms'] / best['sparse']['ms']:.2f}x | {ok} |")
+        if lines_gemv:
+            lines += ["", "2:4 GEMV by output channels per block (correct results only):", "", "| MxNxK | variants ms | best |",
+                      "|---|---|---|", *lines_gemv]
     if results.get("accuracy"):
         lines += ["", "| model | variant | 2:4 layers | top-1 (GPU) | images |", "|---|---|---:|---:|---:|"]
         for r in results["accuracy"].values():
@@ -325,9 +346,9 @@ def main(argv=None) -> int:
         prepare(args.out, args.target, shapes, not args.no_accuracy, args.tiles)
         return 0
     results = run(args.plan_dir, args.site, args.rounds, args.reps)
-    print(table(results))
-    if args.json:
+    if args.json:  # before the table: the raw results survive a table that fails
         args.json.write_text(json.dumps(results, indent=1))
+    print(table(results))
     ok = all(r.get("ok", True) for r in results["modules"].values())
     return 0 if ok else 1
 

@@ -74,9 +74,10 @@ def _default_schedule(target):
 # H100, GeneralReduction's depthwise kernels made MobileNetV2 1.27x slower than running
 # nothing fused (BENCHMARKS.md, "GPU").
 _MIN_THREAD_REDUCTION = 32
-# 2:4 layers with fewer GEMM rows than this stay dense where they cannot be timed (see
-# ``_sparse_unmeasured_rule``)
-SPARSE_MIN_ROWS = 2
+# 2:4 GEMMs with at most this many rows run on the CUDA-core GEMV (``sparse24_gemv_cuda``), more
+# on sparse tensor cores: on an H100 the GEMV measured 2.0-5.7x faster than ``mma.sp`` at 1-8
+# rows (an MMA is 8 rows wide; ``tools/bench_gpu_sparse.py``)
+SPARSE_GEMV_MAX_ROWS = 8
 
 
 def _declining(rule, min_reduction: int = 0):
@@ -128,19 +129,20 @@ def _legalize_map(target, winograd: bool = True):  # noqa: ARG001 (no integer Wi
 
 
 def _sparse_kernel(target, m, n, k):
-    from .cuda_sparse import sparse24_kernel_cuda
+    from .cuda_sparse import sparse24_gemv_cuda, sparse24_kernel_cuda
 
+    if m <= SPARSE_GEMV_MAX_ROWS and k % 8 == 0:
+        return sparse24_gemv_cuda(m, n, k)
     return sparse24_kernel_cuda(m, n, k, target)
 
 
 def _sparse_unmeasured_rule(m: int, n: int, k: int) -> str | None:  # noqa: ARG001
-    """Single-row GEMVs stay dense. On an H100 (``tools/bench_gpu_sparse.py``, BENCHMARKS.md)
-    the ``mma.sp`` kernel measured 0.24-0.74x of the dense float32 build at one row (dlight's
-    GEMV rule), 1.4-2.8x at 8 to 1024 rows (an MMA is 8 rows wide: 2-7 rows cost what 8 do,
-    and the dense build leaves its GEMV rule from 2 rows on)."""
-    if m < SPARSE_MIN_ROWS:
-        return (f"{m} row (a GEMV): the sparse tensor-core kernel measured slower than the dense build's GEMV on an H100 "
-                f"(not measured on this target)")
+    """One-row layers the GEMV does not take (``K`` not a multiple of 8) stay dense: ``mma.sp``
+    measured 0.24-0.74x of the dense float32 GEMV at one row on an H100, the 2:4 GEMV
+    1.4-3.0x (``tools/bench_gpu_sparse.py``, BENCHMARKS.md)."""
+    if m == 1 and k % 8:
+        return (f"a GEMV with K = {k} (not a multiple of 8, which the 2:4 GEMV needs): the sparse tensor-core kernel "
+                "measured slower than the dense GEMV on an H100 (not measured on this target)")
     return None
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "SparseTile", "choose_tile", "dense_f16_kernel_cuda", "emulate", "mma_k", "mma_sp_reference", "sparse24_kernel_cuda",
+    "SparseTile", "choose_tile", "dense_f16_kernel_cuda", "emulate", "emulate_gemv", "gemv_k", "mma_k", "mma_sp_reference",
+    "sparse24_gemv_cuda", "sparse24_kernel_cuda",
 ]
 
 # Metadata of a group outside the matrix (padding rows): positions 0 and 1, a valid pattern
@@ -264,6 +265,85 @@ def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
                         ]
 
     return kernel
+
+
+# ---------------------------------------------------------------------------- one-row GEMV
+# An MMA is 8 rows of ``x`` wide: at one row it wastes 7/8 of its work and, with a warp walking
+# all of ``K``, too few warps stream the weight (0.24-0.74x of the dense float32 GEMV on an
+# H100). The GEMV reads the compressed weight on CUDA cores instead: a warp per output
+# channel, each lane 4 kept values (a float4, 2 groups) and their meta byte per step, lanes
+# on consecutive values (512 coalesced bytes per warp and step), x gathered by position
+# (it stays in L1), the warp's partial sums added by shuffles.
+
+GEMV_ROWS = 4  # output channels (warps) per thread block
+
+
+def gemv_k(q, i, byte):
+    """``k`` of the ``i``-th (0..3) kept value of quad ``q`` (values ``4q .. 4q + 3``, groups
+    ``2q`` and ``2q + 1``), ``byte`` the quad's meta byte: 2 bits per kept value, in order."""
+    return 8 * q + 4 * (i // 2) + ((byte >> (2 * i)) & 3)
+
+
+def sparse24_gemv_cuda(m: int, n: int, k: int, rows: int = GEMV_ROWS):
+    """The scheduled CUDA PrimFunc ``(x, values, meta, y)`` of a 2:4 GEMV (float32 FMAs on
+    CUDA cores, the operands of ``sparse24_kernel_cuda``); ``m`` rows of ``x`` (one in
+    builds), ``k`` a multiple of 8 (whole meta bytes), else ``ValueError``."""
+    if m < 1 or n < 1 or k <= 0 or k % 8:
+        raise ValueError(f"the 2:4 GEMV kernel needs m, n >= 1 and K a multiple of 8, got {m}x{n}x{k}")
+    from tvm.script import tirx as T
+
+    quads, blocks = k // 8, -(-n // rows)
+    steps = -(-quads // 32)
+    guard_n, guard_q = blocks * rows != n, steps * 32 != quads
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        x: T.Buffer((m, k), "float32"),
+        values: T.Buffer((n, k // 2), "float32"),
+        meta: T.Buffer((n, k // 8), "uint8"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        bx = T.launch_thread("blockIdx.x", blocks)
+        ty = T.launch_thread("threadIdx.y", rows)
+        lane = T.launch_thread("threadIdx.x", 32)
+        acc = T.decl_buffer([m], "float32", scope="local")
+        red = T.decl_buffer([m], "float32", scope="local")
+        v4 = T.decl_buffer([4], "float32", scope="local")
+        for r in T.unroll(m):
+            acc[r] = T.float32(0)
+        if not guard_n or bx * rows + ty < n:
+            for step in T.serial(steps):
+                if not guard_q or step * 32 + lane < quads:
+                    q = step * 32 + lane
+                    byte = T.Cast("int32", meta[bx * rows + ty, q])
+                    for i in T.vectorized(4):  # one 16-byte load (k % 8 == 0: rows stay aligned)
+                        v4[i] = values[bx * rows + ty, 4 * q + i]
+                    for i in T.unroll(4):
+                        for r in T.unroll(m):
+                            acc[r] = acc[r] + v4[i] * x[r, gemv_k(q, i, byte)]
+        mask = T.tvm_warp_activemask()
+        for r in T.unroll(m):
+            red[r] = acc[r]
+            for d in T.unroll(5):
+                red[r] = red[r] + T.tvm_warp_shuffle_down(mask, red[r], 16 >> d, 32, 32)
+            if lane == 0 and (not guard_n or bx * rows + ty < n):
+                y[r, bx * rows + ty] = red[r]
+
+    return kernel
+
+
+def emulate_gemv(x: np.ndarray, values: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """``y`` as ``sparse24_gemv_cuda`` computes it, from its own ``gemv_k`` (all lanes and
+    quads at once; the shuffle sum is a plain sum)."""
+    n, k = values.shape[0], x.shape[1]
+    q = np.arange(k // 8)
+    byte = meta[:, q].astype(np.int64)  # [n, quads]
+    y = np.zeros((x.shape[0], n), np.float64)
+    for i in range(4):
+        kk = gemv_k(q[None, :], i, byte)  # [n, quads]
+        y += np.einsum("nq,mnq->mn", values[:, 4 * q + i].astype(np.float64), x.astype(np.float64)[:, kk])
+    return y.astype(np.float32)
 
 
 def dense_f16_kernel_cuda(m: int, n: int, k: int, tile: SparseTile | None = None):

@@ -28,8 +28,10 @@ from hwcompress.backends.cuda_sparse import (  # noqa: E402
     choose_tile,
     dense_f16_kernel_cuda,
     emulate,
+    emulate_gemv,
     mma_k,
     mma_sp_reference,
+    sparse24_gemv_cuda,
     sparse24_kernel_cuda,
 )
 from hwcompress.passes.sparsity.mask24 import compress, decompress  # noqa: E402
@@ -342,17 +344,57 @@ def test_sparse_2_4_build_for_jetson_runs_matmuls_on_mma_sp():
     assert source.count(helper + "(") >= 1 + len(kernels)
 
 
-@pytest.mark.parametrize("decide, sparse", [("auto", 0), ("all", 2)])
-def test_cuda_gemvs_stay_dense_unless_all_layers_are_asked_for(decide, sparse):
-    """Unmeasured on CUDA, ``auto`` keeps one-row matmuls dense (the backend's rule, from the
-    H100 measurement); ``all`` takes every eligible layer."""
+def _matmul(rows: int, k: int, n: int = 64):
+    x = relax.Var("x", relax.TensorType((rows, k), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = np.random.default_rng(k).standard_normal((k, n)).astype(np.float32)
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("rows, k, decide, sparse", [(1, 256, "auto", 1), (1, 20, "auto", 0), (1, 20, "all", 1), (2, 20, "auto", 1)])
+def test_cuda_gemvs_the_2_4_gemv_cannot_take_stay_dense(rows, k, decide, sparse):
+    """Unmeasured on CUDA, ``auto`` keeps a one-row matmul dense when its ``K`` is not a
+    multiple of 8 (it would run on ``mma.sp``, measured slower than the dense GEMV on an H100);
+    ``all`` takes every eligible layer."""
     from hwcompress.passes import Sparse24, sparsify
     from hwcompress.passes.sparsity import sparsity_report
 
-    report = sparsity_report(sparsify(_two_layer_mlp(1), Sparse24(decide=decide), ORIN))
+    report = sparsity_report(sparsify(_matmul(rows, k), Sparse24(decide=decide), ORIN))
     assert report["sparse_layers"] == sparse
     if not sparse:
-        assert all("GEMV" in r["reason"] and not r["measured"] for r in report["layers"])
+        (layer,) = report["layers"]
+        assert "GEMV" in layer["reason"] and not layer["measured"]
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 70, 144), (1, 1000, 2048), (3, 33, 64), (8, 4, 8)])
+def test_gemv_kernel_emulation_matches_numpy(m, n, k):
+    x, c = _operands(m, n, k, seed=n)
+    np.testing.assert_allclose(emulate_gemv(x, c.values, c.meta), x @ decompress(c).T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [12, 0])
+def test_gemv_kernel_needs_whole_meta_bytes(k):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sparse24_gemv_cuda(1, 8, k)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("rows, gemv", [(1, True), (8, True), (9, False)])
+def test_small_batches_build_on_the_2_4_gemv(rows, gemv):
+    """Up to ``SPARSE_GEMV_MAX_ROWS`` rows a 2:4 matmul runs on the CUDA-core GEMV (16-byte
+    loads of the kept values, warp shuffles, no MMA), above on ``mma.sp``."""
+    from hwcompress.passes import Sparse24, sparsify
+
+    mod = sparsify(_matmul(rows, 256), Sparse24(decide="all"), SM80)
+    ptx = _ptx(_cuda_source(B.build(B.schedule(B.legalize(mod, SM80), SM80), SM80)), "sm_80")
+    assert ("mma.sp" not in ptx) == gemv
+    if gemv:
+        assert "ld.global.v4.f32" in ptx or "ld.global.nc.v4.f32" in ptx
+        assert "shfl.sync.down" in ptx
 
 
 def test_gpu_bench_checks_against_the_decompressed_weight():
