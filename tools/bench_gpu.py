@@ -320,12 +320,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="resnet18,mobilenet_v2")
     p.add_argument("--no-layers", action="store_true")
     p.add_argument("--int8", action="store_true", help="also INT8 builds (speed per model; top-1 of the Fashion classifier)")
-    r = sub.add_parser("run")
-    r.add_argument("plan_dir", type=Path)
-    r.add_argument("--site", type=Path, default=ROOT / ".dev" / "site")
-    r.add_argument("--rounds", type=int, default=7)
-    r.add_argument("--reps", type=int, default=20)
-    r.add_argument("--json", type=Path, default=None)
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_gpu_int8 import add_run_args
+
+    add_run_args(sub.add_parser("run"), reps=20)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         sys.path.insert(0, str(ROOT))

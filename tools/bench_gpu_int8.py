@@ -258,6 +258,39 @@ def _timer(module, name: str, dev, reps: int):
         return loop
 
 
+def host_input(spec, plan_dir: Path, rng, scale: float = 0.1) -> np.ndarray:
+    """A module argument from its plan entry: ``{"zeros": shape, "dtype"}``, ``{"random": shape,
+    "dtype"}`` (integers: uniform over the type's range, at least -127; floats: normal times
+    ``scale``) or the name of a ``.npy`` file in ``plan_dir``."""
+    if isinstance(spec, dict) and "zeros" in spec:
+        return np.zeros(spec["zeros"], spec["dtype"])
+    if isinstance(spec, dict) and np.dtype(spec["dtype"]).kind in "iu":
+        info = np.iinfo(spec["dtype"])
+        return rng.integers(max(info.min, -127), info.max, spec["random"], endpoint=True).astype(spec["dtype"])
+    if isinstance(spec, dict):
+        return (rng.standard_normal(spec["random"]) * scale).astype(spec["dtype"])
+    return np.load(plan_dir / spec)
+
+
+def time_interleaved(timers: dict, rounds: int) -> dict:
+    """``{name: (timer, args)}`` -> ``{name: [seconds per call, one per round]}``, every
+    module timed once per round in turn (the machine's drift spreads over all of them)."""
+    times = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, (timer, args) in timers.items():
+            times[name].append(timer(*args))
+    return times
+
+
+def add_run_args(parser, reps: int) -> None:
+    """The options of a GPU tool's ``run`` (the plan directory, the runtime bundle, timing)."""
+    parser.add_argument("plan_dir", type=Path)
+    parser.add_argument("--site", type=Path, default=ROOT / ".dev" / "site")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--json", type=Path, default=None)
+
+
 def run(plan_dir: Path, site: Path, rounds: int, reps: int, device: str = "cuda") -> dict:
     """Check and time every module of ``plan_dir`` (``device="cpu"``: a plan built for the
     host, to try this runner where there is no GPU)."""
@@ -282,14 +315,7 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int, device: str = "cuda"
     for entry in plan["modules"]:
         name = entry["name"]
         lib = tvm.runtime.load_module(str(plan_dir / f"{name}.so"))
-        args = []
-        for spec in entry["inputs"]:
-            if isinstance(spec, dict) and "zeros" in spec:
-                args.append(tvm.runtime.tensor(np.zeros(spec["zeros"], spec["dtype"]), dev))
-            elif isinstance(spec, dict):
-                args.append(tvm.runtime.tensor((rng.standard_normal(spec["random"]) * 0.1).astype(spec["dtype"]), dev))
-            else:
-                args.append(tvm.runtime.tensor(np.load(plan_dir / spec), dev))
+        args = [tvm.runtime.tensor(host_input(spec, plan_dir, rng), dev) for spec in entry["inputs"]]
         if entry["kind"] == "vm":
             vm = VirtualMachine(lib, dev)
             got = vm["main"](*args).numpy()
@@ -307,11 +333,7 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int, device: str = "cuda"
         results["modules"][name] = {**{k: entry[k] for k in ("layer", "variant", "tile")}, **check}
         print(f"{name}: {check}", flush=True)
         timers[name] = (timer, args)
-    times = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, (timer, args) in timers.items():
-            times[name].append(timer(*args))
-    for name, ts in times.items():
+    for name, ts in time_interleaved(timers, rounds).items():
         results["modules"][name]["ms"] = statistics.median(ts) * 1e3
         results["modules"][name]["rounds_ms"] = [t * 1e3 for t in ts]
     return results
@@ -338,11 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", action="store_true", help="also the int8 kernel alone for several tiles")
     p.add_argument("--layers", default=",".join(LAYERS), help="comma-separated subset of LAYERS")
     r = sub.add_parser("run")
-    r.add_argument("plan_dir", type=Path)
-    r.add_argument("--site", type=Path, default=ROOT / ".dev" / "site")
-    r.add_argument("--rounds", type=int, default=7)
-    r.add_argument("--reps", type=int, default=50)
-    r.add_argument("--json", type=Path, default=None)
+    add_run_args(r, reps=50)
     r.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: try the runner on a host-built plan")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":

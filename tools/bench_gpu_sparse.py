@@ -215,7 +215,7 @@ def _reference(kind: str, host: list, mask24) -> np.ndarray:
 def run(plan_dir: Path, site: Path, rounds: int, reps: int) -> dict:
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_gpu import _load_cuda_runtime
-    from bench_gpu_int8 import _timer
+    from bench_gpu_int8 import _timer, host_input, time_interleaved
 
     tvm = _load_cuda_runtime(site)
     from tvm.runtime.vm import VirtualMachine
@@ -231,14 +231,7 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int) -> dict:
     for entry in plan["modules"]:
         name = entry["name"]
         lib = tvm.runtime.load_module(str(plan_dir / f"{name}.so"))
-        host = []
-        for spec in entry["inputs"]:
-            if isinstance(spec, dict) and "zeros" in spec:
-                host.append(np.zeros(spec["zeros"], spec["dtype"]))
-            elif isinstance(spec, dict):
-                host.append(rng.standard_normal(spec["random"]).astype(spec["dtype"]))
-            else:
-                host.append(np.load(plan_dir / spec))
+        host = [host_input(spec, plan_dir, rng, scale=1.0) for spec in entry["inputs"]]
         args = [tvm.runtime.tensor(a, dev) for a in host]
         record = {"shape": entry["shape"], "variant": entry["variant"], "tile": entry.get("tile")}
         if entry["kind"] == "vm":
@@ -256,11 +249,7 @@ def run(plan_dir: Path, site: Path, rounds: int, reps: int) -> dict:
                 print(f"{name}: max |err| {err:.3g} (bound {tol:.3g}) {'ok' if err <= tol else 'WRONG'}", flush=True)
         results["modules"][name] = record
         timers[name] = (timer, args)
-    times = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, (timer, args) in timers.items():
-            times[name].append(timer(*args))
-    for name, ts in times.items():
+    for name, ts in time_interleaved(timers, rounds).items():
         results["modules"][name]["ms"] = statistics.median(ts) * 1e3
         results["modules"][name]["rounds_ms"] = [t * 1e3 for t in ts]
     for entry in plan.get("accuracy", []):
@@ -335,16 +324,13 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(_name(s) for s in SHAPES), help="comma-separated MxNxK")
     p.add_argument("--no-accuracy", action="store_true", help="skip the two classifiers")
     p.add_argument("--tiles", action="store_true", help="also both kernels with the tiles of TILES_GEMV / TILES_GEMM")
-    r = sub.add_parser("run")
-    r.add_argument("plan_dir", type=Path)
-    r.add_argument("--site", type=Path, default=ROOT / ".dev" / "site")
-    r.add_argument("--rounds", type=int, default=7)
-    r.add_argument("--reps", type=int, default=50)
-    r.add_argument("--json", type=Path, default=None)
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_gpu_int8 import add_run_args
+
+    add_run_args(sub.add_parser("run"), reps=50)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         sys.path.insert(0, str(ROOT))
-        sys.path.insert(0, str(ROOT / "tools"))
         shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",") if s]
         prepare(args.out, args.target, shapes, not args.no_accuracy, args.tiles)
         return 0

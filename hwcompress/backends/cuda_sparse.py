@@ -172,6 +172,27 @@ def _pack_f16x2(lo, hi):
     return T.Cast("uint32", T.reinterpret("uint16", lo)) | (T.Cast("uint32", T.reinterpret("uint16", hi)) << T.uint32(16))
 
 
+def _f16(buf, row, col, rows: int, guard: bool):
+    """``buf[row, col]`` as f16; with ``guard``, zero for rows of a partial tile (``row >= rows``)."""
+    from tvm.script import tirx as T
+
+    if not guard:
+        return T.Cast("float16", buf[row, col])
+    return T.if_then_else(row < rows, T.Cast("float16", buf[T.min(row, rows - 1), col]), T.float16(0))
+
+
+def _inside(row, col, n: int, m: int, guarded: bool):
+    """Whether output ``y[col, row]`` exists (always, unless a tile can be partial)."""
+    from tvm.script import tirx as T
+
+    return T.And(row < n, col < m) if guarded else T.bool(True)
+
+
+def _acc_regs(acc, c: int) -> list:
+    """The 4 accumulator registers of an MMA tile starting at ``c``."""
+    return [acc[c + i] for i in range(4)]
+
+
 def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
     from tvm.script import tirx as T
 
@@ -189,21 +210,13 @@ def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
     def x_row(bm, warp, lane, i_m, pair=0):
         return _x_row(tile, bm, warp, lane, i_m, pair)
 
-    def f16(buf, row, col, rows, guard):  # buf[row, col] as f16, zero for rows of a partial tile
-        if not guard:
-            return T.Cast("float16", buf[row, col])
-        return T.if_then_else(row < rows, T.Cast("float16", buf[T.min(row, rows - 1), col]), T.float16(0))
-
     def meta_word(buf, row, byte):  # 16 2-bit indices of 16 k: two meta bytes, little-endian
         r = T.min(row, n - 1) if guard_n else row
         word = T.Cast("uint32", buf[r, byte]) | (T.Cast("uint32", buf[r, byte + 1]) << T.uint32(8))
         return T.if_then_else(row < n, word, T.uint32(_PAD_NIBBLES)) if guard_n else word
 
     def inside(row, col):
-        return T.And(row < n, col < m) if guard_n or guard_m else T.bool(True)
-
-    def acc_regs(acc, c):
-        return [acc[c + i] for i in range(4)]
+        return _inside(row, col, n, m, guard_n or guard_m)
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -228,7 +241,7 @@ def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
             for i_n in T.unroll(tn):
                 for j in T.unroll(words):  # halves 2j, 2j + 1: one row, adjacent columns
                     a_word[i_n * words + j] = _pack_f16x2(*[
-                        f16(values, w_row(bn, warp, lane, i_n, i % 4 // 2), _values_col(ks, step, lane, i), n, guard_n)
+                        _f16(values, w_row(bn, warp, lane, i_n, i % 4 // 2), _values_col(ks, step, lane, i), n, guard_n)
                         for i in (2 * j, 2 * j + 1)
                     ])  # fmt: skip
                 e[i_n] = meta_word(meta, w_row(bn, warp, lane, i_n, 0), _meta_byte(ks, step, lane)) | (
@@ -237,23 +250,23 @@ def _build(m: int, n: int, k: int, ks: int, tile: SparseTile):
             for i_m in T.unroll(tm):
                 for j in T.unroll(words):
                     b_word[i_m * words + j] = _pack_f16x2(*[
-                        f16(x, x_row(bm, warp, lane, i_m), _x_col(ks, step, lane, i), m, guard_m) for i in (2 * j, 2 * j + 1)
+                        _f16(x, x_row(bm, warp, lane, i_m), _x_col(ks, step, lane, i), m, guard_m) for i in (2 * j, 2 * j + 1)
                     ])  # fmt: skip
             for i_n in T.unroll(tn):
                 for i_m in T.unroll(tm):
                     if ks == 32:
                         T.ptx[mma](
-                            *acc_regs(acc, (i_n * tm + i_m) * 4),
+                            *_acc_regs(acc, (i_n * tm + i_m) * 4),
                             a_word[i_n * 4], a_word[i_n * 4 + 1], a_word[i_n * 4 + 2], a_word[i_n * 4 + 3],
                             b_word[i_m * 4], b_word[i_m * 4 + 1], b_word[i_m * 4 + 2], b_word[i_m * 4 + 3],
-                            *acc_regs(acc, (i_n * tm + i_m) * 4),
+                            *_acc_regs(acc, (i_n * tm + i_m) * 4),
                             e[i_n], 0,
                         )  # fmt: skip
                     else:
                         T.ptx[mma](
-                            *acc_regs(acc, (i_n * tm + i_m) * 4),
+                            *_acc_regs(acc, (i_n * tm + i_m) * 4),
                             a_word[i_n * 2], a_word[i_n * 2 + 1], b_word[i_m * 2], b_word[i_m * 2 + 1],
-                            *acc_regs(acc, (i_n * tm + i_m) * 4),
+                            *_acc_regs(acc, (i_n * tm + i_m) * 4),
                             e[i_n], 0,
                         )  # fmt: skip
         for i_n in T.unroll(tn):
@@ -364,16 +377,8 @@ def _build_dense(m: int, n: int, k: int, tile: SparseTile):
     guard_n, guard_m = grid_n * tile.block_n != n, grid_m * tile.block_m != m
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 
-    def f16(buf, row, col, rows, guard):
-        if not guard:
-            return T.Cast("float16", buf[row, col])
-        return T.if_then_else(row < rows, T.Cast("float16", buf[T.min(row, rows - 1), col]), T.float16(0))
-
     def inside(row, col):
-        return T.And(row < n, col < m) if guard_n or guard_m else T.bool(True)
-
-    def acc_regs(acc, c):
-        return [acc[c + i] for i in range(4)]
+        return _inside(row, col, n, m, guard_n or guard_m)
 
     @T.prim_func(s_tir=True)
     def kernel(x: T.Buffer((m, k), "float32"), w: T.Buffer((n, k), "float32"), y: T.Buffer((m, n), "float32")):
@@ -391,21 +396,21 @@ def _build_dense(m: int, n: int, k: int, tile: SparseTile):
             for i_n in T.unroll(tn):  # dense m16n8k16 A: the compressed k32 fragment's layout
                 for j in T.unroll(4):
                     a_word[i_n * 4 + j] = _pack_f16x2(*[
-                        f16(w, _w_row(tile, bn, warp, lane, i_n, i % 4 // 2), _values_col(32, step, lane, i), n, guard_n)
+                        _f16(w, _w_row(tile, bn, warp, lane, i_n, i % 4 // 2), _values_col(32, step, lane, i), n, guard_n)
                         for i in (2 * j, 2 * j + 1)
                     ])  # fmt: skip
             for i_m in T.unroll(tm):
                 for j in T.unroll(2):
                     b_word[i_m * 2 + j] = _pack_f16x2(*[
-                        f16(x, _x_row(tile, bm, warp, lane, i_m), _x_col(16, step, lane, i), m, guard_m) for i in (2 * j, 2 * j + 1)
+                        _f16(x, _x_row(tile, bm, warp, lane, i_m), _x_col(16, step, lane, i), m, guard_m) for i in (2 * j, 2 * j + 1)
                     ])  # fmt: skip
             for i_n in T.unroll(tn):
                 for i_m in T.unroll(tm):
                     T.ptx[mma](
-                        *acc_regs(acc, (i_n * tm + i_m) * 4),
+                        *_acc_regs(acc, (i_n * tm + i_m) * 4),
                         a_word[i_n * 4], a_word[i_n * 4 + 1], a_word[i_n * 4 + 2], a_word[i_n * 4 + 3],
                         b_word[i_m * 2], b_word[i_m * 2 + 1],
-                        *acc_regs(acc, (i_n * tm + i_m) * 4),
+                        *_acc_regs(acc, (i_n * tm + i_m) * 4),
                     )  # fmt: skip
         for i_n in T.unroll(tn):
             for i_m in T.unroll(tm):
