@@ -128,10 +128,16 @@ def _legalize_map(target, winograd: bool = True):  # noqa: ARG001 (no integer Wi
     return legalize_map(target)
 
 
+def _on_sparse_gemv(m: int, k: int) -> bool:
+    """Whether a 2:4 GEMM of ``m`` rows and reduction ``k`` runs on the CUDA-core GEMV (else
+    ``mma.sp``): few rows, and whole meta bytes per row (``k % 8 == 0``), which it needs."""
+    return m <= SPARSE_GEMV_MAX_ROWS and k % 8 == 0
+
+
 def _sparse_kernel(target, m, n, k):
     from .cuda_sparse import sparse24_gemv_cuda, sparse24_kernel_cuda
 
-    if m <= SPARSE_GEMV_MAX_ROWS and k % 8 == 0:
+    if _on_sparse_gemv(m, k):
         return sparse24_gemv_cuda(m, n, k)
     return sparse24_kernel_cuda(m, n, k, target)
 
@@ -140,7 +146,7 @@ def _sparse_unmeasured_rule(m: int, n: int, k: int) -> str | None:  # noqa: ARG0
     """One-row layers the GEMV does not take (``K`` not a multiple of 8) stay dense: ``mma.sp``
     measured 0.24-0.74x of the dense float32 GEMV at one row on an H100, the 2:4 GEMV
     1.4-3.0x (``tools/bench_gpu_sparse.py``, BENCHMARKS.md)."""
-    if m == 1 and k % 8:
+    if m == 1 and not _on_sparse_gemv(m, k):
         return (f"a GEMV with K = {k} (not a multiple of 8, which the 2:4 GEMV needs): the sparse tensor-core kernel "
                 "measured slower than the dense GEMV on an H100 (not measured on this target)")
     return None

@@ -321,7 +321,6 @@ def sparse24_gemv_cuda(m: int, n: int, k: int, rows: int = GEMV_ROWS):
         ty = T.launch_thread("threadIdx.y", rows)
         lane = T.launch_thread("threadIdx.x", 32)
         acc = T.decl_buffer([m], "float32", scope="local")
-        red = T.decl_buffer([m], "float32", scope="local")
         v4 = T.decl_buffer([4], "float32", scope="local")
         for r in T.unroll(m):
             acc[r] = T.float32(0)
@@ -337,11 +336,10 @@ def sparse24_gemv_cuda(m: int, n: int, k: int, rows: int = GEMV_ROWS):
                             acc[r] = acc[r] + v4[i] * x[r, gemv_k(q, i, byte)]
         mask = T.tvm_warp_activemask()
         for r in T.unroll(m):
-            red[r] = acc[r]
             for d in T.unroll(5):
-                red[r] = red[r] + T.tvm_warp_shuffle_down(mask, red[r], 16 >> d, 32, 32)
+                acc[r] = acc[r] + T.tvm_warp_shuffle_down(mask, acc[r], 16 >> d, 32, 32)
             if lane == 0 and (not guard_n or bx * rows + ty < n):
-                y[r, bx * rows + ty] = red[r]
+                y[r, bx * rows + ty] = acc[r]
 
     return kernel
 

@@ -33,10 +33,20 @@ from ..analysis import static_shape
 
 from ..passes.sparsity.mask24 import compress, conv_rows, is_2to4
 
-__all__ = ["sparse_legalize"]
+__all__ = ["gemm_shape", "sparse_legalize"]
 
 KERNEL_NAME = "sparse24_gemm"
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque
+
+
+def gemm_shape(call) -> tuple[int, int, int]:
+    """``(m, n, k)`` of a matmul / NHWC-OHWI conv as the GEMM its sparse kernel computes: ``m``
+    rows of the output (batch x positions for a conv), ``n`` outputs, ``k`` the reduction
+    (taps x input channels for a conv). Static shapes only."""
+    out = [int(d) for d in call.ty.shape]
+    w = [int(d) for d in call.args[1].ty.shape]
+    k = w[0] if call.op.name == "relax.matmul" else math.prod(w[1:])
+    return math.prod(out[:-1]), out[-1], k
 
 
 def _plan(call, kernel_for, int8_kernel_for=None):
@@ -60,7 +70,6 @@ def _plan(call, kernel_for, int8_kernel_for=None):
         if w.ndim != 2:
             return None
         gemm, kind = np.ascontiguousarray(w.T), "matmul"
-        m = math.prod(static_shape(data.ty)[:-1])
         if not is_2to4(gemm):
             return None
     elif name == "relax.nn.conv2d":
@@ -69,11 +78,9 @@ def _plan(call, kernel_for, int8_kernel_for=None):
         if layouts != ("NHWC", "OHWI", "NHWC") or int(attrs.groups) != 1 or not is_2to4(conv_rows(w)):
             return None
         gemm, kind = w.reshape(w.shape[0], -1), "conv2d"
-        out = static_shape(call.ty)
-        m = math.prod(out[:3]) if out else 0
     else:
         return None
-    n, k = gemm.shape
+    m, n, k = gemm_shape(call)
     try:
         if int8:
             return kind, gemm, int8_kernel_for(m, n, k, gemm)
@@ -106,16 +113,12 @@ def _emit(bb, call, kind: str, gemm: np.ndarray, kernel, values: np.ndarray, met
     from tvm import relax, topi
 
     data = call.args[0]
-    shape = static_shape(data.ty)
-    n, k = gemm.shape
+    m, n, k = gemm_shape(call)
+    out_shape = static_shape(call.ty)
     out_dtype = "int32" if str(gemm.dtype) == "int8" else "float32"
     if kind == "matmul":
-        m = math.prod(shape[:-1])
-        x = data if len(shape) == 2 else bb.emit_te(topi.reshape, data, (m, k), primfunc_name_hint="reshape")
-        out_shape = (*shape[:-1], n)
+        x = data if len(data.ty.shape) == 2 else bb.emit_te(topi.reshape, data, (m, k), primfunc_name_hint="reshape")
     else:
-        out_shape = static_shape(call.ty)
-        m = math.prod(out_shape[:3])
         attrs = call.attrs
         kh, kw = (int(d) for d in call.args[1].ty.shape.values[1:3])
         pad = [int(p) for p in attrs.padding]

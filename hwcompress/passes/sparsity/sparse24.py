@@ -150,15 +150,6 @@ def _reason(call) -> str | None:
     return None if w.shape[-1] % 4 == 0 else f"{w.shape[-1]} input channels, not a multiple of 4"
 
 
-def _gemm_shape(call) -> tuple[int, int, int]:
-    """``(m, n, k)`` of the layer as a GEMM: ``m`` rows of the output (batch x positions for
-    an NHWC conv), ``n`` outputs, ``k`` the reduction (x taps for a conv)."""
-    out = [int(d) for d in call.ty.shape]
-    w = [int(d) for d in call.args[1].ty.shape]
-    k = w[0] if call.op.name == MATMUL else int(np.prod(w[1:]))
-    return int(np.prod(out[:-1])), out[-1], k
-
-
 def _gemm_rows(call, w: np.ndarray) -> np.ndarray:
     """The weight as rows along the permutable reduction axis (input channels / ``K``)."""
     return conv_rows(w) if call.op.name == CONV2D else w.T
@@ -292,8 +283,10 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
 
     from ...errors import RecipeError
     from ...targets import load_target, runnable_here
-    from ..quantize.int8 import weight_qmax
+    from ...backends import get_backend
+    from ...backends.sparse_lower import gemm_shape
     from ..layout import fold_const_moves
+    from ..quantize.int8 import weight_qmax
     from ..quantize.int8_graph import emit_main, module_with_main
 
     spec = spec if spec is not None else load_target("host")
@@ -310,8 +303,8 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     measure = config.decide is Decide.MEASURE or (config.decide is Decide.AUTO and runs_here)
     if measure and not runs_here:
         raise RecipeError(f"sparse-2-4: decide='measure' needs the target to run here ({why_not}); use decide='all'")
-    from ...backends import get_backend
-
+    # where layers are not timed, the backend's rule from its measurements elsewhere ("auto" only)
+    rule = get_backend(spec).sparse_unmeasured_rule if config.decide is Decide.AUTO and not measure else None
     chosen, records = {}, []
     for site in sites:
         if site.reason is not None:
@@ -337,8 +330,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
                     else f"sparse measured only {record['speedup']}x faster (< {MIN_SPEEDUP}x: within the noise)"
                 )  # fmt: skip
         else:
-            rule = get_backend(spec).sparse_unmeasured_rule if config.decide is Decide.AUTO else None
-            why_dense = rule(*_gemm_shape(site.call)) if rule else None
+            why_dense = rule(*gemm_shape(site.call)) if rule else None
             record["sparse"] = why_dense is None
             record["measured"] = False
             if why_dense:
