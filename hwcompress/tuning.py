@@ -38,6 +38,7 @@ from .tuning_workers import (  # noqa: F401 (public here; workers unpickle build
     build_candidate,
     candidate_builder,
     ignore_sigint,
+    import_tensor_intrin,
     kill_workers,
     quiet_metaschedule_console,
 )
@@ -201,6 +202,7 @@ def tune_module(
     emit = progress or _stderr
     quiet_metaschedule_console()
     builder, runner = candidate_builder(), _runner(spec, tracker, key)
+    import_tensor_intrin()  # what the tune contexts import, quickly
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(pending, str(work), seed=seed)
     database = ms.database.JSONDatabase(work_dir=str(work))
     ctrl_c = CtrlC(stop_now=lambda: (_save_state(work, reports), kill_workers()))

@@ -99,6 +99,38 @@ def build_candidate(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def import_tensor_intrin() -> None:
+    """``import tvm.s_tir.tensor_intrin`` (MetaSchedule's ``TuneContext`` does it) in seconds,
+    not minutes: its hundreds of ``@T.prim_func`` each call ``inspect.stack()``, whose
+    ``getmodule`` scans every loaded module for every frame (89 s on a 2-core machine with
+    tuning's ~2,000 modules, 6 s with ``_cheap_stack``). Only the import runs with it."""
+    import inspect
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    real = inspect.stack
+    inspect.stack = _cheap_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = real
+
+
+def _cheap_stack(context: int = 1) -> list:
+    """``inspect.stack(context)`` as TVMScript's parser reads it (frames, file, line, the
+    current source line), with the line from ``linecache`` instead of ``getsourcefile``."""
+    import inspect
+    import linecache
+
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        code, lineno = frame.f_code, frame.f_lineno
+        line = linecache.getline(code.co_filename, lineno) if context > 0 else ""
+        frames.append(inspect.FrameInfo(frame, code.co_filename, lineno, code.co_name, [line] if line else None, 0 if line else None))
+        frame = frame.f_back
+    return frames
+
+
 def candidate_builder():
     """The builder tuning uses: ``build_candidate`` with a timeout that a busy machine meets."""
     from tvm.s_tir import meta_schedule as ms

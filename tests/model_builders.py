@@ -38,3 +38,20 @@ def tiny_cnn(batch="N", seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         inits,
     )
+
+
+def one_conv(seed: int = 0) -> onnx.ModelProto:
+    """Conv(bias) + Relu, batch 1: the smallest model with a tunable kernel."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.3).astype(np.float32), "w")
+    b = numpy_helper.from_array((rng.standard_normal(16) * 0.3).astype(np.float32), "b")
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["output"], name="relu"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 16, 16, 16])],
+        [w, b],
+    )

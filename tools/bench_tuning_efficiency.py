@@ -187,7 +187,7 @@ def tune_task(task, run: Run, trials: int, per_iter: int, population: int, seed:
     from tvm.s_tir.meta_schedule.cost_model.xgb_model import XGBConfig
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
-    from hwcompress.tuning import candidate_builder, mean_seconds, quiet_metaschedule_console
+    from hwcompress.tuning import candidate_builder, import_tensor_intrin, mean_seconds, quiet_metaschedule_console
 
     work = Path(run.work_dir)
     if work.exists():
@@ -195,6 +195,7 @@ def tune_task(task, run: Run, trials: int, per_iter: int, population: int, seed:
     work.mkdir(parents=True)
     quiet_metaschedule_console()
     strategy = ms.search_strategy.EvolutionarySearch(population_size=population)
+    import_tensor_intrin()
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         [task], str(work), strategy=strategy, num_threads=search_threads, seed=seed)
     cores = contexts[0].num_threads

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from hwcompress.tuning import STATE
-from model_builders import tiny_cnn
+from model_builders import one_conv
 
 HWC = str(Path(sys.executable).parent / "hwc")
 HANG_GUARD_S = 180  # not a timing assertion: only that the process does not hang
@@ -74,8 +74,8 @@ class _Tune:
 
 @pytest.fixture
 def model(tmp_path) -> Path:
-    path = tmp_path / "tiny.onnx"
-    onnx.save(tiny_cnn(batch=1), path)
+    path = tmp_path / "one_conv.onnx"  # one tunable kernel: the first batch comes soonest
+    onnx.save(one_conv(), path)
     return path
 
 
@@ -87,7 +87,7 @@ def _consistent(work: Path) -> tuple[int, int]:
     records = (work / "database_tuning_record.json").read_text().splitlines()
     assert all(json.loads(line) for line in records)  # no torn line
     assert len(records) == trials + seeds, (len(records), trials, seeds)
-    assert seeds == len(tasks)  # every task seeded (the tiny CNN's kernels all have a default)
+    assert seeds == len(tasks)  # every task seeded (the model's kernels all have a default)
     return trials, seeds
 
 
@@ -167,3 +167,24 @@ def test_no_handler_outside_the_main_thread():
     thread.start()
     thread.join()
     assert seen == [before]
+
+
+def test_tensor_intrinsics_parse_the_same_with_the_cheap_stack():
+    """``import_tensor_intrin`` parses TVM's tensor intrinsics with ``_cheap_stack``; one that
+    reads closure variables from its enclosing frame (``get_mma_intrin``) must come out the
+    same as with the real ``inspect.stack`` (a fresh process: the import is once per process)."""
+    code = (
+        "import tvm\n"
+        "from hwcompress.tuning_workers import import_tensor_intrin\n"
+        "import_tensor_intrin()\n"
+        "from tvm.s_tir import TensorIntrin\n"
+        "from tvm.s_tir.tensor_intrin import cuda\n"
+        "desc, impl = cuda.get_mma_intrin(16, 'float16', 'float16', 'float32', True, False)\n"
+        "got = TensorIntrin.get(cuda.MMA_f16f16f32_TRANS_A_INTRIN)\n"
+        "tvm.ir.assert_structural_equal(got.desc, desc)\n"
+        "tvm.ir.assert_structural_equal(got.impl, impl)\n"
+        "assert TensorIntrin.get('dot_16x4_vnni') is not None\n"
+        "print('same')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
