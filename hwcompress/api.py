@@ -160,7 +160,7 @@ def compile(  # noqa: A001 - the natural name of the verb
     if offload is not None and offload["flops_npu"] and quantization is not None and default_tolerance:
         rtol, atol_fraction = NPU_TOLERANCE, NPU_TOLERANCE
     with _stage(f"lower + schedule ({spec.name})"):
-        lowered = build.apply_databases(build.legalize(graph, spec, fuse=optimize.fuse), spec, dbs)
+        lowered = build.apply_databases(build.legalize(graph, spec, fuse=optimize.fuse, blocks=optimize.blocks), spec, dbs)
         tuned = build.scheduled_kernels(lowered)
         all_kernels = build.kernels(lowered)
         scheduled = build.default_schedule(lowered, spec)

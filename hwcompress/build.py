@@ -48,13 +48,17 @@ def legalize_passes(fuse: bool = True, legalize_map: dict | None = None) -> list
     ]
 
 
-def legalize(mod, spec: TargetSpec, fuse: bool = True):
-    """Graph-level lowering to (fused) TIR kernels: the tuning task boundary."""
+def legalize(mod, spec: TargetSpec, fuse: bool = True, blocks: bool = True):
+    """Graph-level lowering to (fused) TIR kernels: the tuning task boundary. ``blocks``: the
+    backend's multi-layer kernels (``Backend.fusion_passes``) where ``fuse`` is on; not with
+    2:4 sparsity (its sparse layers keep their sparse kernels)."""
     import tvm
 
     target = spec.tvm_target()
     lmap = backend_legalize_map(spec, sparse=has_sparsity(mod), winograd=winograd_allowed(mod))
-    return _run_stage("legalize", tvm.transform.Sequential(legalize_passes(fuse, lmap)), mod, target)
+    backend = get_backend(spec)
+    graph = backend.fusion_passes(target) if fuse and blocks and backend.fusion_passes and not has_sparsity(mod) else []
+    return _run_stage("legalize", tvm.transform.Sequential([*graph, *legalize_passes(fuse, lmap)]), mod, target)
 
 
 # Module attribute: False when the build's Winograd is off (``--winograd off``, or a target

@@ -109,6 +109,11 @@ def _optimize_args(parser, note: str = "") -> None:
     parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded" + note)
     parser.add_argument("--no-fuse", action="store_true", help="one kernel per op (no operator fusion)" + note)
     parser.add_argument(
+        "--no-fuse-blocks",
+        action="store_true",
+        help="no multi-layer kernels (CPU: inverted-residual blocks as one kernel)" + note,
+    )
+    parser.add_argument(
         "--winograd",
         choices=("on", "off", "auto"),
         default="auto",
@@ -125,7 +130,9 @@ def _optimize_args(parser, note: str = "") -> None:
 def _optimize(args):
     from .optimize import Optimize
 
-    return Optimize(fold_bn=not args.no_fold_bn, fuse=not args.no_fuse, winograd=args.winograd, layout=args.layout)
+    return Optimize(
+        fold_bn=not args.no_fold_bn, fuse=not args.no_fuse, blocks=not args.no_fuse_blocks, winograd=args.winograd, layout=args.layout
+    )
 
 
 def _shapes(items: list[str]) -> dict:

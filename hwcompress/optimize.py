@@ -42,17 +42,20 @@ class Optimize:
     ----------
     fold_bn : fold inference BatchNorm into conv / matmul weights (frontend and ``fold-bn``)
     fuse : let TVM fuse conv + bias + activation + residual add into one kernel
+    blocks : also the backend's multi-layer kernels where ``fuse`` is on (CPU: MobileNet-style
+        inverted residuals, expand + depthwise + project, as one kernel; ``backends.cpu_block``)
     winograd : Winograd for eligible 3x3 stride-1 convs; ``auto`` = ``[hardware].winograd``
     layout : conv layout (a ``DataLayout`` or its name); ``auto`` = ``[hardware].conv_layout``
     """
 
     fold_bn: bool = True
     fuse: bool = True
+    blocks: bool = True
     winograd: Switch = Switch.AUTO
     layout: DataLayout | str = AUTO
 
     def __post_init__(self):
-        for name in ("fold_bn", "fuse"):
+        for name in ("fold_bn", "fuse", "blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Optimize.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.winograd, str):
@@ -81,6 +84,7 @@ class Optimize:
         return {
             "fold_bn": self.fold_bn,
             "fuse": self.fuse,
+            "blocks": self.blocks and self.fuse,
             "winograd": self.winograd.value,
             "winograd_applied": self.winograd_on(spec),
             "layout": self.layout if self.layout == AUTO else self.layout.value,

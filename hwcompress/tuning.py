@@ -158,7 +158,7 @@ def legalized_model(model, spec: TargetSpec, input_shapes=None, recipe=None, opt
     from .optimize import as_optimize
 
     optimize = as_optimize(optimize)
-    return legalize(import_model(model, spec, input_shapes, recipe, optimize=optimize).mod, spec, fuse=optimize.fuse)
+    return legalize(import_model(model, spec, input_shapes, recipe, optimize=optimize).mod, spec, fuse=optimize.fuse, blocks=optimize.blocks)
 
 
 # Kernels below this share of the model's time (their measured default schedule x how often
@@ -189,7 +189,7 @@ def tune_module(
     work.mkdir(parents=True, exist_ok=True)
     repair_database(work)
     state = _load_state(work)
-    extracted = ms.relax_integration.extract_tasks(mod, target)
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target) if not hand_scheduled(t)]
     reports = {t.task_name: TaskReport(**state.get(t.task_name, {"name": t.task_name})) for t in extracted}
     already = sum(r.trials for r in reports.values())
     _count_flops(extracted, reports)
@@ -250,6 +250,12 @@ def tune_module(
             f"run the same `hwc tune` command again (same --work-dir) to resume"
         )
     return TuneResult(work, spec.name, trials, run_now, time.perf_counter() - start, list(reports.values()))
+
+
+def hand_scheduled(task) -> bool:
+    """Whether an extracted task is one of the backends' hand-written kernels (marked
+    ``tirx.is_scheduled``: 2:4 sparse GEMMs, fused inverted residuals): nothing to tune."""
+    return any(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False)) for f in task.dispatched[0].functions.values())
 
 
 def _runner(spec: TargetSpec, tracker: str | None, key: str | None):

@@ -140,7 +140,7 @@ def model_tasks(model: str, spec):
 
     make, shapes = MODELS[model]
     optimize = as_optimize(None)
-    mod = legalize(import_model(make(), spec, shapes, optimize=optimize).mod, spec, fuse=optimize.fuse)
+    mod = legalize(import_model(make(), spec, shapes, optimize=optimize).mod, spec, fuse=optimize.fuse, blocks=optimize.blocks)
     out = []
     for task in ms.relax_integration.extract_tasks(mod, spec.tvm_target()):
         flops = float(estimate_tir_flops(task.dispatched[0]))

@@ -38,6 +38,10 @@ class Backend:
     # does not run here), drawn from measurements on the backend's hardware; None: every
     # eligible layer goes sparse unmeasured
     sparse_unmeasured_rule: Callable | None = None
+    # (tvm Target, min_bytes=None) -> [tvm.transform.Pass]: graph rewrites into the backend's
+    # multi-layer kernels (e.g. ``cpu_block``'s inverted residuals), run by ``build.legalize``
+    # before legalization when fusion is on; ``min_bytes`` overrides the size rule
+    fusion_passes: Callable | None = None
 
 
 def get_backend(spec) -> Backend:

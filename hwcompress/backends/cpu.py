@@ -47,6 +47,14 @@ def _sparse_kernel_int8(target, m, n, k, weight):
     return sparse24_int8_kernel(m, n, k, target, variants8(m, n, k, kind)[0]), values, meta
 
 
+def _fusion_passes(target, min_bytes: int | None = None):
+    from .cpu_block import fuse_inverted_residuals
+    from .cpu_schedule import CpuFacts
+
+    facts = CpuFacts.from_target(target)
+    return [fuse_inverted_residuals(lanes=8, regs=32 if facts.vector_bits >= 512 else 16, bands=facts.num_cores, min_bytes=min_bytes)]
+
+
 def _finalize(target):
     from tvm.relax.backend.cpu_generic import pipeline
 
@@ -72,4 +80,5 @@ BACKEND = Backend(
     legalize_map=_legalize_map,
     sparse_kernel=_sparse_kernel,
     sparse_kernel_int8=_sparse_kernel_int8,
+    fusion_passes=_fusion_passes,
 )

@@ -44,7 +44,7 @@ def test_manifest_records_everything(built):
     # the steps that ran: no user recipe, the host's default optimizations
     assert [s["technique"] for s in m["recipe"]["steps"]] == ["fold-bn", "layout", "winograd"]
     assert m["optimize"] == {
-        "fold_bn": True, "fuse": True, "winograd": "auto", "winograd_applied": True, "layout": "auto", "layout_applied": "NHWC"
+        "fold_bn": True, "fuse": True, "blocks": True, "winograd": "auto", "winograd_applied": True, "layout": "auto", "layout_applied": "NHWC"
     }
     assert set(m["files"]) >= {"module.so"} and all(len(h) == 64 for h in m["files"].values())
     v = m["verification"]

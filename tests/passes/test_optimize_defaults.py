@@ -103,17 +103,17 @@ def test_cli_switches_reach_the_manifest_and_the_kernels(tmp_path: Path):
     model.write_bytes(G.residual_block(c=16, hw=12).SerializeToString())
     hwc = [sys.executable, "-m", "hwcompress"]
     runs = {}
-    for label, flags in (("default", []), ("off", ["--no-fold-bn", "--winograd", "off", "--layout", "NCHW"])):
+    for label, flags in (("default", []), ("off", ["--no-fold-bn", "--no-fuse-blocks", "--winograd", "off", "--layout", "NCHW"])):
         out = tmp_path / label
         done = subprocess.run([*hwc, "-q", "build", str(model), "-o", str(out), *flags], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         runs[label] = json.loads((out / "manifest.json").read_text())
     default, off = runs["default"], runs["off"]
     assert default["optimize"] == {
-        "fold_bn": True, "fuse": True, "winograd": "auto", "winograd_applied": True, "layout": "auto", "layout_applied": "NHWC"
+        "fold_bn": True, "fuse": True, "blocks": True, "winograd": "auto", "winograd_applied": True, "layout": "auto", "layout_applied": "NHWC"
     }
     assert off["optimize"] == {
-        "fold_bn": False, "fuse": True, "winograd": "off", "winograd_applied": False, "layout": "NCHW", "layout_applied": "NCHW"
+        "fold_bn": False, "fuse": True, "blocks": False, "winograd": "off", "winograd_applied": False, "layout": "NCHW", "layout_applied": "NCHW"
     }
     all_default = default["kernels"]["default_schedule"] + default["kernels"]["tuned"]
     all_off = off["kernels"]["default_schedule"] + off["kernels"]["tuned"]
