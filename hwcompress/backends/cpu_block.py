@@ -34,6 +34,8 @@ __all__ = ["Block", "FuseInvertedResiduals", "block_kernel", "fuse_inverted_resi
 KERNEL_NAME = "inverted_residual"
 OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps adds nothing to a hand-written kernel
 _DW_PIXELS = 7
+_SMALL_WEIGHTS = 64 << 10  # expand + project weights below this: one output row per step
+_GROUP_BYTES = 256 << 10  # ring + depthwise rows of a group of output rows
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,23 @@ def gemm_tile(nvecs: int, width: int, regs: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def block_kernel(b: Block, lanes: int, regs: int, bands: int):
-    """PrimFunc ``(x, we[ci, ce], be[ce], wd[9, ce], bd[ce], wp[ce, co], bp[co], y)``."""
+def rows_per_group(b: Block, rows: int, budget: int = _GROUP_BYTES) -> int:
+    """Output rows computed together: 1 where the block's weights are small (they stay in
+    cache from one row to the next); else as many as keep the ring and the depthwise rows
+    within ``budget`` bytes, so that the weights are read once per group, not once per row."""
+    if 4 * b.ce * (b.ci + b.co) < _SMALL_WEIGHTS:
+        return 1
+    ho, wo = b.out_hw
+    best = 1
+    for g in range(1, min(rows, ho) + 1):
+        if 4 * b.ce * (((g - 1) * b.stride + 3) * (b.w + 2) + g * wo) <= budget:
+            best = g
+    return best
+
+
+def block_kernel(b: Block, lanes: int, regs: int, bands: int, group: int | None = None):
+    """PrimFunc ``(x, we[ci, ce], be[ce], wd[9, ce], bd[ce], wp[ce, co], bp[co], y)``;
+    ``group``: output rows per step (default ``rows_per_group``)."""
     from tvm.script import tirx as T
 
     if b.ce % lanes or b.co % lanes:
@@ -93,10 +110,14 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int):
     NE, TX = gemm_tile(Ce // lanes, W, regs)
     NP, TP = gemm_tile(Co // lanes, Wo, regs)
     TD = min(_DW_PIXELS, Wo)
-    XT, DT, PT = math.ceil(W / TX), math.ceil(Wo / TD), math.ceil(Wo / TP)
+    XT, DT = math.ceil(W / TX), math.ceil(Wo / TD)
     bands = max(1, min(bands, Ho))
     R = math.ceil(Ho / bands)
     bands = math.ceil(Ho / R)
+    G = min(group or rows_per_group(b, R), R)
+    G = math.ceil(R / math.ceil(R / G))  # as many groups, evened out (4 rows: 2 + 2, not 3 + 1)
+    NG = math.ceil(R / G)  # groups per band
+    NRB = (G - 1) * s + 3  # ring rows: expanded row iy lives in slot (iy + NRB) % NRB
     WP = W + 2
     V, res = lanes, b.residual
     zero = T.float32(0)
@@ -108,7 +129,8 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int):
 
     # A row's last tile is shifted left to end at the row's end (T.min): it recomputes and
     # rewrites a few pixels of the one before with the same values instead of running a tail
-    # loop, and each tile's pixels are one base address plus constants.
+    # loop, and each tile's pixels are one base address plus constants. The projection's
+    # pixels run over the group's rows as one (rows x Wo) axis (NHWC rows are contiguous).
     @T.prim_func
     def kernel(
         x: T.Buffer((1, H, W, Ci), "float32"),
@@ -121,70 +143,87 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int):
         y: T.Buffer((1, Ho, Wo, Co), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
+        xf = T.decl_buffer((H * W, Ci), "float32", data=x.data)
+        yf = T.decl_buffer((Ho * Wo, Co), "float32", data=y.data)
         for t in T.parallel(bands):
-            ring = T.alloc_buffer((3, WP, Ce), "float32")
-            d = T.alloc_buffer((Wo, Ce), "float32")
+            ring = T.alloc_buffer((NRB, WP, Ce), "float32")
+            d = T.alloc_buffer((G * Wo, Ce), "float32")
             acc = T.alloc_buffer((TX * NE * V,), "float32", scope="local")
             acd = T.alloc_buffer((TD * V,), "float32", scope="local")
             acp = T.alloc_buffer((TP * NP * V,), "float32", scope="local")
-            for k in range(3):  # the depthwise's zero padding columns
+            for k in range(NRB):  # the depthwise's zero padding columns
                 for c in T.vectorized(Ce):
                     ring[k, 0, c] = zero
                     ring[k, WP - 1, c] = zero
-            for oy in range(t * R, T.min(t * R + R, Ho)):
-                # expanded row iy = oy*s - 1 + k lives in ring slot (iy + 3) % 3
-                for k in range(3):
-                    if oy == t * R or k >= 3 - s:
-                        if oy * s - 1 + k < 0 or oy * s - 1 + k >= H:
+            for gi in range(NG):
+                if t * R + gi * G < T.min(t * R + R, Ho):
+                    # this group: output rows oy0 .. oy0 + g - 1; expanded rows i0 .. i1 - 1,
+                    # of which the first (3 - s) are the last group's unless it is the band's first
+                    # (oy0, g, i0, i1, new are written out: TVMScript has no local scalars here)
+                    for iy in range(
+                        (t * R + gi * G) * s - 1 + T.if_then_else(gi == 0, 0, 3 - s),
+                        (t * R + gi * G + T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) - 1) * s + 2,
+                    ):
+                        if iy < 0 or iy >= H:
                             for px in range(W):
                                 for c in T.vectorized(Ce):
-                                    ring[(oy * s + 2 + k) % 3, 1 + px, c] = zero
-                        else:
-                            for vb in range(Ce // (NE * V)):
-                                for pt in range(XT):
+                                    ring[(iy + NRB) % NRB, 1 + px, c] = zero
+                    for vb in range(Ce // (NE * V)):
+                        for iy in range(
+                            T.max((t * R + gi * G) * s - 1 + T.if_then_else(gi == 0, 0, 3 - s), 0),
+                            T.min((t * R + gi * G + T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) - 1) * s + 2, H),
+                        ):
+                            for pt in range(XT):
+                                for p in T.unroll(TX):
+                                    for v in T.unroll(NE):
+                                        acc[vec(p * NE + v)] = be[vec(vb * NE + v)]
+                                for c in range(Ci):
                                     for p in T.unroll(TX):
                                         for v in T.unroll(NE):
-                                            acc[vec(p * NE + v)] = be[vec(vb * NE + v)]
-                                    for c in range(Ci):
-                                        for p in T.unroll(TX):
-                                            for v in T.unroll(NE):
-                                                acc[vec(p * NE + v)] = acc[vec(p * NE + v)] + T.Broadcast(
-                                                    x[0, oy * s - 1 + k, T.min(pt * TX, W - TX) + p, c], V
-                                                ) * we[c, vec(vb * NE + v)]
-                                    for p in T.unroll(TX):
-                                        for v in T.unroll(NE):
-                                            ring[(oy * s + 2 + k) % 3, 1 + T.min(pt * TX, W - TX) + p, vec(vb * NE + v)] = T.max(
-                                                T.min(acc[vec(p * NE + v)], hi_e), lo_e
-                                            )
-                for ot in range(DT):
-                    for cv in range(Ce // V):
-                        for p in T.unroll(TD):
-                            acd[vec(p)] = bd[vec(cv)]
-                        for ky in T.unroll(3):
-                            for kx in T.unroll(3):
+                                            acc[vec(p * NE + v)] = acc[vec(p * NE + v)] + T.Broadcast(
+                                                xf[iy * W + T.min(pt * TX, W - TX) + p, c], V
+                                            ) * we[c, vec(vb * NE + v)]
+                                for p in T.unroll(TX):
+                                    for v in T.unroll(NE):
+                                        ring[(iy + NRB) % NRB, 1 + T.min(pt * TX, W - TX) + p, vec(vb * NE + v)] = T.max(
+                                            T.min(acc[vec(p * NE + v)], hi_e), lo_e
+                                        )
+                    for r in range(T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G))):
+                        for ot in range(DT):
+                            for cv in range(Ce // V):
                                 for p in T.unroll(TD):
-                                    acd[vec(p)] = acd[vec(p)] + ring[(oy * s + 2 + ky) % 3, (T.min(ot * TD, Wo - TD) + p) * s + kx, vec(cv)] * wd[
-                                        ky * 3 + kx, vec(cv)
-                                    ]
-                        for p in T.unroll(TD):
-                            d[T.min(ot * TD, Wo - TD) + p, vec(cv)] = T.max(T.min(acd[vec(p)], hi_d), lo_d)
-                for vb in range(Co // (NP * V)):
-                    for pt in range(PT):
-                        for p in T.unroll(TP):
-                            for v in T.unroll(NP):
-                                if res:
-                                    acp[vec(p * NP + v)] = bp[vec(vb * NP + v)] + x[0, oy, T.min(pt * TP, Wo - TP) + p, vec(vb * NP + v)]
-                                else:
-                                    acp[vec(p * NP + v)] = bp[vec(vb * NP + v)]
-                        for c in range(Ce):
+                                    acd[vec(p)] = bd[vec(cv)]
+                                for ky in T.unroll(3):
+                                    for kx in T.unroll(3):
+                                        for p in T.unroll(TD):
+                                            acd[vec(p)] = acd[vec(p)] + ring[
+                                                ((t * R + gi * G + r) * s - 1 + ky + NRB) % NRB, (T.min(ot * TD, Wo - TD) + p) * s + kx, vec(cv)
+                                            ] * wd[ky * 3 + kx, vec(cv)]
+                                for p in T.unroll(TD):
+                                    d[r * Wo + T.min(ot * TD, Wo - TD) + p, vec(cv)] = T.max(T.min(acd[vec(p)], hi_d), lo_d)
+                    for vb in range(Co // (NP * V)):
+                        for pt in range(T.ceildiv(T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo, TP)):
                             for p in T.unroll(TP):
                                 for v in T.unroll(NP):
-                                    acp[vec(p * NP + v)] = acp[vec(p * NP + v)] + T.Broadcast(d[T.min(pt * TP, Wo - TP) + p, c], V) * wp[
-                                        c, vec(vb * NP + v)
-                                    ]
-                        for p in T.unroll(TP):
-                            for v in T.unroll(NP):
-                                y[0, oy, T.min(pt * TP, Wo - TP) + p, vec(vb * NP + v)] = acp[vec(p * NP + v)]
+                                    if res:
+                                        acp[vec(p * NP + v)] = bp[vec(vb * NP + v)] + xf[
+                                            (t * R + gi * G) * Wo + T.min(pt * TP, T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo - TP) + p,
+                                            vec(vb * NP + v),
+                                        ]
+                                    else:
+                                        acp[vec(p * NP + v)] = bp[vec(vb * NP + v)]
+                            for c in range(Ce):
+                                for p in T.unroll(TP):
+                                    for v in T.unroll(NP):
+                                        acp[vec(p * NP + v)] = acp[vec(p * NP + v)] + T.Broadcast(
+                                            d[T.min(pt * TP, T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo - TP) + p, c], V
+                                        ) * wp[c, vec(vb * NP + v)]
+                            for p in T.unroll(TP):
+                                for v in T.unroll(NP):
+                                    yf[
+                                        (t * R + gi * G) * Wo + T.min(pt * TP, T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo - TP) + p,
+                                        vec(vb * NP + v),
+                                    ] = acp[vec(p * NP + v)]
 
     return kernel.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
 

@@ -32,12 +32,12 @@ def _reference(b: Block, a: dict) -> np.ndarray:
     return (y + f["x"][0] if b.residual else y)[None]
 
 
-def _run_kernel(b: Block, a: dict, regs: int = 16, bands: int = 2) -> np.ndarray:
+def _run_kernel(b: Block, a: dict, regs: int = 16, bands: int = 2, group: int | None = None) -> np.ndarray:
     import tvm
 
     from hwcompress.targets import load_target
 
-    func = block_kernel(b, 8, regs, bands).with_attr("global_symbol", "blk")
+    func = block_kernel(b, 8, regs, bands, group).with_attr("global_symbol", "blk")
     lib = tvm.compile(tvm.IRModule({"blk": func}), target=load_target("host").tvm_target())
     ho, wo = b.out_hw
     args = [tvm.runtime.tensor(a[k]) for k in ("x", "we", "be", "wd", "bd", "wp", "bp")]
@@ -47,17 +47,20 @@ def _run_kernel(b: Block, a: dict, regs: int = 16, bands: int = 2) -> np.ndarray
 
 
 @pytest.mark.parametrize(
-    "block, bands",
+    "block, bands, group",
     [
-        (Block(12, 12, 8, 48, 8, 1, True), 2),  # residual, stride 1
-        (Block(13, 11, 8, 24, 16, 2, False), 3),  # stride 2, odd sizes: shifted last tiles, 3 bands
-        (Block(7, 7, 16, 96, 24, 1, False, (0.0, 1.0), (-1.0, 2.0)), 1),  # other clips, one band
-        (Block(9, 5, 8, 32, 8, 2, False), 8),  # more bands than output rows
+        (Block(12, 12, 8, 48, 8, 1, True), 2, 1),  # residual, stride 1, a row at a time
+        (Block(12, 12, 8, 48, 8, 1, True), 2, 4),  # at most 4 rows a group: a band's 6 as 3 + 3
+        (Block(13, 11, 8, 24, 16, 2, False), 3, 1),  # stride 2, odd sizes: shifted last tiles, 3 bands
+        (Block(13, 11, 8, 24, 16, 2, False), 1, 3),  # stride 2 in groups of 3 (7 rows: 3 + 3 + 1)
+        (Block(7, 7, 16, 96, 24, 1, False, (0.0, 1.0), (-1.0, 2.0)), 1, 7),  # other clips, the image at once
+        (Block(9, 5, 8, 32, 8, 2, False), 8, 2),  # more bands than output rows
+        (Block(7, 7, 16, 96, 16, 1, True), 2, 3),  # a group's pixels span rows: tiles cross rows
     ],
 )
-def test_kernel_matches_numpy(block, bands):
+def test_kernel_matches_numpy(block, bands, group):
     a = _weights(block)
-    got, want = _run_kernel(block, a, bands=bands), _reference(block, a)
+    got, want = _run_kernel(block, a, bands=bands, group=group), _reference(block, a)
     assert got.shape == want.shape and np.isfinite(got).all()  # every output written
     assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
 
@@ -67,6 +70,14 @@ def test_kernel_with_32_registers():
     block = Block(10, 10, 8, 48, 16, 1, False)
     a = _weights(block, seed=1)
     assert np.abs(_run_kernel(block, a, regs=32) - _reference(block, a)).max() <= RTOL * np.abs(_reference(block, a)).max()
+
+
+def test_rows_per_group():
+    from hwcompress.backends.cpu_block import rows_per_group
+
+    assert rows_per_group(Block(56, 56, 24, 144, 24, 1, True), 28) == 1  # 28 KB of weights
+    g = rows_per_group(Block(7, 7, 160, 960, 320, 1, False), 4)  # 1.8 MB of weights
+    assert 1 < g <= 4
 
 
 def test_gemm_tile_fits_the_register_file():
