@@ -1,15 +1,21 @@
 """Inverted-residual blocks (MobileNetV2's expand 1x1 -> depthwise 3x3 -> project 1x1) as one
-CPU kernel, the expanded rows kept in a 3-row ring buffer.
+CPU kernel, the expanded rows kept in a ring buffer.
 
 Run as three kernels, a block writes its expanded tensor (6x the block's input: 1.8-4.8 MB at
 MobileNetV2's 56x56-112x112 layers) and reads it back, then the same again for the depthwise
 output; in the whole model those layers run ~2x slower than alone (BENCHMARKS.md, issue 3).
-Here each output row ``oy`` is made from three expanded rows ``oy*s - 1 .. oy*s + 1`` held in a
-ring ``(3, W + 2, Ce)`` (zero columns for the depthwise padding): a new output row computes
-only the ``s`` expanded rows it does not share with the previous one, the depthwise row goes to
-a ``(Wo, Ce)`` buffer, and the projection reads it at once from L1/L2; only the block's input
-and output touch memory. Rows are split into bands, one per task of the parallel loop; a band
-recomputes the 1-2 expanded rows it shares with its neighbour.
+Here output rows are made in groups of ``g`` (``rows_per_group``: 1 where the weights are
+small): the group's expanded rows ``oy0*s - 1 .. (oy0 + g - 1)*s + 1`` are held in a ring of
+``(g - 1)*s + 3`` rows of ``(W + 2, Ce)`` (zero columns for the depthwise padding), a group
+computes only the expanded rows it does not share with the previous one, its depthwise rows go
+to a ``(g*Wo, Ce)`` buffer, and the projection reads them at once from L1/L2; only the block's
+input and output touch memory. Rows are split into bands, one per task of the parallel loop; a
+band recomputes the 1-2 expanded rows it shares with its neighbour.
+
+Measured (``tools/bench_blocks.py``, BENCHMARKS.md session 10): 1.26x on MobileNetV2's 112x112
+block in the model, about even on its 56x56 ones, 1.00-1.08x on the whole model; the stages run
+at ~75% of the separate packed convs' FLOP rate, so warm and alone the smaller blocks lose
+(hence ``MIN_BYTES``).
 
 Matched (``FuseInvertedResiduals``, before legalization, NHWC / OHWI float32, batch 1): ::
 
