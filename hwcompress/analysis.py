@@ -86,6 +86,24 @@ def static_shape(ty) -> tuple[int, ...] | None:
         return None
 
 
+def single_use_checker(func):
+    """``single_use(var, value)`` for a Relax function: ``var`` is a dataflow variable bound to
+    ``value`` that exactly one binding reads. For pattern rewrites, whose matcher looks through
+    bindings: fusing ``value`` into its consumer is exact only where nothing else reads it
+    (a non-dataflow variable leaves its block, so it counts as read elsewhere)."""
+    from tvm import relax
+
+    users, var2val = {}, relax.analysis.get_var2val(func)
+    for block in func.body.blocks if isinstance(func.body, relax.SeqExpr) else ():
+        if isinstance(block, relax.DataflowBlock):
+            users.update(relax.analysis.udchain(block))
+
+    def single_use(var, value) -> bool:
+        return isinstance(var, relax.DataflowVar) and var in var2val and var2val[var].same_as(value) and len(users.get(var, ())) == 1
+
+    return single_use
+
+
 def _tensor_facts(ty) -> tuple[list[int] | None, int]:
     """(shape, bytes) of a tensor type; (None, 0) for non-tensors or unknown shapes."""
     from tvm import relax

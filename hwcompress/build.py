@@ -55,9 +55,10 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True, blocks: bool = True):
     import tvm
 
     target = spec.tvm_target()
-    lmap = backend_legalize_map(spec, sparse=has_sparsity(mod), winograd=winograd_allowed(mod))
+    sparse = has_sparsity(mod)
+    lmap = backend_legalize_map(spec, sparse=sparse, winograd=winograd_allowed(mod))
     backend = get_backend(spec)
-    graph = backend.fusion_passes(target) if fuse and blocks and backend.fusion_passes and not has_sparsity(mod) else []
+    graph = backend.fusion_passes(target) if fuse and blocks and backend.fusion_passes and not sparse else []
     return _run_stage("legalize", tvm.transform.Sequential([*graph, *legalize_passes(fuse, lmap)]), mod, target)
 
 

@@ -37,8 +37,9 @@ import numpy as np
 
 __all__ = ["Block", "FuseInvertedResiduals", "block_kernel", "fuse_inverted_residuals", "gemm_tile"]
 
+from .sparse_lower import OPAQUE  # FuseOps adds nothing to a hand-written kernel
+
 KERNEL_NAME = "inverted_residual"
-OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps adds nothing to a hand-written kernel
 _DW_PIXELS = 7
 _SMALL_WEIGHTS = 64 << 10  # expand + project weights below this: one output row per step
 _GROUP_BYTES = 256 << 10  # ring + depthwise rows of a group of output rows
@@ -133,7 +134,24 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int, group: int | None 
     def vec(i):
         return T.Ramp(i * V, 1, V)
 
-    # A row's last tile is shifted left to end at the row's end (T.min): it recomputes and
+    # Expressions of the band t and its group gi (TVMScript has no local scalars here):
+    def oy0(t, gi):  # the group's first output row
+        return t * R + gi * G
+
+    def rows(t, gi):  # its output rows (the band's last group may have fewer)
+        return T.min(G, T.min(t * R + R, Ho) - oy0(t, gi))
+
+    # its expanded rows not already in the ring, [new_first, new_end) (the band's first group: all)
+    def new_first(t, gi):
+        return oy0(t, gi) * s - 1 + T.if_then_else(gi == 0, 0, 3 - s)
+
+    def new_end(t, gi):
+        return (oy0(t, gi) + rows(t, gi) - 1) * s + 2
+
+    def tile(i, size, n):  # first pixel of tile i of a row of n: the last one shifted to end at n
+        return T.min(i * size, n - size)
+
+    # A row's last tile is shifted left to end at the row's end (``tile``): it recomputes and
     # rewrites a few pixels of the one before with the same values instead of running a tail
     # loop, and each tile's pixels are one base address plus constants. The projection's
     # pixels run over the group's rows as one (rows x Wo) axis (NHWC rows are contiguous).
@@ -162,23 +180,14 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int, group: int | None 
                     ring[k, 0, c] = zero
                     ring[k, WP - 1, c] = zero
             for gi in range(NG):
-                if t * R + gi * G < T.min(t * R + R, Ho):
-                    # this group: output rows oy0 .. oy0 + g - 1; expanded rows i0 .. i1 - 1,
-                    # of which the first (3 - s) are the last group's unless it is the band's first
-                    # (oy0, g, i0, i1, new are written out: TVMScript has no local scalars here)
-                    for iy in range(
-                        (t * R + gi * G) * s - 1 + T.if_then_else(gi == 0, 0, 3 - s),
-                        (t * R + gi * G + T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) - 1) * s + 2,
-                    ):
+                if oy0(t, gi) < T.min(t * R + R, Ho):
+                    for iy in range(new_first(t, gi), new_end(t, gi)):
                         if iy < 0 or iy >= H:
                             for px in range(W):
                                 for c in T.vectorized(Ce):
                                     ring[(iy + NRB) % NRB, 1 + px, c] = zero
                     for vb in range(Ce // (NE * V)):
-                        for iy in range(
-                            T.max((t * R + gi * G) * s - 1 + T.if_then_else(gi == 0, 0, 3 - s), 0),
-                            T.min((t * R + gi * G + T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) - 1) * s + 2, H),
-                        ):
+                        for iy in range(T.max(new_first(t, gi), 0), T.min(new_end(t, gi), H)):
                             for pt in range(XT):
                                 for p in T.unroll(TX):
                                     for v in T.unroll(NE):
@@ -187,14 +196,14 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int, group: int | None 
                                     for p in T.unroll(TX):
                                         for v in T.unroll(NE):
                                             acc[vec(p * NE + v)] = acc[vec(p * NE + v)] + T.Broadcast(
-                                                xf[iy * W + T.min(pt * TX, W - TX) + p, c], V
+                                                xf[iy * W + tile(pt, TX, W) + p, c], V
                                             ) * we[c, vec(vb * NE + v)]
                                 for p in T.unroll(TX):
                                     for v in T.unroll(NE):
-                                        ring[(iy + NRB) % NRB, 1 + T.min(pt * TX, W - TX) + p, vec(vb * NE + v)] = T.max(
+                                        ring[(iy + NRB) % NRB, 1 + tile(pt, TX, W) + p, vec(vb * NE + v)] = T.max(
                                             T.min(acc[vec(p * NE + v)], hi_e), lo_e
                                         )
-                    for r in range(T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G))):
+                    for r in range(rows(t, gi)):
                         for ot in range(DT):
                             for cv in range(Ce // V):
                                 for p in T.unroll(TD):
@@ -203,18 +212,17 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int, group: int | None 
                                     for kx in T.unroll(3):
                                         for p in T.unroll(TD):
                                             acd[vec(p)] = acd[vec(p)] + ring[
-                                                ((t * R + gi * G + r) * s - 1 + ky + NRB) % NRB, (T.min(ot * TD, Wo - TD) + p) * s + kx, vec(cv)
+                                                ((oy0(t, gi) + r) * s - 1 + ky + NRB) % NRB, (tile(ot, TD, Wo) + p) * s + kx, vec(cv)
                                             ] * wd[ky * 3 + kx, vec(cv)]
                                 for p in T.unroll(TD):
-                                    d[r * Wo + T.min(ot * TD, Wo - TD) + p, vec(cv)] = T.max(T.min(acd[vec(p)], hi_d), lo_d)
+                                    d[r * Wo + tile(ot, TD, Wo) + p, vec(cv)] = T.max(T.min(acd[vec(p)], hi_d), lo_d)
                     for vb in range(Co // (NP * V)):
-                        for pt in range(T.ceildiv(T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo, TP)):
+                        for pt in range(T.ceildiv(rows(t, gi) * Wo, TP)):
                             for p in T.unroll(TP):
                                 for v in T.unroll(NP):
                                     if res:
                                         acp[vec(p * NP + v)] = bp[vec(vb * NP + v)] + xf[
-                                            (t * R + gi * G) * Wo + T.min(pt * TP, T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo - TP) + p,
-                                            vec(vb * NP + v),
+                                            oy0(t, gi) * Wo + tile(pt, TP, rows(t, gi) * Wo) + p, vec(vb * NP + v)
                                         ]
                                     else:
                                         acp[vec(p * NP + v)] = bp[vec(vb * NP + v)]
@@ -222,14 +230,11 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int, group: int | None 
                                 for p in T.unroll(TP):
                                     for v in T.unroll(NP):
                                         acp[vec(p * NP + v)] = acp[vec(p * NP + v)] + T.Broadcast(
-                                            d[T.min(pt * TP, T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo - TP) + p, c], V
+                                            d[tile(pt, TP, rows(t, gi) * Wo) + p, c], V
                                         ) * wp[c, vec(vb * NP + v)]
                             for p in T.unroll(TP):
                                 for v in T.unroll(NP):
-                                    yf[
-                                        (t * R + gi * G) * Wo + T.min(pt * TP, T.min(G, T.min(t * R + R, Ho) - (t * R + gi * G)) * Wo - TP) + p,
-                                        vec(vb * NP + v),
-                                    ] = acp[vec(p * NP + v)]
+                                    yf[oy0(t, gi) * Wo + tile(pt, TP, rows(t, gi) * Wo) + p, vec(vb * NP + v)] = acp[vec(p * NP + v)]
 
     return kernel.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
 
@@ -281,8 +286,9 @@ def _clip(call) -> tuple[float, float]:
     return float(call.args[1].value), float(call.args[2].value)
 
 
-def _plan(m: dict, residual: bool, lanes: int):
-    """``(Block, weights)`` for a match, or None where the kernel does not take it."""
+def _plan(m: dict, residual: bool, lanes: int, min_bytes: int):
+    """``(Block, weights)`` for a match, or None where the kernel does not take it or the
+    expanded tensor has fewer than ``min_bytes``."""
     from ..analysis import static_shape
 
     x = m["x"]
@@ -295,6 +301,8 @@ def _plan(m: dict, residual: bool, lanes: int):
     _, h, w, ci = shape
     ce, co = we.shape[0], wp.shape[0]
     if wd.shape[0] != ce or wp.shape[3] != ce or ce % lanes or co % lanes or (residual and co != ci):
+        return None
+    if 4 * h * w * ce < min_bytes:
         return None
     biases = [_bias(m["ea"], ce), _bias(m["da"], ce), _bias(m["pa"], co)]
     if any(b is None for b in biases):
@@ -311,18 +319,9 @@ def _plan(m: dict, residual: bool, lanes: int):
     return block, weights
 
 
-def _uses(func) -> dict:
-    """Relax var -> how many times it is read in ``func``."""
-    from tvm import relax
-
-    counts: dict = {}
-
-    def visit(e):
-        if isinstance(e, relax.Var):
-            counts[e] = counts.get(e, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return counts
+# (consumer, producer): each producer's value must be read by its consumer only (the
+# matcher looks through bindings); "res" is the residual add, when there is one
+_CHAIN = (("ea", "ec"), ("er", "ea"), ("dc", "er"), ("da", "dc"), ("dr", "da"), ("pc", "dr"), ("pa", "pc"), ("res", "pa"))
 
 
 class FuseInvertedResiduals:
@@ -350,25 +349,23 @@ class FuseInvertedResiduals:
     def _rewriter(self, bb, func, named, residual: bool):
         from tvm import relax
 
-        bound = {}  # call -> the var it is bound to, for the single-use check
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                bound[binding.value] = binding.var
-        uses = _uses(func)
+        from ..analysis import single_use_checker
+
+        single_use = single_use_checker(func)
 
         def rewrite(expr, matches):
             if not isinstance(expr, relax.Call):
                 return expr
             m = {k: matches[p] for k, p in named.items() if p in matches}
-            inner = [m[k] for k in ("ec", "ea", "er", "dc", "da", "dr", "pc")] + ([m["pa"]] if residual else [])
-            if any(uses.get(bound.get(c), 0) != 1 for c in inner):
-                return expr  # an intermediate is read elsewhere: fusing would compute it twice
-            plan = _plan(m, residual, self.lanes)
+            if residual:
+                m["res"] = expr
+            for consumer, producer in _CHAIN:
+                if consumer in m and not any(single_use(a, m[producer]) for a in m[consumer].args if isinstance(a, relax.Var)):
+                    return expr  # an intermediate is read elsewhere: fusing would compute it twice
+            plan = _plan(m, residual, self.lanes, self.min_bytes)
             if plan is None:
                 return expr
             block, weights = plan
-            if 4 * block.h * block.w * block.ce < self.min_bytes:
-                return expr
             kernel = block_kernel(block, self.lanes, self.regs, self.bands)
             gvar = bb.add_func(kernel.with_attr("op_pattern", OPAQUE), KERNEL_NAME)
             ho, wo = block.out_hw

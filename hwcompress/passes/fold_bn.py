@@ -236,22 +236,11 @@ class FoldBatchNormPass:
         from tvm import relax
         from tvm.relax.dpl import rewrite_call
 
+        from ..analysis import single_use_checker
+
         if not isinstance(func, relax.Function):
             return func
-        users, var2val = {}, relax.analysis.get_var2val(func)
-        for block in func.body.blocks if isinstance(func.body, relax.SeqExpr) else ():
-            if isinstance(block, relax.DataflowBlock):
-                users.update(relax.analysis.udchain(block))
-
-        def single_use(var, value) -> bool:
-            # Non-dataflow vars leave the block: treat them as used elsewhere too.
-            return (
-                isinstance(var, relax.DataflowVar)
-                and var in var2val
-                and var2val[var].same_as(value)
-                and len(users.get(var, ())) == 1
-            )
-
+        single_use = single_use_checker(func)
         pattern, parts = _bn_pattern(self.config.matmul)
         func = rewrite_call(pattern, lambda matched, m: _rewrite_bn(matched, m, parts, single_use), func)
         return relax.analysis.remove_all_unused(func)
