@@ -5,7 +5,16 @@ machine noise hits them alike; the figures that mean something are the ratios. "
 no database at all (hwc's default schedules, default graph optimizations); "plain" is untuned
 without Winograd and with the imported NCHW layout (the build before the graph-optimization
 issue); "tuned" applies the shipped schedules/<target>/
-databases and any --db, and is shown when one of them covers a kernel.
+databases and any --db, and is shown when one of them covers a kernel. hwc and ORT both run on
+``--threads`` threads (``TVM_NUM_THREADS`` is set to it before the first kernel runs).
+
+The FP32 peak of those threads is measured too (``tuning_report.measure_fma``: a loop of
+independent vector FMAs on one core, before and after the runs, the higher rate times the
+thread count), and with it each model's direct-conv FLOPs per second as a share of that peak
+(hwc's best build and ORT), and the **bound**: the hwc / ORT ratio hwc would reach running
+every FLOP at the full peak (FLOPs / peak / ORT's time). A goal below the bound cannot be met
+by faster kernels for the same FLOPs (only by fewer FLOPs: Winograd, pruning, INT8; a
+Winograd build's "share" of the direct-conv FLOPs can pass 100%).
 
     python tools/bench.py [--models resnet18,mobilenet_v2,small_cnn] [--rounds 15] [--runs 5]
                           [--target host] [--db DIR] [--markdown]
@@ -14,6 +23,7 @@ databases and any --db, and is shown when one of them covers a kernel.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -33,6 +43,20 @@ MODELS = {
     "mobilenet_v2": lambda: (zoo.mobilenet_v2(), {"input": (1, 3, 224, 224)}),
     "small_cnn": lambda: (zoo.small_cnn(), None),
 }
+
+
+def fma_peak(threads: int) -> tuple[float | None, str]:
+    """FP32 GFLOP/s of ``threads`` cores: the FMA loop's rate on this core times ``threads``
+    (None and why when the loop cannot be built)."""
+    from tuning_report import fma_vector_bytes, measure_fma
+
+    from hwcompress.targets import host_arch, host_cpu_features
+
+    width = fma_vector_bytes(host_cpu_features(), host_arch())
+    run = measure_fma(width, cpu_seconds=0.5)
+    if isinstance(run, str):
+        return None, run
+    return run.gflops * threads, f"{threads} x {run.gflops:.1f} GFLOP/s ({8 * width}-bit FMA loop, one core)"
 
 
 def ort_session(model, threads: int):
@@ -101,15 +125,27 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read once, when the first kernel runs
+    before, how = fma_peak(args.threads)
     rows = [bench_model(m, args.target, args.db, args.rounds, args.runs, args.threads) for m in args.models.split(",")]
-    print("| model | GFLOPs | plain ms | untuned ms | tuned ms (kernels) | ORT ms | best hwc / ORT | hwc GFLOP/s | build s |")
-    print("|" + "---|" * 9)
+    after, _ = fma_peak(args.threads)
+    peak = max(before or 0.0, after or 0.0) or None
+    print(f"FP32 peak of {args.threads} thread(s): " + (f"{peak:.1f} GFLOP/s = {how}" if peak else f"not measured ({how})"))
+    print("| model | GFLOPs | plain ms | untuned ms | tuned ms (kernels) | ORT ms | best hwc / ORT | hwc GFLOP/s | hwc % peak | ORT % peak | bound |")
+    print("|" + "---|" * 11)
+
+    def pct(gflop_s: float) -> str:
+        return f"{100 * gflop_s / peak:.0f}%" if peak else "-"
+
     for r in rows:
         tuned = f"{r['tuned_ms']:.2f} ({r['tuned_kernels']})" if r["tuned_ms"] is not None else "-"
+        ort_rate = r["gflops"] / (r["ort_ms"] / 1e3)
+        bound = f"{r['gflops'] / peak * 1e3 / r['ort_ms']:.2f}x" if peak else "-"
         print(
             f"| {r['model']} | {r['gflops']:.2f} | {r['plain_ms']:.2f} | {r['untuned_ms']:.2f} | {tuned} | {r['ort_ms']:.2f} | "
-            f"{r['ratio']:.2f}x | {r['hwc_gflop_s']:.1f} | {r['build_s']:.0f} |"
+            f"{r['ratio']:.2f}x | {r['hwc_gflop_s']:.1f} | {pct(r['hwc_gflop_s'])} | {pct(ort_rate)} | {bound} |"
         )
+    print("build s: " + ", ".join(f"{r['model']} {r['build_s']:.0f}" for r in rows))
     return 0
 
 

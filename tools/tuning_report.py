@@ -65,16 +65,24 @@ class Peak:
     how: str
 
 
-def flops_per_cycle(flags, arch: str = "x86_64") -> tuple[int, str]:
-    """FP32 FLOPs per cycle per core from CPU flags (/proc/cpuinfo spelling).
+# LLVM CPU names whose 256-bit FMAs run as two halves on two 128-bit units (one per cycle)
+_HALF_WIDTH_FMA = ("znver1",)
+
+
+def flops_per_cycle(flags, arch: str = "x86_64", cpu: str = "") -> tuple[int, str]:
+    """FP32 FLOPs per cycle per core from CPU flags (/proc/cpuinfo spelling) and, where the
+    flags do not tell, LLVM's name for the CPU (``cpu``).
 
     Two vector FP units per core are assumed (true of Zen 2-4, Skylake-SP Gold/Platinum and
-    newer server cores; some AVX-512 parts have one 512-bit FMA unit: half of 64)."""
+    newer server cores; some AVX-512 parts have one 512-bit FMA unit: half of 64); Zen 1
+    (``znver1``) has AVX2 but two 128-bit FMA units: one 256-bit FMA per cycle."""
     flags = set(flags.split() if isinstance(flags, str) else flags)
     if arch in ("aarch64", "arm64") or "asimd" in flags or "neon" in flags:
         return 16, "NEON: 2 x 128-bit FMA units x 4 lanes x 2 FLOPs"
     if "avx512f" in flags:
         return 64, "AVX-512: 2 x 512-bit FMA units x 16 lanes x 2 FLOPs"
+    if "avx2" in flags and "fma" in flags and cpu in _HALF_WIDTH_FMA:
+        return 16, f"AVX2+FMA on {cpu}: 2 x 128-bit FMA units (one 256-bit FMA per cycle) x 2 FLOPs"
     if "avx2" in flags and "fma" in flags:
         return 32, "AVX2+FMA: 2 x 256-bit FMA units x 8 lanes x 2 FLOPs"
     if "avx" in flags:
@@ -101,9 +109,9 @@ def clock_ghz(max_freq_khz: str | None = None, cpuinfo: str | None = None, lscpu
     return None, "no clock found"
 
 
-def derive_peak(flags, ghz: float | None, cores: int, arch: str = "x86_64", clock_source: str = "") -> Peak:
-    """cores x FLOPs/cycle (from ``flags``) x clock."""
-    per_cycle, isa = flops_per_cycle(flags, arch)
+def derive_peak(flags, ghz: float | None, cores: int, arch: str = "x86_64", clock_source: str = "", cpu: str = "") -> Peak:
+    """cores x FLOPs/cycle (from ``flags`` and ``cpu``, see ``flops_per_cycle``) x clock."""
+    per_cycle, isa = flops_per_cycle(flags, arch, cpu)
     if not ghz:
         return Peak(None, f"unknown: {cores} cores x {per_cycle} FLOPs/cycle ({isa}), but no clock found")
     gflops = cores * per_cycle * ghz
@@ -120,8 +128,8 @@ typedef float vf __attribute__((vector_size(VEC)));
 #define SUM(k) for (unsigned i = 0; i < LANES; i++) s += a##k[i];
 #define LANES (sizeof(vf) / sizeof(float))
 double hwc_fma_loop(long iters, float mul, float add) {
-    vf m, c;
-    for (unsigned i = 0; i < LANES; i++) { m[i] = mul; c[i] = add; }
+    vf m = (vf){0} + mul, c = (vf){0} + add;  /* broadcasts, kept in registers (element-wise
+        stores made GCC reload one of them from the stack in every FMA: 7% low on Zen 1) */
     EACH(INIT)
     for (long i = 0; i < iters; i++) { EACH(STEP) }  /* 10 independent FMAs per iteration */
     double s = 0;
@@ -228,8 +236,8 @@ def measure_fma(vector_bytes: int, cpu_seconds: float = 0.3) -> FmaRun | str:
         iters *= 2 if cpu < cpu_seconds / 8 else 4 if cpu < cpu_seconds / 2 else 2
 
 
-def measured_clock(flags, arch: str) -> tuple[float | None, str]:
-    per_cycle, _ = flops_per_cycle(flags, arch)
+def measured_clock(flags, arch: str, cpu: str = "") -> tuple[float | None, str]:
+    per_cycle, _ = flops_per_cycle(flags, arch, cpu)
     width = fma_vector_bytes(flags, arch)
     run = measure_fma(width)
     if isinstance(run, str):
@@ -255,7 +263,7 @@ def peak_for(spec, override: float | None = None, clock: float | None = None, me
     """The FP32 peak of ``spec``: ``override``, the spec's ``peak_gflops_fp32``, or derived for
     a CPU target that runs on this machine (clock: ``clock``, measured, else nominal; with
     ``gemm_threads``, numpy's SGEMM rate is appended as a cross-check)."""
-    from hwcompress.targets import host_arch, host_cpu_features, runnable_here
+    from hwcompress.targets import host_arch, host_cpu_features, host_cpu_name, runnable_here
 
     if override:
         return Peak(override, f"{override:.1f} GFLOP/s given with --peak-gflops")
@@ -265,18 +273,18 @@ def peak_for(spec, override: float | None = None, clock: float | None = None, me
     if spec.kind != "llvm" or not ok:
         return Peak(None, f"unknown: target {spec.name} sets no [hardware].peak_gflops_fp32 and is not this machine ({why or spec.kind})")
     cores = int(spec.tvm.get("num-cores") or os.cpu_count() or 1)
-    flags, arch = host_cpu_features(), host_arch()
+    flags, arch, cpu = host_cpu_features(), host_arch(), host_cpu_name()
     nominal, nominal_source = host_clock()
     ghz, source = (clock, "--clock-ghz") if clock else (None, "")
     if not ghz and measure:
-        ghz, source = measured_clock(flags, arch)
+        ghz, source = measured_clock(flags, arch, cpu)
         if ghz and nominal:
             source += f"; the nominal clock is {nominal:.3f} GHz, from {nominal_source}"
         elif not ghz:
             source = f"nominal {nominal_source} (measuring failed: {source})"
     if not ghz:
         ghz, source = nominal, source or nominal_source
-    peak = derive_peak(flags, ghz, cores, arch, source)
+    peak = derive_peak(flags, ghz, cores, arch, source, cpu)
     if gemm_threads:
         peak = Peak(peak.gflops, f"{peak.how}; cross-check: {measure_gemm(gemm_threads)}")
     return peak

@@ -38,6 +38,14 @@ def test_flops_per_cycle_from_flags(flags, arch, per_cycle):
     assert report.flops_per_cycle(set(flags.split()), arch)[0] == per_cycle
 
 
+def test_zen1_counts_half_width_fmas():
+    # Zen 1 has AVX2 + FMA, like Zen 3, but runs a 256-bit FMA as two halves on its two
+    # 128-bit units: 16 FLOPs per cycle, which only LLVM's CPU name tells apart
+    assert report.flops_per_cycle(ZEN3_FLAGS, "x86_64", "znver1")[0] == 16
+    assert report.flops_per_cycle(ZEN3_FLAGS, "x86_64", "znver3")[0] == 32
+    assert report.derive_peak(ZEN3_FLAGS, 2.3, 2, cpu="znver1").gflops == pytest.approx(2 * 16 * 2.3)
+
+
 def test_derive_peak_zen3_two_cores():
     peak = report.derive_peak(ZEN3_FLAGS, 2.445402, 2, "x86_64", "test")
     assert peak.gflops == pytest.approx(2 * 32 * 2.445402)
@@ -84,12 +92,12 @@ def test_fma_run_reports_a_shared_core():
 def test_measured_clock_is_plausible():
     # a real measurement (~0.05 s of CPU): the clock of any core this runs on is 0.5-7 GHz,
     # whether or not another process shares the core (the loop is timed by its CPU time)
-    from hwcompress.targets import host_arch, host_cpu_features
+    from hwcompress.targets import host_arch, host_cpu_features, host_cpu_name
 
     flags, arch = host_cpu_features(), host_arch()
     run = report.measure_fma(report.fma_vector_bytes(flags, arch), cpu_seconds=0.05)
     assert isinstance(run, report.FmaRun), run
-    per_cycle = report.flops_per_cycle(flags, arch)[0]
+    per_cycle = report.flops_per_cycle(flags, arch, host_cpu_name())[0]
     assert 0.5 < report.clock_from_rate(run.gflops, per_cycle) < 7.0
     assert run.cpu_s >= 0.05 and run.wall_s >= 0.9 * run.cpu_s
 
