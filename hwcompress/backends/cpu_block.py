@@ -12,10 +12,14 @@ to a ``(g*Wo, Ce)`` buffer, and the projection reads them at once from L1/L2; on
 input and output touch memory. Rows are split into bands, one per task of the parallel loop; a
 band recomputes the 1-2 expanded rows it shares with its neighbour.
 
-Measured (``tools/bench_blocks.py``, BENCHMARKS.md session 10): 1.26x on MobileNetV2's 112x112
-block in the model, about even on its 56x56 ones, 1.00-1.08x on the whole model; the stages run
-at ~75% of the separate packed convs' FLOP rate, so warm and alone the smaller blocks lose
-(hence ``MIN_BYTES``).
+Measured (``tools/bench_blocks.py``, BENCHMARKS.md sessions 10-11): warm and alone, one core,
+1.5-1.7x on MobileNetV2's 112x112 block, 1.2-1.4x on its 56x56 ones, even at 28x28; the
+smaller blocks (14x14, 7x7: few pixels, large weights read once per group of rows) still lose
+to three kernels (0.6-0.85x), hence ``MIN_BYTES``. The register tiles' buffers (``acc``,
+``acd``, ``acp``) are stack arrays: declared ``local`` they became workspace memory (TVM puts
+only ``global`` allocations of a CPU function on the stack), whose final values LLVM kept live
+to the end of the function, and the projection's reduction loop held 7 of its 12 accumulators
+on the stack (the stages ran at ~75% of the separate convs' FLOP rate until session 11).
 
 Matched (``FuseInvertedResiduals``, before legalization, NHWC / OHWI float32, batch 1): ::
 
@@ -172,9 +176,10 @@ def block_kernel(b: Block, lanes: int, regs: int, bands: int, group: int | None 
         for t in T.parallel(bands):
             ring = T.alloc_buffer((NRB, WP, Ce), "float32")
             d = T.alloc_buffer((G * Wo, Ce), "float32")
-            acc = T.alloc_buffer((TX * NE * V,), "float32", scope="local")
-            acd = T.alloc_buffer((TD * V,), "float32", scope="local")
-            acp = T.alloc_buffer((TP * NP * V,), "float32", scope="local")
+            # register tiles: stack arrays LLVM promotes (not scope="local": see the docstring)
+            acc = T.alloc_buffer((TX * NE * V,), "float32")
+            acd = T.alloc_buffer((TD * V,), "float32")
+            acp = T.alloc_buffer((TP * NP * V,), "float32")
             for k in range(NRB):  # the depthwise's zero padding columns
                 for c in T.vectorized(Ce):
                     ring[k, 0, c] = zero
