@@ -12,9 +12,10 @@ The FP32 peak of those threads is measured too (``tuning_report.measure_fma``: a
 independent vector FMAs on one core, before and after the runs, the higher rate times the
 thread count), and with it each model's direct-conv FLOPs per second as a share of that peak
 (hwc's best build and ORT), and the **bound**: the hwc / ORT ratio hwc would reach running
-every FLOP at the full peak (FLOPs / peak / ORT's time). A goal below the bound cannot be met
-by faster kernels for the same FLOPs (only by fewer FLOPs: Winograd, pruning, INT8; a
-Winograd build's "share" of the direct-conv FLOPs can pass 100%).
+every FLOP at the full peak (FLOPs / peak / ORT's time: ORT's share of the peak, read as a
+ratio). A goal below the bound cannot be met by faster kernels for the same FLOPs (only by
+fewer FLOPs: Winograd, pruning, INT8; a Winograd build's "share" of the direct-conv FLOPs can
+pass 100%).
 
     python tools/bench.py [--models resnet18,mobilenet_v2,small_cnn] [--rounds 15] [--runs 5]
                           [--target host] [--db DIR] [--markdown]
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     for r in rows:
         tuned = f"{r['tuned_ms']:.2f} ({r['tuned_kernels']})" if r["tuned_ms"] is not None else "-"
         ort_rate = r["gflops"] / (r["ort_ms"] / 1e3)
-        bound = f"{r['gflops'] / peak * 1e3 / r['ort_ms']:.2f}x" if peak else "-"
+        bound = f"{ort_rate / peak:.2f}x" if peak else "-"  # hwc at 100% of peak: FLOPs / peak / ORT's time
         print(
             f"| {r['model']} | {r['gflops']:.2f} | {r['plain_ms']:.2f} | {r['untuned_ms']:.2f} | {tuned} | {r['ort_ms']:.2f} | "
             f"{r['ratio']:.2f}x | {r['hwc_gflop_s']:.1f} | {pct(r['hwc_gflop_s'])} | {pct(ort_rate)} | {bound} |"
