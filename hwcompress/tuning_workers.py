@@ -92,11 +92,15 @@ def kill_workers() -> int:
 def build_candidate(mod, target, _params):
     """MetaSchedule's default candidate build without its ``import tvm.s_tir.tensor_intrin``:
     that import parses hundreds of TVMScript functions (~30 s of CPU) in every batch's fresh
-    build worker. (Tensorizing schedule rules, e.g. for INT8 dot products, will need it.)"""
+    build worker. (Tensorizing schedule rules, e.g. for INT8 dot products, will need it.)
+    The default schedules' prefetch annotations become prefetches, as in ``hwc build``."""
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from .backends.cpu_prefetch import inject_prefetch
+
+    mod = inject_prefetch()(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod))
+    return tvm_build(mod, target=target)
 
 
 def import_tensor_intrin() -> None:

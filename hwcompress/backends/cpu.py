@@ -56,9 +56,12 @@ def _fusion_passes(target, min_bytes: int | None = None):
 
 
 def _finalize(target):
+    import tvm
     from tvm.relax.backend.cpu_generic import pipeline
 
-    return vm_finalize_pipeline(pipeline)(target)
+    from .cpu_prefetch import inject_prefetch
+
+    return tvm.transform.Sequential([inject_prefetch(), vm_finalize_pipeline(pipeline)(target)])
 
 
 def _export(executable, path: Path, spec) -> None:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cpu_prefetch import annotate_prefetch
+
 # The reduction block's annotation: the register tile the default schedule uses. (No
 # ``schedule_rule`` annotation: MetaSchedule would look for a rule of that name, and skip
 # blocks marked "None", where its generic rules should tune these kernels like any other.)
@@ -51,6 +53,9 @@ _MAX_ROWS = 12
 _FLAT_GAIN = 1.02
 _FLAT_MAX_WIDTH = 7
 FLAT_ATTR = "hwc.conv_flat"  # the conv's output pixels as one row-major axis
+
+# Whether a conv with a single pixel tile (GEMV, small maps) prefetches its weights.
+PREFETCH = True
 
 
 @dataclass(frozen=True)
@@ -390,7 +395,10 @@ def schedule_packed_conv(sch, facts) -> bool:
         xo, xi = sch.split(x, [None, tx])
         oo, om, ol = sch.split(o, [None, nvec, lanes])
         sch.reorder(b, oo, *rows[:1], xo, ry, rx, rc, *rows[1:], xi, om, ol)
-        write_back = sch.cache_write(conv, 0, "local")
+        one_tile = _extent(sch, xo) == 1 and (not rows or _extent(sch, rows[0]) == 1)
+        # a stack array ("global"), not workspace ("local"): LLVM keeps it in registers
+        # across the prefetch calls (see cpu_winograd)
+        write_back = sch.cache_write(conv, 0, "global")
         sch.reverse_compute_at(write_back, xo, preserve_unit_loops=True)
         sch.parallel(sch.fuse(b, oo, *rows[:1]))
         if rows:
@@ -407,11 +415,17 @@ def schedule_packed_conv(sch, facts) -> bool:
         sch.unroll(ry)
         sch.unroll(rx)
         depth = 3  # parallel, xo, oo
+        one_tile = False
     sch.unroll(xi)
     sch.unroll(om)
     sch.vectorize(ol)
     init = sch.decompose_reduction(conv, ry)
     _unroll_vectorize(sch, sch.get_loops(init)[depth:], lanes)
+    if PREFETCH and one_tile:
+        # one pixel tile (a GEMV, a small feature map): each weight panel is read once, from
+        # memory when the weights exceed the caches; prefetch it ahead of the reads
+        weight = sch.get(conv).reads[-1].source
+        annotate_prefetch(sch, sch.get_loops(conv)[depth + 2], conv, weight, nvec * lanes * weight.dtype.bits // 8)
 
     cropped = "conv2d_nhwc_crop" in names
     tail = write_back
@@ -471,6 +485,10 @@ def _vectorize_tail(sch, loop, lanes: int) -> None:
     elif n % lanes == 0:
         _, inner = sch.split(loop, [None, lanes])
         sch.vectorize(inner)
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
 
 
 def _try(primitive, *args) -> bool:

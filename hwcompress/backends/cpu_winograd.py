@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from ..passes.winograd_te import STAGE_ATTR
 from .cpu_conv import _try, _vectorize_tail
+from .cpu_prefetch import annotate_prefetch
 
 # A weight slice (one (eps, nu) GEMM's I x O) up to this size stays in L2 while every row tile
 # runs over all its column blocks; larger ones are walked column block by column block.
 _L2_SLICE_BYTES = 256 * 1024
+# Whether the batched GEMM prefetches weights it streams from memory (``cpu_prefetch``).
+PREFETCH = True
 
 
 def schedule_winograd(sch, facts) -> bool:
@@ -71,17 +74,20 @@ def _schedule_bgemm(sch, bgemm, lanes: int) -> None:
     u = _gemm_rows(n_p)
     p_o, p_i = sch.split(p, [None, u])  # may not divide: the last row block is predicated
     o_o, o_m, o_l = sch.split(o, [None, nv if v > 1 else 1, v // nv if v > 1 else 1])
+    # The write-back tiles are "global" (stack arrays, which LLVM keeps in registers), not
+    # "local" (workspace memory in TVM 0.27): around the prefetch call LLVM stored "local"
+    # accumulators back every iteration (tests/unit/test_cpu_prefetch.py).
     if n_k * n_o * 4 <= _L2_SLICE_BYTES:
         # the whole weight slice stays in cache: a row tile's inputs stay in L1 over the columns
         sch.reorder(eps, nu, p_o, o_o, k, p_i, o_m, o_l)
-        write_back = sch.cache_write(bgemm, 0, "local")
+        write_back = sch.cache_write(bgemm, 0, "global")
         sch.reverse_compute_at(write_back, o_o, preserve_unit_loops=True)
         sch.parallel(sch.fuse(eps, nu))
         depth = 3  # parallel, p_o, o_o
     else:
         # a column block (I x v weights) stays in cache across the row tiles
         sch.reorder(eps, nu, o_o, p_o, k, p_i, o_m, o_l)
-        write_back = sch.cache_write(bgemm, 0, "local")
+        write_back = sch.cache_write(bgemm, 0, "global")
         sch.reverse_compute_at(write_back, p_o, preserve_unit_loops=True)
         sch.parallel(sch.fuse(eps, nu, o_o))
         depth = 2  # parallel, p_o
@@ -89,6 +95,11 @@ def _schedule_bgemm(sch, bgemm, lanes: int) -> None:
     sch.unroll(o_m)
     (sch.vectorize if v > 1 else sch.unroll)(o_l)
     init = sch.decompose_reduction(bgemm, k)
+    if PREFETCH and (depth == 2 or n_p <= u):
+        # the weights come from memory once (a column block at a time, or all of them for
+        # the only row block): prefetch them ahead of the reads
+        weight = sch.get(bgemm).reads[-1].source
+        annotate_prefetch(sch, sch.get_loops(bgemm)[depth], bgemm, weight, v * weight.dtype.bits // 8)
     for block in (init, write_back):
         loops = sch.get_loops(block)[depth:]
         for loop in loops[:-1]:

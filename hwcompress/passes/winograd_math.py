@@ -102,13 +102,22 @@ def choose_tile(out_hw: tuple[int, int], channels: tuple[int, int], spec=None) -
 
     F(4,3) does 2.25 instead of 4 multiplications per output and channel pair, but its
     transformed weights are 4x the direct ones (F(2,3): 1.8x) and each is reused once per
-    output tile: with few tiles the batched GEMM streams weights instead of computing, and the
-    padding to whole tiles wastes more. Measured with the CPU default schedules (ResNet-18's
-    layers, one core, against the packed direct conv): F(4,3) wins at 56x56, 28x28 and 14x14
-    (2.28x / 3.04x / 2.30x against F(2,3)'s 1.20x / 1.77x / 2.03x), F(2,3) at 7x7 (1.58x
-    against 1.38x: 4 tiles of 4x4 stream 36 x I x O weights for 49 outputs). ``spec`` is
-    accepted for target-dependent choices; none is needed yet.
+    output tile: with few tiles the batched GEMM streams weights rather than computing.
+
+    CPU targets (``spec.kind == "llvm"``, and ``spec=None``): F(4,3) everywhere. Since the
+    CPU kernel prefetches weights it reads once (``backends.cpu_prefetch``), F(4,3) measured
+    faster than F(2,3) on every layer tried, one core and two (Zen 1, default schedules,
+    ``tools/bench_winograd.py layers``): ResNet-18's 56x56 to 14x14 layers as before, and at
+    7x7 64 / 128 / 256 / 512 channels 1.74x / 2.10x / 1.86x / 1.92x over the direct conv on
+    one core against F(2,3)'s 1.19x / 1.37x / 1.32x / 1.49x. Before the prefetch, 512 channels
+    at 7x7 streamed F(4,3)'s 37.7 MB of weights at ~70% of the memory bandwidth and F(2,3)
+    won on a 32 MB-L3 machine.
+
+    Other targets (GPUs): F(4,3) from 16 output tiles, F(2,3) below: the rule the CUDA
+    Winograd default was measured with (an H100, session 4); not re-measured there.
     """
+    if spec is None or spec.kind == "llvm":
+        return 4
     h, w = out_hw
     return 4 if -(-h // 4) * -(-w // 4) >= _MIN_F4_TILES else 2
 

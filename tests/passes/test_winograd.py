@@ -87,11 +87,16 @@ def test_math_rejects_bad_inputs():
         transform_weights(np.zeros((4, 4, 5, 5)), 2)
 
 
-def test_choose_tile_by_tile_count():
-    assert choose_tile((56, 56), (64, 64)) == 4
-    assert choose_tile((28, 28), (128, 128)) == 4
-    assert choose_tile((14, 14), (256, 256)) == 4
-    assert choose_tile((7, 7), (512, 512)) == 2
+def test_choose_tile_f4_on_cpus_by_tile_count_elsewhere():
+    from hwcompress.targets import load_target
+
+    for spec in (None, load_target("host")):
+        assert choose_tile((7, 7), (512, 512), spec) == 4
+        assert choose_tile((56, 56), (64, 64), spec) == 4
+    gpu = load_target("cuda-sm80")
+    assert choose_tile((56, 56), (64, 64), gpu) == 4
+    assert choose_tile((14, 14), (256, 256), gpu) == 4
+    assert choose_tile((7, 7), (512, 512), gpu) == 2
 
 
 # ---------------------------------------------------------------------------- config
@@ -166,15 +171,15 @@ def test_only_eligible_convs_are_rewritten(host_build):
     mod = G.raw_import(_mixed_model())
     rows = winograd_candidates(mod, Winograd(min_channels=1))
     assert [r["index"] for r in rows] == list(range(6))
-    assert [r["tile"] for r in rows] == [2, 2, None, None, None, None]  # 10x10: 9 tiles of 4x4
+    assert [r["tile"] for r in rows] == [4, 4, None, None, None, None]  # no target: the CPU rule
     out = winograd(mod, Winograd(min_channels=1))
     ops = _ops(out["main"])
     assert ops.count("relax.nn.conv2d") == 4
     assert ops.count("relax.call_tir") == 2
     # the two convs have the same shapes: one PrimFunc serves both
-    assert [gv.name_hint for gv in out.functions if "winograd" in gv.name_hint] == ["conv2d_winograd_f2"]
+    assert [gv.name_hint for gv in out.functions if "winograd" in gv.name_hint] == ["conv2d_winograd_f4"]
     # the epilogue stays Relax ops, and fusion puts it into the Winograd kernel
-    assert _kernels(host_build, out) == ["conv2d_winograd_f", "fused_conv2d_winograd_f2_add_relu"] + ["conv2d"] * 4  # digits stripped
+    assert _kernels(host_build, out) == ["conv2d_winograd_f", "fused_conv2d_winograd_f4_add_relu"] + ["conv2d"] * 4  # digits stripped
 
 
 def test_per_layer_override_and_min_channels():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hwcompress.backends.cpu_block import Block, block_kernel, fuse_inverted_residuals, gemm_tile
+from asm_loops import fma_loops
 from tool_modules import load_tool
 
 RTOL = 1e-5  # float32 sums in another order: max |diff| / max |y|
@@ -72,20 +73,6 @@ def test_kernel_with_32_registers():
     assert np.abs(_run_kernel(block, a, regs=32) - _reference(block, a)).max() <= RTOL * np.abs(_reference(block, a)).max()
 
 
-def _fma_loops(asm: str) -> list[list[str]]:
-    """Innermost loops (a backward jump to a label, no other backward jump inside) of x86
-    assembly text that contain vector FMAs, as their instruction lines."""
-    lines = asm.splitlines()
-    label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.?\w+):", line))}
-    loops = []
-    for i, line in enumerate(lines):
-        m = re.match(r"\s+j\w+\s+(\.?\w+)", line)
-        if m and label_at.get(m.group(1), i) < i:
-            loops.append((label_at[m.group(1)], i))
-    innermost = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
-    return [lines[a : b + 1] for a, b in innermost if sum("vfmadd" in x for x in lines[a : b + 1]) >= 6]
-
-
 def test_accumulators_stay_in_registers():
     """The register tiles' buffers are stack arrays that LLVM promotes to registers. Declared
     ``local``, they were workspace memory (TVM 0.27 puts only ``global`` allocations of a CPU
@@ -102,7 +89,7 @@ def test_accumulators_stay_in_registers():
         pytest.skip("the tiles checked are AVX2's (16 vector registers)")
     func = block_kernel(Block(56, 56, 24, 144, 24, 1, True), 8, 16, 2).with_attr("global_symbol", "blk")
     asm = tvm.compile(tvm.IRModule({"blk": func}), target=target).mod.inspect_source("asm")
-    loops = _fma_loops(asm)
+    loops = fma_loops(asm)
     assert len(loops) >= 2, "expected the expand and projection reduction loops"
     for body in loops:
         stack = [x for x in body if "(%rsp)" in x and "ymm" in x]

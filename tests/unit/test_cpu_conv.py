@@ -182,7 +182,7 @@ def test_packed_kernel_takes_a_packed_constant_and_inlines_its_epilogue():
     # bias add, residual add and relu are computed where the tile is written back: no block
     # of their own reads the conv output from memory again
     blocks = set(_block_names(func)) - {"root"}
-    assert blocks == {"data_pad", "conv2d_nhwc_packed_init", "conv2d_nhwc_packed_update", "conv2d_nhwc_packed_intermediate_local"}
+    assert blocks == {"data_pad", "conv2d_nhwc_packed_init", "conv2d_nhwc_packed_update", "conv2d_nhwc_packed_intermediate_global"}
     kinds = _loop_kinds(func)
     assert {int(tvm.tirx.ForKind.PARALLEL), int(tvm.tirx.ForKind.VECTORIZED), int(tvm.tirx.ForKind.UNROLLED)} <= kinds
 

@@ -1,0 +1,150 @@
+"""Software prefetch of streamed weights (``backends.cpu_prefetch``) in the Winograd GEMM."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+
+from asm_loops import fma_loops
+from tool_modules import load_tool
+
+x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86 assembly")
+
+
+def _winograd_build(channels: int, hw: int):
+    """``(VM executable, kernel assembly)`` of a 3x3 conv + ReLU run as Winograd F(4,3)."""
+    import hwcompress
+    from hwcompress import build as B
+    from hwcompress.passes.layout import ConvLayout, convert_layout
+    from hwcompress.passes.winograd import Winograd, winograd
+    from hwcompress.targets import load_target
+
+    spec = load_target("host")
+    model = load_tool("benchlib").conv_relu_model(channels, channels, hw)
+    mod = winograd(convert_layout(hwcompress.import_onnx(model), ConvLayout("NHWC")), Winograd(tile=4, min_channels=1), spec)
+    ex = B.build(B.schedule(B.legalize(mod, spec), spec, []), spec)
+    (lib,) = ex.mod.imports
+    return ex, model, lib.inspect_source("asm")
+
+
+@x86_only
+def test_gemm_prefetches_weights_read_once_and_keeps_accumulators_in_registers():
+    """64 channels at 7x7: 4 output tiles, one row block of the batched GEMM, so every
+    transformed weight is read once: its reduction loop prefetches them. The accumulators stay
+    in registers: with the write-back tile in ``local`` (workspace) memory, LLVM could not keep
+    them across the prefetch call and stored all of them every iteration."""
+    import onnxruntime as ort
+    import tvm
+
+    ex, model, asm = _winograd_build(64, 7)
+    loops = fma_loops(asm)
+    assert loops, "no FMA loop found"
+    gemm = [body for body in loops if any("prefetcht0" in x for x in body)]
+    assert gemm, "the GEMM's reduction loop issues no prefetch"
+    for body in gemm:
+        stores = [x for x in body if x.strip().startswith("vmov") and "ymm" in x.split(",")[0] and "(" in x.split(",")[-1]]
+        assert not stores, "vector stores in the GEMM's reduction loop:\n" + "\n".join(body)
+    x = np.random.default_rng(0).standard_normal((1, 64, 7, 7)).astype(np.float32)
+    got = tvm.relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@x86_only
+def test_no_prefetch_where_the_weights_are_reused():
+    """64 channels at 28x28: 49 tiles in several row blocks, each weight slice (16 KB) stays
+    in cache across them: no prefetch."""
+    _, _, asm = _winograd_build(64, 28)
+    assert "prefetcht0" not in asm
+
+
+def _copy(annotation: str):
+    import tvm
+    from tvm.script import tirx as T
+
+    from hwcompress.backends.cpu_prefetch import ATTR
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+        for i in T.serial(64, annotations={ATTR: annotation}):
+            with T.sblock("copy"):
+                vi = T.axis.spatial(64, i)
+                b[vi] = a[vi]
+
+    return tvm.IRModule({"main": func})
+
+
+def test_pass_prefetches_the_named_read_ahead():
+    from hwcompress.backends.cpu_prefetch import ATTR, inject_prefetch
+
+    out = inject_prefetch()(_copy("copy:a:16:2:16"))["main"].script()
+    assert "T.prefetch(T.address_of(a[i + 16]), 0, 3, 1)" in out
+    assert "T.prefetch(T.address_of(a[i + 16 + 16]), 0, 3, 1)" in out
+    assert ATTR not in out
+
+
+def test_pass_drops_an_annotation_without_its_read():
+    """An annotation naming a buffer the block does not read injects nothing and is removed."""
+    from hwcompress.backends.cpu_prefetch import ATTR, inject_prefetch
+
+    out = inject_prefetch()(_copy("copy:w:16:1:16"))["main"].script()
+    assert "prefetch" not in out and ATTR not in out
+
+
+def _gemv_asm(k: int, n: int, batch: int = 1) -> str:
+    from onnx import TensorProto, helper, numpy_helper
+
+    import hwcompress
+    from hwcompress import build as B
+    from hwcompress.targets import load_target
+
+    spec = load_target("host")
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ex = B.build(B.schedule(B.legalize(hwcompress.import_onnx(model), spec), spec, []), spec)
+    (lib,) = ex.mod.imports
+    return lib.inspect_source("asm")
+
+
+@x86_only
+def test_gemv_prefetches_its_weight_panels():
+    """A batch-1 matmul (the packed conv kernel with one pixel tile) reads each weight panel
+    once: its reduction loop prefetches them, its accumulators stay in registers."""
+    loops = [body for body in fma_loops(_gemv_asm(512, 256), 4) if any("prefetcht0" in x for x in body)]
+    assert loops, "the GEMV's reduction loop issues no prefetch"
+    for body in loops:
+        stores = [x for x in body if x.strip().startswith("vmov") and "(" in x.split(",")[-1]]
+        assert not stores, "vector stores in the GEMV's reduction loop:\n" + "\n".join(body)
+
+
+@x86_only
+def test_batched_matmul_reuses_its_weights_without_prefetch():
+    assert "prefetcht0" not in _gemv_asm(512, 256, batch=64)
+
+
+@x86_only
+def test_tuning_candidates_are_built_with_the_prefetch():
+    """The tuner measures the default schedule (its seed) as ``hwc build`` compiles it."""
+    import hwcompress
+    from hwcompress import build as B
+    from hwcompress.passes.layout import ConvLayout, convert_layout
+    from hwcompress.passes.winograd import Winograd, winograd
+    from hwcompress.targets import load_target
+    from hwcompress.tuning_workers import build_candidate
+
+    spec = load_target("host")
+    model = load_tool("benchlib").conv_relu_model(64, 64, 7)
+    mod = winograd(convert_layout(hwcompress.import_onnx(model), ConvLayout("NHWC")), Winograd(tile=4, min_channels=1), spec)
+    scheduled = B.schedule(B.legalize(mod, spec), spec, [])
+    (func,) = [f for gv, f in scheduled.functions.items() if "winograd" in gv.name_hint]
+    import tvm
+
+    lib = build_candidate(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), spec.tvm_target(), None)
+    assert "prefetcht0" in lib.inspect_source("asm")
