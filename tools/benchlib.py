@@ -34,14 +34,15 @@ def conv_relu_model(cin: int, cout: int, hw: int, k: int = 3, stride: int = 1, p
     return model
 
 
-def interleaved_times(runners: dict, rounds: int, reps: int, settle: float = 0.05) -> dict[str, list[float]]:
+def interleaved_times(runners: dict, rounds: int, reps: int, settle: float = 0.2) -> dict[str, list[float]]:
     """Seconds per run of each runner in each round, measured round-robin so that machine
     noise hits every runner alike (one warm-up call each first).
 
     Each runner's batch starts ``settle`` seconds after the previous one ends: ONNX Runtime's
     and TVM's thread pools spin for a while after a call, and on a 2-core machine the next
-    runner's threads then share the cores with them (hwc right after ORT measured 1.3-40x
-    slower, ORT right after hwc 1.3-2.7x; a 50 ms pause removes it).
+    runner's threads then share the cores with them (hwc right after ORT measured up to 40x
+    slower on a small model, ORT right after hwc 1.3-2.7x; after a 50 ms pause ORT still ran
+    MobileNetV2 2x slower in `bench.py`, after 0.2 s at its usual speed).
     """
     times = {name: [] for name in runners}
     for fn in runners.values():
@@ -56,6 +57,6 @@ def interleaved_times(runners: dict, rounds: int, reps: int, settle: float = 0.0
     return times
 
 
-def interleaved(runners: dict, rounds: int, reps: int, settle: float = 0.05) -> dict[str, float]:
+def interleaved(runners: dict, rounds: int, reps: int, settle: float = 0.2) -> dict[str, float]:
     """Median seconds per run of each runner (see ``interleaved_times``)."""
     return {name: statistics.median(ts) for name, ts in interleaved_times(runners, rounds, reps, settle).items()}
