@@ -5,10 +5,9 @@ step_bytes)``: the loop's body reads ``step_bytes`` of ``buffer`` (a weight read
 contiguously along the buffer's last axis, one step of the loop after the other.
 ``inject_prefetch`` (a PrimFunc pass in the CPU backend's finalize pipeline, after the
 schedules) then starts every iteration with ``llvm.prefetch`` of each cache line that the
-iteration ``DISTANCE`` bytes ahead will read: the hardware
-prefetchers alone ramp up per stream and stop at page boundaries, and a batch-1 layer whose
-weights exceed the last-level cache (ResNet-18's 512-channel Winograd weights: 37.7 MB)
-is paced by them.
+iteration ``DISTANCE`` bytes ahead will read. The hardware prefetchers alone ramp up per
+stream and stop at page boundaries; a batch-1 layer whose weights exceed the last-level
+cache (ResNet-18's 512-channel Winograd weights: 37.7 MB) was paced by them.
 
 Prefetching an address past the buffer's end (the last ``ahead`` iterations) is harmless:
 x86 ``prefetcht0`` and AArch64 ``prfm`` never fault.
