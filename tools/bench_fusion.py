@@ -3,8 +3,10 @@
     .venv/bin/python tools/bench_fusion.py                      # both models, 5 rounds
     .venv/bin/python tools/bench_fusion.py --models resnet18 --rounds 9 --variants unfused,fused,bn-unfused
 
-Variants (all in the target's conv layout, NHWC on the CPU targets, without Winograd, built
-with ``hwcompress.build.schedule``'s default schedules for ``--target``):
+Variants (all in the target's conv layout, NHWC on the CPU targets, without Winograd unless
+``--winograd`` (then every variant's eligible convs are Winograd kernels, auto tile, as
+builds make them), built with ``hwcompress.build.schedule``'s default schedules for
+``--target``):
 
 * ``unfused``: the usual import (ONNX Runtime's basic folding already puts Conv+BN into the
   conv weights), legalized with ``legalize_passes(fuse=False)``: every op its own kernel.
@@ -50,7 +52,7 @@ def _raw_import(model, shapes):
     return import_prepared(infer_shapes(fix_input_shapes(load_model(model), shapes)))
 
 
-def build_variant(variant: str, model, shapes, spec):
+def build_variant(variant: str, model, shapes, spec, winograd: bool = False):
     """(executable, kernel count, build seconds) of one variant."""
     import tvm
     from tvm import relax
@@ -67,6 +69,11 @@ def build_variant(variant: str, model, shapes, spec):
         mod = fold_bn(mod)
     # the target's conv layout (NHWC on the CPUs), as `hwc build` runs it, in every variant
     mod = convert_layout(mod, ConvLayout(spec.hardware.conv_layout))
+    if winograd:
+        from hwcompress.passes.winograd import Winograd
+        from hwcompress.passes.winograd import winograd as to_winograd
+
+        mod = to_winograd(mod, Winograd(), spec)
     if variant == "fused":
         mod = fuse(mod, spec=spec)
     with spec.tvm_target():
@@ -81,7 +88,7 @@ def build_variant(variant: str, model, shapes, spec):
     return ex, len(kernels), time.perf_counter() - t0
 
 
-def bench_model(name, model, spec, variants, rounds, reps):
+def bench_model(name, model, spec, variants, rounds, reps, winograd: bool = False):
     import onnxruntime as ort
     import tvm
 
@@ -90,7 +97,7 @@ def bench_model(name, model, spec, variants, rounds, reps):
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     runners, info = {}, {}
     for variant in variants:
-        ex, n_kernels, secs = build_variant(variant, model, shapes, spec)
+        ex, n_kernels, secs = build_variant(variant, model, shapes, spec, winograd)
         vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
         xt = tvm.runtime.tensor(x)
         err = float(np.abs(vm["main"](xt).numpy() - ref).max() / np.abs(ref).max())
@@ -101,7 +108,7 @@ def bench_model(name, model, spec, variants, rounds, reps):
         print(f"  built {name} {variant}: {n_kernels} kernels, {secs:.0f}s, rel err {err:.1e}", flush=True)
     times = interleaved_times(runners, rounds, reps)
     base = statistics.median(times["fused"]) if "fused" in times else None
-    print(f"\n{name} (median of {rounds} interleaved rounds x {reps} runs)")
+    print(f"\n{name}{' (Winograd)' if winograd else ''} (median of {rounds} interleaved rounds x {reps} runs)")
     print(f"  {'variant':<11} {'kernels':>7} {'ms':>9} {'FPS':>7} {'x fused':>8}")
     for variant in variants:
         ms = statistics.median(times[variant]) * 1e3
@@ -117,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="host")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3, help="runs per variant per round")
+    ap.add_argument("--winograd", action="store_true", help="eligible 3x3 convs as Winograd kernels in every variant")
     args = ap.parse_args(argv)
 
     from hwcompress.targets import load_target
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
     spec = load_target(args.target)
     zoo = _zoo()
     for name in args.models.split(","):
-        bench_model(name, getattr(zoo, name)(), spec, variants, args.rounds, args.reps)
+        bench_model(name, getattr(zoo, name)(), spec, variants, args.rounds, args.reps, args.winograd)
     return 0
 
 
