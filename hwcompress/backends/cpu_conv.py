@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cpu_nest import _extent
 from .cpu_prefetch import annotate_prefetch
 
 # The reduction block's annotation: the register tile the default schedule uses. (No
@@ -53,9 +54,6 @@ _MAX_ROWS = 12
 _FLAT_GAIN = 1.02
 _FLAT_MAX_WIDTH = 7
 FLAT_ATTR = "hwc.conv_flat"  # the conv's output pixels as one row-major axis
-
-# Whether a conv with a single pixel tile (GEMV, small maps) prefetches its weights.
-PREFETCH = True
 
 
 @dataclass(frozen=True)
@@ -421,7 +419,7 @@ def schedule_packed_conv(sch, facts) -> bool:
     sch.vectorize(ol)
     init = sch.decompose_reduction(conv, ry)
     _unroll_vectorize(sch, sch.get_loops(init)[depth:], lanes)
-    if PREFETCH and one_tile:
+    if one_tile:
         # one pixel tile (a GEMV, a small feature map): each weight panel is read once, from
         # memory when the weights exceed the caches; prefetch it ahead of the reads
         weight = sch.get(conv).reads[-1].source
@@ -485,10 +483,6 @@ def _vectorize_tail(sch, loop, lanes: int) -> None:
     elif n % lanes == 0:
         _, inner = sch.split(loop, [None, lanes])
         sch.vectorize(inner)
-
-
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent)
 
 
 def _try(primitive, *args) -> bool:

@@ -16,6 +16,9 @@ x86 ``prefetcht0`` and AArch64 ``prfm`` never fault.
 from __future__ import annotations
 
 ATTR = "hwc.prefetch"
+# The one switch of every schedule's prefetch (False: ``annotate_prefetch`` marks nothing; for
+# A/B measurements in one process).
+ENABLED = True
 # How far ahead weights are prefetched. ResNet-18's 512-channel 7x7 layer as Winograd F(4,3),
 # one Zen 1 core, speedup over the direct conv: no prefetch 1.64x, 512 B 1.83x, 1 KB 1.86x,
 # 2 KB 1.75x (`tools/bench_winograd.py layers`).
@@ -27,6 +30,8 @@ def annotate_prefetch(sch, loop, block, buffer, step_bytes: int, distance: int =
     """Mark ``loop`` (an ancestor of ``block``, which reads ``buffer``, ``step_bytes`` of it per
     iteration along its last axis): each iteration prefetches what the iteration ``distance``
     bytes ahead reads."""
+    if not ENABLED:
+        return
     ahead = max(1, distance // step_bytes)
     elems = LINE * 8 // buffer.dtype.bits  # elements per cache line
     lines = -(-step_bytes // LINE)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from ..passes.winograd_te import STAGE_ATTR
 from .cpu_conv import _try, _vectorize_tail
+from .cpu_nest import _extent
 from .cpu_prefetch import annotate_prefetch
 
 # A weight slice (one (eps, nu) GEMM's I x O) up to this size stays in L2 while every row tile
 # runs over all its column blocks; larger ones are walked column block by column block.
 _L2_SLICE_BYTES = 256 * 1024
-# Whether the batched GEMM prefetches weights it streams from memory (``cpu_prefetch``).
-PREFETCH = True
 
 
 def schedule_winograd(sch, facts) -> bool:
@@ -95,7 +94,7 @@ def _schedule_bgemm(sch, bgemm, lanes: int) -> None:
     sch.unroll(o_m)
     (sch.vectorize if v > 1 else sch.unroll)(o_l)
     init = sch.decompose_reduction(bgemm, k)
-    if PREFETCH and (depth == 2 or n_p <= u):
+    if depth == 2 or n_p <= u:
         # the weights come from memory once (a column block at a time, or all of them for
         # the only row block): prefetch them ahead of the reads
         weight = sch.get(bgemm).reads[-1].source
@@ -141,10 +140,6 @@ def _gemm_rows(tiles: int, sizes=(6, 5, 4)) -> int:
     if tiles < min(sizes):
         return tiles
     return min(sizes, key=lambda u: (-(-tiles // u) * u, -u))
-
-
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent)
 
 
 def _split_lanes(sch, loop, lanes: int):
