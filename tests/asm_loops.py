@@ -17,3 +17,8 @@ def fma_loops(asm: str, min_fmas: int = 6) -> list[list[str]]:
             loops.append((label_at[m.group(1)], i))
     innermost = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
     return [lines[a : b + 1] for a, b in innermost if sum("vfmadd" in x for x in lines[a : b + 1]) >= min_fmas]
+
+
+def vector_stores(body: list[str]) -> list[str]:
+    """The vector moves to memory (AT&T syntax: the destination operand last) in ``body``."""
+    return [x for x in body if x.strip().startswith("vmov") and "(" in x.split(",")[-1]]

@@ -7,14 +7,15 @@ import platform
 import numpy as np
 import pytest
 
-from asm_loops import fma_loops
+import model_builders as G
+from asm_loops import fma_loops, vector_stores
 from tool_modules import load_tool
 
 x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86 assembly")
 
 
-def _winograd_build(channels: int, hw: int):
-    """``(VM executable, kernel assembly)`` of a 3x3 conv + ReLU run as Winograd F(4,3)."""
+def _winograd_scheduled(channels: int, hw: int):
+    """``(host spec, ONNX model, scheduled module)`` of a 3x3 conv + ReLU as Winograd F(4,3)."""
     import hwcompress
     from hwcompress import build as B
     from hwcompress.passes.layout import ConvLayout, convert_layout
@@ -24,7 +25,15 @@ def _winograd_build(channels: int, hw: int):
     spec = load_target("host")
     model = load_tool("benchlib").conv_relu_model(channels, channels, hw)
     mod = winograd(convert_layout(hwcompress.import_onnx(model), ConvLayout("NHWC")), Winograd(tile=4, min_channels=1), spec)
-    ex = B.build(B.schedule(B.legalize(mod, spec), spec, []), spec)
+    return spec, model, B.schedule(B.legalize(mod, spec), spec, [])
+
+
+def _winograd_build(channels: int, hw: int):
+    """``(VM executable, ONNX model, kernel assembly)`` of ``_winograd_scheduled``'s module."""
+    from hwcompress import build as B
+
+    spec, model, scheduled = _winograd_scheduled(channels, hw)
+    ex = B.build(scheduled, spec)
     (lib,) = ex.mod.imports
     return ex, model, lib.inspect_source("asm")
 
@@ -44,8 +53,7 @@ def test_gemm_prefetches_weights_read_once_and_keeps_accumulators_in_registers()
     gemm = [body for body in loops if any("prefetcht0" in x for x in body)]
     assert gemm, "the GEMM's reduction loop issues no prefetch"
     for body in gemm:
-        stores = [x for x in body if x.strip().startswith("vmov") and "ymm" in x.split(",")[0] and "(" in x.split(",")[-1]]
-        assert not stores, "vector stores in the GEMM's reduction loop:\n" + "\n".join(body)
+        assert not vector_stores(body), "vector stores in the GEMM's reduction loop:\n" + "\n".join(body)
     x = np.random.default_rng(0).standard_normal((1, 64, 7, 7)).astype(np.float32)
     got = tvm.relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -102,12 +110,11 @@ def _gemv_asm(k: int, n: int, batch: int = 1) -> str:
 
     spec = load_target("host")
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    model = G.make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])], [w],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     ex = B.build(B.schedule(B.legalize(hwcompress.import_onnx(model), spec), spec, []), spec)
     (lib,) = ex.mod.imports
     return lib.inspect_source("asm")
@@ -120,8 +127,7 @@ def test_gemv_prefetches_its_weight_panels():
     loops = [body for body in fma_loops(_gemv_asm(512, 256), 4) if any("prefetcht0" in x for x in body)]
     assert loops, "the GEMV's reduction loop issues no prefetch"
     for body in loops:
-        stores = [x for x in body if x.strip().startswith("vmov") and "(" in x.split(",")[-1]]
-        assert not stores, "vector stores in the GEMV's reduction loop:\n" + "\n".join(body)
+        assert not vector_stores(body), "vector stores in the GEMV's reduction loop:\n" + "\n".join(body)
 
 
 @x86_only
@@ -132,19 +138,11 @@ def test_batched_matmul_reuses_its_weights_without_prefetch():
 @x86_only
 def test_tuning_candidates_are_built_with_the_prefetch():
     """The tuner measures the default schedule (its seed) as ``hwc build`` compiles it."""
-    import hwcompress
-    from hwcompress import build as B
-    from hwcompress.passes.layout import ConvLayout, convert_layout
-    from hwcompress.passes.winograd import Winograd, winograd
-    from hwcompress.targets import load_target
-    from hwcompress.tuning_workers import build_candidate
-
-    spec = load_target("host")
-    model = load_tool("benchlib").conv_relu_model(64, 64, 7)
-    mod = winograd(convert_layout(hwcompress.import_onnx(model), ConvLayout("NHWC")), Winograd(tile=4, min_channels=1), spec)
-    scheduled = B.schedule(B.legalize(mod, spec), spec, [])
-    (func,) = [f for gv, f in scheduled.functions.items() if "winograd" in gv.name_hint]
     import tvm
 
+    from hwcompress.tuning_workers import build_candidate
+
+    spec, _, scheduled = _winograd_scheduled(64, 7)
+    (func,) = [f for gv, f in scheduled.functions.items() if "winograd" in gv.name_hint]
     lib = build_candidate(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), spec.tvm_target(), None)
     assert "prefetcht0" in lib.inspect_source("asm")
