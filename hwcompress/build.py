@@ -98,7 +98,7 @@ def backend_legalize_map(spec: TargetSpec, sparse: bool = False, winograd: bool 
     for op in ("relax.nn.conv2d", "relax.matmul"):
         inner = lmap.get(op) or tvm.ir.Op.get(op).get_attr("FLegalize")
         int8 = None if backend.sparse_kernel_int8 is None else lambda m, n, k, w: backend.sparse_kernel_int8(target, m, n, k, w)
-        lmap[op] = sparse_legalize(inner, lambda m, n, k: backend.sparse_kernel(target, m, n, k), int8)
+        lmap[op] = sparse_legalize(inner, lambda m, n, k, w: backend.sparse_kernel(target, m, n, k, w), int8)
     return lmap
 
 

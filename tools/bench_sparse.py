@@ -13,7 +13,7 @@ Dense: a Relax ``R.matmul(x, W.T)`` by a constant, built the way hwc builds it
 (``build.legalize``, ``build.default_schedule``, ``build.build``); with ``--trials N`` it is also
 MetaSchedule-tuned (``tuning.tune_module``, N trials) and the faster of default and tuned is kept.
 Sparse: ``cpu_sparse.sparse24_kernel`` with the variant ``pick_variant`` measures fastest,
-called with ``relax.call_tir`` on the constant ``values``/``meta`` and built the same way.
+called with ``relax.call_tir`` on its constant weights (``kernel_operands``) and built the same way.
 Both run through the Relax VM, timed with ``time_evaluator`` in alternating rounds (median of
 the rounds' medians).
 
@@ -98,7 +98,7 @@ def sparse_vm(ws: list[np.ndarray], m: int, spec, variant):
     from tvm import relax
 
     from hwcompress import build as B
-    from hwcompress.backends.cpu_sparse import sparse24_kernel
+    from hwcompress.backends.cpu_sparse import kernel_operands, sparse24_kernel
     from hwcompress.passes.sparsity.mask24 import compress
 
     n, k = ws[0].shape
@@ -107,8 +107,8 @@ def sparse_vm(ws: list[np.ndarray], m: int, spec, variant):
 
     def body(bb, x, i):
         gv = bb.add_func(sparse24_kernel(m, n, k, target, variant), "sparse24_matmul")  # added once
-        c = cs[i]
-        return relax.call_tir(gv, [x, relax.const(c.values), relax.const(c.meta)], relax.TensorType((m, n), "float32"))
+        weights = [relax.const(w) for w in kernel_operands(variant, cs[i])]
+        return relax.call_tir(gv, [x, *weights], relax.TensorType((m, n), "float32"))
 
     mod = _relax(m, k, n, body, len(ws))
     return relax.VirtualMachine(B.build(B.default_schedule(mod, spec), spec), tvm.cpu())

@@ -26,11 +26,12 @@ class Backend:
     # some ops (e.g. a conv with its weight repacked for the kernel), used by ``build.legalize``;
     # ``winograd=False``: no Winograd in those kernels either (the build's Winograd is off)
     legalize_map: Callable | None = None
-    # (tvm Target, m, n, k) -> scheduled PrimFunc ``(x[m, k], values, meta, y[m, n])``: the 2:4
-    # sparse GEMM of ``backends.sparse_lower`` (raises ValueError for shapes it does not take)
+    # (tvm Target, m, n, k, W float32 [n, k]) -> (scheduled PrimFunc ``(x[m, k], *weights,
+    # y[m, n])``, weights): the 2:4 sparse GEMM of ``backends.sparse_lower`` and its weight
+    # operands made from W (numpy arrays; raises ValueError for shapes it does not take)
     sparse_kernel: Callable | None = None
-    # (tvm Target, m, n, k, W int8 [n, k]) -> (scheduled PrimFunc ``(x uint8 [m, k], values,
-    # meta, y int32 [m, n])``, values, meta): the 2:4 INT8 GEMM and the weight packed for it
+    # (tvm Target, m, n, k, W int8 [n, k]) -> (scheduled PrimFunc ``(x uint8 [m, k], *weights,
+    # y int32 [m, n])``, weights): the 2:4 INT8 GEMM and the weight packed for it
     # (raises ValueError for shapes it does not take)
     sparse_kernel_int8: Callable | None = None
     # (m, n, k) -> why a 2:4 layer of that GEMM shape should stay dense, or None: the rule

@@ -32,10 +32,13 @@ def _legalize_map(target, winograd: bool = True):
     return {"relax.nn.conv2d": conv, "relax.matmul": legalize_matmul(legalize_matmul_int8(facts), conv)}
 
 
-def _sparse_kernel(target, m, n, k):
-    from .cpu_sparse import sparse24_kernel
+def _sparse_kernel(target, m, n, k, weight):
+    from ..passes.sparsity.mask24 import compress
+    from .cpu_sparse import kernel_operands, sparse24_kernel, variants
 
-    return sparse24_kernel(m, n, k, target)
+    variant = variants(m, n, k, target)[0]
+    kernel = sparse24_kernel(m, n, k, target, variant)
+    return kernel, kernel_operands(variant, compress(weight))
 
 
 def _sparse_kernel_int8(target, m, n, k, weight):
@@ -44,7 +47,7 @@ def _sparse_kernel_int8(target, m, n, k, weight):
 
     kind = kind_for(target, k, _max_abs_weight(weight))
     values, meta = pack(weight, kind)
-    return sparse24_int8_kernel(m, n, k, target, variants8(m, n, k, kind)[0]), values, meta
+    return sparse24_int8_kernel(m, n, k, target, variants8(m, n, k, kind)[0]), [values, meta]
 
 
 def _fusion_passes(target, min_bytes: int | None = None):

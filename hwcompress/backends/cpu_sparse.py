@@ -3,9 +3,15 @@
 ``meta [N, ceil(K/8)]`` uint8, two 2-bit positions per group of 4 ``k``).
 
 ``sparse24_kernel(m, n, k, target, variant)`` returns a hand-written, already scheduled
-PrimFunc ``(x, values, meta, y)`` (``y`` the output, DPS) for ``relax.call_tir``. Ways to
-gather the ``x`` that each kept weight multiplies:
+PrimFunc ``(x, *weights, y)`` (``y`` the output, DPS) for ``relax.call_tir``;
+``kernel_operands(variant, compressed)`` gives its weight operands: ``values, meta`` for every
+variant but ``LANES``, whose one operand holds the values with their positions embedded. Ways
+to gather the ``x`` that each kept weight multiplies:
 
+* ``LANES`` (x86 AVX2, ``m == 1``, ``K % 4 == 0``; the GEMV default): 8 output rows per vector,
+  each kept value's position in its own two low mantissa bits, so that one ``vpermilps`` of
+  the group's 4 ``x`` by the value vector gathers them (``cpu_sparse_gemv``'s docstring);
+  weights stream at 50% of dense, prefetched.
 * x86 with AVX2 (``K % 16 == 0``): one 16-``k`` chunk (4 groups, 8 kept weights, 2 meta
   bytes) of a row is one 8-lane vector of kept values; the matching ``x`` come from the
   chunk's 16 ``x`` by two register permutes driven by the meta bits, a blend, then one FMA.
@@ -44,9 +50,9 @@ import math
 from dataclasses import dataclass
 
 from .cpu_sparse_gemm import broadcast_kernel
-from .cpu_sparse_gemv import CHUNK, WINDOW, pair_kernel, permute_kernel
+from .cpu_sparse_gemv import CHUNK, WINDOW, lane_kernel, pack_lanes, pair_kernel, permute_kernel
 
-__all__ = ["Gather", "Variant", "has_avx2", "k_block", "pick_variant", "sparse24_kernel", "variants"]
+__all__ = ["Gather", "Variant", "has_avx2", "k_block", "kernel_operands", "pick_variant", "sparse24_kernel", "variants"]
 
 # Bytes of x (transposed) that one reduction chunk of the broadcast kernel keeps in L1: 7/8 of
 # the 32 KB L1d of the Zen 3 host, the rest for the streamed values, meta and partial sums.
@@ -58,6 +64,7 @@ XT_CHUNK_BYTES = 28 << 10
 class Gather(enum.Enum):
     """How the kernel fetches the ``x`` element of each kept weight."""
 
+    LANES = "lanes"
     PERMPS = "permps"
     PERMILPS = "permilps"
     PAIRS = "pairs"
@@ -69,7 +76,8 @@ class Gather(enum.Enum):
 class Variant:
     """Tunable knobs of one kernel.
 
-    ``rows``: output rows (``n``) per block, sharing every ``x`` load; ``m_rows``: input rows
+    ``rows``: output rows (``n``) per block, sharing every ``x`` load (``LANES``: vectors of 8
+    rows); ``m_rows``: input rows
     (``m``) per block, sharing each row's controls and kept values; ``unroll``: 16-``k``
     chunks summed in registers between two accumulator updates (x86 only).
     """
@@ -121,8 +129,12 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
     """
     if k % 4:
         raise ValueError(f"2:4 sparsity needs k % 4 == 0, got k={k}")
+    # m = 1 (batch-1 dense layers): the lane kernel, weights streamed at 50% of dense; measured
+    # (Zen 1, one thread, kernel alone, 1 KB prefetch): 2 row vectors x 2 groups per step
+    # 0.51 ms at 2048x2048, 1 x 2 0.52, 2 x 4 0.51, 2 x 1 0.53, 4 x 2 0.54
+    lanes = [Variant(Gather.LANES, 2, 2), Variant(Gather.LANES, 1, 2), Variant(Gather.LANES, 4, 2)] if m == 1 and has_avx2(target) else []
     if not (has_avx2(target) and k % WINDOW == 0):
-        return [Variant(Gather.GENERIC, rows=1, unroll=1)]
+        return lanes or [Variant(Gather.GENERIC, rows=1, unroll=1)]
     vecs = math.ceil(m / 8)
     # m_rows: vectors of m per block, the blocks that waste least on a last partial block
     # (it is recomputed overlapping the previous one); rows: ~12 accumulators of 16 registers
@@ -132,7 +144,7 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
     broadcast = [Variant(Gather.BROADCAST, max(1, min(8, 14 // mv)), 4, mv, k_block=k_block(k, mv * 8)) for mv in by_waste[:3]]
     broadcast += [Variant(Gather.BROADCAST, 2, 4, min(4, vecs), k_block=k_block(k, min(4, vecs) * 8))]
     if k % CHUNK:  # k % 8 == 0 only: the row-pair kernel works on 8-k windows
-        return [Variant(Gather.PAIRS, 8, 2, 1, True)] if m == 1 else broadcast
+        return lanes + [Variant(Gather.PAIRS, 8, 2, 1, True)] if m == 1 else broadcast
     # measured (Zen 3, 1 thread, kernel alone): 1x2048x2048
     # permilps r4 u2 0.21 ms, u4 0.23, pairs (vpermps, 1.33 cycles each on Zen 3) 0.34, the
     # table-driven control 0.29; m = 2..4: permilps with m_rows = m 2-3x faster than broadcast
@@ -140,8 +152,7 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
     unroll = min(2, k // CHUNK)
     pl = Gather.PERMILPS
     if m == 1:
-        return [Variant(pl, 4, unroll), Variant(pl, 8, unroll), Variant(pl, 4, 4), Variant(pl, 4, unroll, 1, True),
-                Variant(Gather.PAIRS, 8, 2, 1, True)]  # fmt: skip
+        return lanes + [Variant(pl, 4, unroll), Variant(pl, 4, unroll, 1, True), Variant(Gather.PAIRS, 8, 2, 1, True)]
     small = [Variant(pl, 4 if m <= 2 else 2, unroll, min(m, 4))]
     if m <= 5:
         return small + broadcast[:2]
@@ -173,7 +184,8 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
     -------
     tvm.tirx.PrimFunc
         ``(x: float32[m, k], values: float32[n, k//2], meta: uint8[n, (k+7)//8],
-        y: float32[m, n])``, marked ``tirx.is_scheduled``, without a global symbol.
+        y: float32[m, n])`` (``LANES``: ``(x, w, y)``, ``w`` from ``kernel_operands``), marked
+        ``tirx.is_scheduled``, without a global symbol.
     """
     from .cpu_schedule import CpuFacts
 
@@ -184,8 +196,14 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
         raise ValueError(f"{variant.gather.value} needs an AVX2 target and k % {CHUNK} == 0 (k={k})")
     if variant.gather is Gather.PAIRS and not (has_avx2(target) and k % WINDOW == 0):
         raise ValueError(f"pairs needs an AVX2 target and k % {WINDOW} == 0 (k={k})")
+    if variant.gather is Gather.LANES and not (has_avx2(target) and m == 1):
+        raise ValueError(f"lanes needs an AVX2 target and m == 1 (m={m})")
     cores = CpuFacts.from_target(target).num_cores
-    if variant.gather is Gather.GENERIC:
+    if variant.gather is Gather.LANES:
+        from .cpu_prefetch import DISTANCE, ENABLED
+
+        func = lane_kernel(n, k, variant.rows, variant.unroll, lambda b: _split(b, cores), DISTANCE if ENABLED else 0)
+    elif variant.gather is Gather.GENERIC:
         func = generic_kernel(m, n, k, cores)
     elif variant.gather is Gather.PAIRS:
         func = pair_kernel(m, n, k, max(1, variant.rows // 2), variant.unroll, variant.m_rows, variant.lut, lambda b: _split(b, cores))
@@ -194,6 +212,16 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
     else:
         func = permute_kernel(m, n, k, variant, lambda b: _split(b, cores))
     return func.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+
+
+def kernel_operands(variant: Variant, c) -> list:
+    """The weight operands of ``variant``'s kernel for the compressed weight ``c``
+    (``mask24.Compressed``): ``[values, meta]``, or ``LANES``' one packed array."""
+    if variant.gather is Gather.LANES:
+        from ..passes.sparsity.mask24 import embed_positions
+
+        return [pack_lanes(embed_positions(c), variant.rows)]
+    return [c.values, c.meta]
 
 
 def _split(blocks: int, cores: int) -> tuple[int, int]:
@@ -256,14 +284,15 @@ def build(func, target):
 
 
 def random_operands(m: int, n: int, k: int, seed: int = 0):
-    """Random ``x``, compressed random weights and an empty ``y``, as numpy arrays."""
+    """Random ``x``, compressed random weights (``mask24.Compressed``) and an empty ``y``, as
+    numpy arrays (``kernel_operands`` turns the weights into a variant's operands)."""
     import numpy as np
 
     from ..passes.sparsity.mask24 import compress
 
     rng = np.random.default_rng(seed)
     c = compress(rng.standard_normal((n, k)).astype(np.float32))
-    return rng.standard_normal((m, k)).astype(np.float32), c.values, c.meta, np.zeros((m, n), np.float32)
+    return rng.standard_normal((m, k)).astype(np.float32), c, np.zeros((m, n), np.float32)
 
 
 def pick_variant(m: int, n: int, k: int, target, number: int = 20, repeat: int = 3, candidates=None) -> tuple[Variant, dict]:
@@ -290,11 +319,11 @@ def pick_variant(m: int, n: int, k: int, target, number: int = 20, repeat: int =
     candidates = list(candidates or variants(m, n, k, target))
     if len(candidates) == 1:
         return candidates[0], {}
-    args = [tvm.runtime.tensor(a) for a in random_operands(m, n, k)]
+    x, c, y = random_operands(m, n, k)
     dev = tvm.cpu()
     times = {}
     for var in candidates:
         fn = build(sparse24_kernel(m, n, k, target, var), target).time_evaluator("main", dev, number=number, repeat=repeat)
-        times[var] = fn(*args).median
+        times[var] = fn(*(tvm.runtime.tensor(a) for a in (x, *kernel_operands(var, c), y))).median
     best = min(times, key=times.get)
     return best, {var.name: s for var, s in times.items()}

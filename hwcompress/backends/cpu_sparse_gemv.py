@@ -1,6 +1,19 @@
-"""The x86 AVX2 permute kernels of ``cpu_sparse`` (GEMV and small ``m``): ``permute_kernel``
-(``PERMPS``/``PERMILPS``, one row and one 16-``k`` chunk per vector, described in
-``cpu_sparse``) and ``pair_kernel`` (``PAIRS``).
+"""The x86 AVX2 permute kernels of ``cpu_sparse`` (GEMV and small ``m``): ``lane_kernel``
+(``LANES``, the GEMV default), ``permute_kernel`` (``PERMPS``/``PERMILPS``, one row and one
+16-``k`` chunk per vector, described in ``cpu_sparse``) and ``pair_kernel`` (``PAIRS``).
+
+``lane_kernel``: the vector runs across 8 output rows, not along ``k``. For group ``g`` (4
+``x``), ``X = x[4g : 4g + 4]`` in both 128-bit lanes (one ``vbroadcastf128``); the 8 rows' first
+(second) kept values of the group are one vector ``v``, their positions in ``v``'s own two
+low mantissa bits (``mask24.embed_positions``), which are exactly the bits an in-lane
+``vpermilps`` reads from its control: ``vpermilps(X, v)`` is the ``x`` under each value, no
+metadata load, shift or mask. Per 8 kept values: one load, one permute, one FMA; the stream is
+50% of the dense weight (not 53%: no ``meta``), read in order and prefetched
+``cpu_prefetch.DISTANCE`` bytes ahead, and the accumulators need no horizontal sum. Weights
+packed by ``pack_lanes``: ``[N / 8R, K / 4, R, 2, 8]`` (``R`` row vectors per block, rows past
+``N`` zero). A variable ``vpermilps`` / ``vpermps`` issues once per ~4 cycles on this Zen 1
+host (an FMA once per cycle; measured in a loop of independent ops), so the kernel is for
+weights that stream from memory: 1.8x over dense there (one core), ~0.5x in L2.
 
 ``pair_kernel``: rows ``r0, r1`` of ``W`` and an 8-``x`` window ``X = x[8j : 8j + 8]`` (groups
 ``2j`` and ``2j + 1``, meta byte ``j`` of each row): the kept values of the pair in that window
@@ -23,6 +36,78 @@ CHUNK = 16  # k per permute-kernel step: 4 groups, 8 kept values, 2 meta bytes
 WINDOW = 8  # k per row-pair step: 2 groups, 4 kept values per row, 1 meta byte
 _PERMPS = "llvm.x86.avx2.permps"
 _PERMILPS = "llvm.x86.avx.vpermilvar.ps.256"
+
+
+def pack_lanes(embedded, rows: int):
+    """``embed_positions``' ``[N, K/2]`` -> ``lane_kernel``'s ``[ceil(N / 8R), K / 4, R, 2, 8]``
+    (``R = rows``): block ``b``, group ``g``, row vector ``r``, kept slot ``s``, lane ``l`` is row
+    ``8 (R b + r) + l``'s ``s``-th kept value of group ``g``; rows past ``N`` are zeros."""
+    import numpy as np
+
+    n, half = embedded.shape
+    groups, width = half // 2, 8 * rows
+    blocks = math.ceil(n / width)
+    padded = np.zeros((blocks * width, groups, 2), np.float32)
+    padded[:n] = embedded.reshape(n, groups, 2)
+    return np.ascontiguousarray(padded.reshape(blocks, rows, 8, groups, 2).transpose(0, 3, 1, 4, 2))
+
+
+def lane_kernel(n: int, k: int, rows: int, unroll: int, split, prefetch_bytes: int):
+    """PrimFunc ``(x[1, k], w, y[1, n])`` of the ``LANES`` GEMV, ``w`` from ``pack_lanes``;
+    ``k % 4 == 0``; ``split(blocks) -> (tasks, per)``; ``prefetch_bytes`` ahead (0: none)."""
+    from tvm.script import tirx as T
+
+    if k % 4:
+        raise ValueError(f"the lane kernel needs k % 4 == 0, got k={k}")
+    R, lanes, groups = rows, 8, k // 4
+    U = min(unroll, groups)
+    full, tail = divmod(groups, U)
+    nblk = math.ceil(n / (lanes * R))
+    tasks, per = split(nblk)
+    ahead = prefetch_bytes // (R * 2 * lanes * 4)  # groups: one group of a block is R 64-byte lines
+
+    def step(acc, x, w, blk, g, r, s):
+        xq = x.vload([0, 4 * g], "float32x4")
+        v = w.vload([blk, g, r, s, 0], "float32x8")
+        return acc + T.call_llvm_pure_intrin("float32x8", _PERMILPS, T.Shuffle([xq, xq], list(range(8))), T.reinterpret("int32x8", v)) * v
+
+    @T.prim_func
+    def kernel(x: T.Buffer((1, k), "float32"), w: T.Buffer((nblk, groups, R, 2, lanes), "float32"), y: T.Buffer((1, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(tasks):
+            acc = T.alloc_buffer((2 * R * lanes,), "float32", scope="local")
+            for b in range(per):
+                if t * per + b < nblk:
+                    for a in T.unroll(2 * R):
+                        acc[T.Ramp(a * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                    for gc in range(full):
+                        if ahead > 0:  # the lines of the group `ahead` groups on; prefetches never fault
+                            for u in T.unroll(U):
+                                for r in T.unroll(R):
+                                    T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(w[t * per + b, gc * U + u + ahead, r, 0, 0]), 0, 3, 1))
+                        for u in T.unroll(U):
+                            for r in T.unroll(R):
+                                for s in T.unroll(2):  # one accumulator per slot: two FMA chains per row vector
+                                    acc[T.Ramp((2 * r + s) * lanes, 1, lanes)] = step(
+                                        acc[T.Ramp((2 * r + s) * lanes, 1, lanes)], x, w, t * per + b, gc * U + u, r, s
+                                    )
+                    for u in T.unroll(tail):
+                        for r in T.unroll(R):
+                            for s in T.unroll(2):
+                                acc[T.Ramp((2 * r + s) * lanes, 1, lanes)] = step(
+                                    acc[T.Ramp((2 * r + s) * lanes, 1, lanes)], x, w, t * per + b, full * U + u, r, s
+                                )
+                    for r in T.unroll(R):
+                        if (t * per + b) * R * lanes + (r + 1) * lanes <= n:
+                            y[0, T.Ramp((t * per + b) * R * lanes + r * lanes, 1, lanes)] = (
+                                acc[T.Ramp(2 * r * lanes, 1, lanes)] + acc[T.Ramp((2 * r + 1) * lanes, 1, lanes)]
+                            )
+                        else:  # the last block's rows past n are padding
+                            for lane in range(lanes):
+                                if (t * per + b) * R * lanes + r * lanes + lane < n:
+                                    y[0, (t * per + b) * R * lanes + r * lanes + lane] = acc[2 * r * lanes + lane] + acc[(2 * r + 1) * lanes + lane]
+
+    return kernel
 
 
 def lut_entry(byte: int) -> list[int]:

@@ -134,12 +134,13 @@ def _on_sparse_gemv(m: int, k: int) -> bool:
     return m <= SPARSE_GEMV_MAX_ROWS and k % 8 == 0
 
 
-def _sparse_kernel(target, m, n, k):
+def _sparse_kernel(target, m, n, k, weight):
+    from ..passes.sparsity.mask24 import compress
     from .cuda_sparse import sparse24_gemv_cuda, sparse24_kernel_cuda
 
-    if _on_sparse_gemv(m, k):
-        return sparse24_gemv_cuda(m, n, k)
-    return sparse24_kernel_cuda(m, n, k, target)
+    kernel = sparse24_gemv_cuda(m, n, k) if _on_sparse_gemv(m, k) else sparse24_kernel_cuda(m, n, k, target)
+    c = compress(weight)
+    return kernel, [c.values, c.meta]
 
 
 def _sparse_unmeasured_rule(m: int, n: int, k: int) -> str | None:  # noqa: ARG001

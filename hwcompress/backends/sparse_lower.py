@@ -11,14 +11,15 @@ reference. Handled:
   the input as is for 1x1 stride-1 unpadded convs, else copied into patches (``im2col``,
   padding and strides included).
 
-The kernel (``kernel_for(m, n, k) -> PrimFunc``, signature ``(x[m, k], values[n, k/2],
-meta[n, ceil(k/8)], y[m, n])``, the compressed form of ``passes.sparsity.mask24``) is the
-backend's: ``cpu_sparse`` or ``cuda_sparse``; a shape it does not take raises ValueError and
-the layer stays dense.
+The kernel (``kernel_for(m, n, k, W) -> (PrimFunc, weights)``, signature ``(x[m, k], *weights,
+y[m, n])``; the weights numpy arrays made from ``W[n, k]``: the compressed form of
+``passes.sparsity.mask24``, ``values[n, k/2]`` and ``meta[n, ceil(k/8)]``, or a kernel's own
+packing of it) is the backend's: ``cpu_sparse`` or ``cuda_sparse``; a shape it does not take
+raises ValueError and the layer stays dense.
 
 INT8 (2:4 INT8): a conv / matmul of uint8 data by a constant 2:4 int8 weight with an int32
 result (what the int8 quantizer makes of a 2:4 float layer: zeros stay zeros) goes to
-``int8_kernel_for(m, n, k, W) -> (PrimFunc, values, meta)`` (``cpu_sparse_int8``), which also
+``int8_kernel_for(m, n, k, W) -> (PrimFunc, weights)`` (``cpu_sparse_int8``), which also
 packs the weight for its kernel; the requantization after it stays a separate kernel.
 """
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from ..analysis import static_shape
 
-from ..passes.sparsity.mask24 import compress, conv_rows, is_2to4
+from ..passes.sparsity.mask24 import conv_rows, is_2to4
 
 __all__ = ["gemm_shape", "sparse_legalize"]
 
@@ -50,7 +51,7 @@ def gemm_shape(call) -> tuple[int, int, int]:
 
 
 def _plan(call, kernel_for, int8_kernel_for=None):
-    """``(kind, W[N, K], (kernel, values, meta))`` when ``call`` runs sparse, else None."""
+    """``(kind, W[N, K], (kernel, weights))`` when ``call`` runs sparse, else None."""
     import tvm
 
     data, weight = call.args[:2]
@@ -82,15 +83,10 @@ def _plan(call, kernel_for, int8_kernel_for=None):
         return None
     m, n, k = gemm_shape(call)
     try:
-        if int8:
-            return kind, gemm, int8_kernel_for(m, n, k, gemm)
-        kernel = kernel_for(m, n, k)
+        kernel, weights = (int8_kernel_for if int8 else kernel_for)(m, n, k, gemm)
     except ValueError:
         return None
-    if kernel is None:
-        return None
-    c = compress(gemm)
-    return kind, gemm, (kernel, c.values, c.meta)
+    return kind, gemm, (kernel, weights)
 
 
 def sparse_legalize(inner: Callable, kernel_for: Callable, int8_kernel_for: Callable | None = None) -> Callable:
@@ -109,7 +105,7 @@ def sparse_legalize(inner: Callable, kernel_for: Callable, int8_kernel_for: Call
     return legalize
 
 
-def _emit(bb, call, kind: str, gemm: np.ndarray, kernel, values: np.ndarray, meta: np.ndarray):
+def _emit(bb, call, kind: str, gemm: np.ndarray, kernel, weights: list[np.ndarray]):
     from tvm import relax, topi
 
     data = call.args[0]
@@ -126,7 +122,7 @@ def _emit(bb, call, kind: str, gemm: np.ndarray, kernel, values: np.ndarray, met
         x = bb.emit_te(_im2col, data, geometry, tuple(out_shape), primfunc_name_hint="im2col")
     # opaque to FuseOps: a hand-written kernel takes no fused producer or epilogue
     gvar = bb.add_func(kernel.with_attr("op_pattern", OPAQUE), KERNEL_NAME)
-    y = relax.call_tir(gvar, [x, relax.const(values), relax.const(meta, "uint8")], relax.TensorType((m, n), out_dtype))
+    y = relax.call_tir(gvar, [x, *(relax.const(w) for w in weights)], relax.TensorType((m, n), out_dtype))
     if tuple(out_shape) == (m, n):
         return y
     y = bb.emit(y)

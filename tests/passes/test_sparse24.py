@@ -65,6 +65,23 @@ def test_meta_layout():
     assert c.values.tolist() == [[1, 2, 3, 4]]
 
 
+def test_embedded_positions_are_the_low_mantissa_bits_and_move_values_at_most_2_ulp():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 40)) * 1e3 ** rng.integers(-3, 3, (16, 40))).astype(np.float32)
+    w[0, :8] = 0  # whole zero groups: zeros keep bits 0
+    w[1, 0], w[1, 1] = np.finfo(np.float32).max, -np.finfo(np.float32).max  # no overflow to inf
+    c = mask24.compress(w)
+    e = mask24.embed_positions(c)
+    pos = mask24.positions(c.meta, c.k).reshape(16, -1)
+    kept = c.values != 0
+    assert ((e.view(np.uint32) & 3)[kept] == pos[kept]).all()
+    assert (e.view(np.uint32)[~kept] == 0).all()
+    ulps = np.abs(e.view(np.int32).astype(np.int64) - c.values.view(np.int32).astype(np.int64))
+    assert ulps[2:].max() <= 2 and ulps.max() <= 3 and np.isfinite(e).all()  # 3 only next to float max and (np.sign(e) == np.sign(c.values)).all()
+    with pytest.raises(ValueError, match="finite"):
+        mask24.embed_positions(mask24.compress(np.full((1, 4), np.inf, np.float32)))
+
+
 def test_permutation_search_keeps_more_and_is_a_permutation():
     rng = np.random.default_rng(1)
     # structured weight: columns of very different scale, badly grouped by the identity order

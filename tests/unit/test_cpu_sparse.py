@@ -26,12 +26,12 @@ RTOL = 1e-5  # relative to sum_k |x| |w|: float32 rounding of a different summat
 
 
 def _check(m, n, k, variant, seed=0):
-    x, values, meta, y = S.random_operands(m, n, k, seed)
-    dense = mask24.decompress(mask24.Compressed(values, meta, k))
-    args = [tvm.runtime.tensor(a) for a in (x, values, meta, y)]
+    x, c, y = S.random_operands(m, n, k, seed)
+    dense = mask24.decompress(c)
+    args = [tvm.runtime.tensor(a) for a in (x, *S.kernel_operands(variant, c), y)]
     S.build(S.sparse24_kernel(m, n, k, HOST, variant), HOST)["main"](*args)
     scale = np.abs(x).astype(np.float64) @ np.abs(dense).T.astype(np.float64)
-    err = np.abs(args[3].numpy() - x.astype(np.float64) @ dense.T.astype(np.float64))
+    err = np.abs(args[-1].numpy() - x.astype(np.float64) @ dense.T.astype(np.float64))
     assert (err <= RTOL * scale + 1e-30).all(), f"{variant.name} {m}x{n}x{k}: max rel err {(err / scale).max():.2e}"
 
 
@@ -93,17 +93,19 @@ def test_permilps_meta_word_on_odd_chunk_counts(m, n, k, m_rows):
 
 @needs_avx2
 def test_default_variants_by_shape_class():
-    assert S.variants(1, 2048, 2048, HOST)[0].gather is S.Gather.PERMILPS
+    assert S.variants(1, 2048, 2048, HOST)[0].gather is S.Gather.LANES
     assert S.variants(4, 512, 512, HOST)[0] == S.Variant(S.Gather.PERMILPS, 2, 2, 4)
     assert S.variants(49, 512, 2048, HOST)[0].gather is S.Gather.BROADCAST
-    assert S.Gather.PAIRS in {v.gather for v in S.variants(1, 2048, 2048, HOST)}
-    assert [v.gather for v in S.variants(1, 64, 40, HOST)] == [S.Gather.PAIRS]  # k % 16 == 8
+    assert {S.Gather.PAIRS, S.Gather.PERMILPS} <= {v.gather for v in S.variants(1, 2048, 2048, HOST)}
+    assert {v.gather for v in S.variants(1, 64, 40, HOST)} == {S.Gather.LANES, S.Gather.PAIRS}  # k % 16 == 8
+    assert {v.gather for v in S.variants(1, 64, 36, HOST)} == {S.Gather.LANES}  # k % 8 == 4
+    assert S.Gather.LANES not in {v.gather for v in S.variants(2, 64, 64, HOST)}
     with pytest.raises(ValueError):
         S.sparse24_kernel(1, 8, 36, HOST, S.Variant(S.Gather.PAIRS, rows=2))
 
 
 def test_variants_fall_back_to_generic():
-    assert [v.gather for v in S.variants(3, 8, 36, HOST)] == [S.Gather.GENERIC]  # k % 16 != 0
+    assert [v.gather for v in S.variants(3, 8, 36, HOST)] == [S.Gather.GENERIC]  # k % 8 != 0, m > 1
     arm = load_target("arm-cortex-a76").tvm_target()
     assert not S.has_avx2(arm)
     assert [v.gather for v in S.variants(1, 64, 64, arm)] == [S.Gather.GENERIC]
@@ -111,6 +113,10 @@ def test_variants_fall_back_to_generic():
         S.sparse24_kernel(1, 8, 36, HOST, S.Variant(S.Gather.PERMPS))
     with pytest.raises(ValueError):
         S.Variant(S.Gather.PERMPS, rows=0)
+    with pytest.raises(ValueError):
+        S.sparse24_kernel(2, 8, 64, HOST, S.Variant(S.Gather.LANES))  # one row of x only
+    with pytest.raises(ValueError):
+        S.sparse24_kernel(1, 8, 64, arm, S.Variant(S.Gather.LANES))  # vpermilps: x86
 
 
 def test_kernel_signature_and_attrs():
@@ -120,6 +126,39 @@ def test_kernel_signature_and_attrs():
     assert shapes == [(2, 64), (16, 32), (16, 8), (2, 16)]
     assert dtypes == ["float32", "float32", "uint8", "float32"]
     assert bool(func.attrs["tirx.is_scheduled"]) and "global_symbol" not in func.attrs
+
+
+@needs_avx2
+def test_lane_kernel_signature_and_operands():
+    variant = S.Variant(S.Gather.LANES, rows=2, unroll=2)
+    func = S.sparse24_kernel(1, 40, 64, HOST, variant)
+    assert [tuple(int(d) for d in p.shape) for p in func.params] == [(1, 64), (3, 16, 2, 2, 8), (1, 40)]
+    _, c, _ = S.random_operands(1, 40, 64)
+    (w,) = S.kernel_operands(variant, c)
+    assert w.shape == (3, 16, 2, 2, 8) and w.dtype == np.float32
+    assert w.nbytes == 3 * 16 * 2 * 2 * 8 * 4  # 48 rows of 32 values: the 40 real rows use 50% of dense
+    np.testing.assert_array_equal(w.reshape(3, 16, 2, 2, 8).transpose(0, 2, 4, 1, 3).reshape(48, 32)[40:], 0)  # padding rows
+
+
+@needs_avx2
+@pytest.mark.parametrize("n,k,rows,unroll", [
+    (64, 64, 2, 2),     # whole blocks
+    (40, 36, 2, 2),     # n % 16 == 8: a half-padded last block; 9 groups over unroll 2: a tail
+    (13, 20, 1, 4),     # n % 8 != 0: lanes past n dropped; 5 groups, unroll 4
+    (100, 128, 4, 2),   # 4 row vectors: 2 blocks of 32, the last one 4 rows
+    (8, 4, 1, 2),       # one group
+])  # fmt: skip
+def test_lane_kernel_matches_numpy(n, k, rows, unroll):
+    _check(1, n, k, S.Variant(S.Gather.LANES, rows=rows, unroll=unroll))
+
+
+@needs_avx2
+def test_lane_kernel_assembly_gathers_with_the_values_and_prefetches():
+    asm = S.build(S.sparse24_kernel(1, 256, 512, HOST, S.Variant(S.Gather.LANES, 2, 2)), HOST).inspect_source("asm")
+    # the in-lane permute takes the loaded values as its control; the group's x one 128-bit broadcast
+    assert re.search(r"vpermilps\s+%ymm\d+, %ymm\d+, %ymm\d+", asm) and "vbroadcastf128" in asm
+    assert "prefetcht0" in asm and "vfmadd" in asm
+    assert "vpsrlvd" not in asm and "vpsravd" not in asm  # no metadata shifts
 
 
 @needs_avx2
@@ -145,15 +184,17 @@ def test_generic_cross_compiles_for_aarch64():
 @needs_avx2
 def test_call_tir_from_relax():
     m, n, k = 1, 32, 64
-    x, values, meta, _ = S.random_operands(m, n, k, seed=3)
+    x, c, _ = S.random_operands(m, n, k, seed=3)
+    variant = S.variants(m, n, k, HOST)[0]
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType((m, k), "float32"))
     with bb.function("main", [xv]):
-        gv = bb.add_func(S.sparse24_kernel(m, n, k, HOST), "sparse24")
-        out = bb.emit(relax.call_tir(gv, [xv, relax.const(values), relax.const(meta)], relax.TensorType((m, n), "float32")))
+        gv = bb.add_func(S.sparse24_kernel(m, n, k, HOST, variant), "sparse24")
+        weights = [relax.const(w) for w in S.kernel_operands(variant, c)]
+        out = bb.emit(relax.call_tir(gv, [xv, *weights], relax.TensorType((m, n), "float32")))
         bb.emit_func_output(out)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=HOST), tvm.cpu())
-    ref = x @ mask24.decompress(mask24.Compressed(values, meta, k)).T
+    ref = x @ mask24.decompress(c).T
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-5, atol=1e-4)
 
 

@@ -14,6 +14,10 @@ The compressed form (``compress``), which the kernels read and the artifact stor
   ``g // 2``.
 
 FP32: 4 bytes x K/2 + K/4 bytes per row = 53% of dense; INT8 values: 62.5%.
+
+``embed_positions`` folds the positions into the values themselves (each float32 value's two
+lowest mantissa bits: 50% of dense, no ``meta``), for kernels that select with the value's own
+bits (``backends.cpu_sparse_gemv.lane_kernel``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "Compressed", "compress", "conv_rows", "decompress", "is_2to4", "kept_fraction", "mask_2to4", "permutation_search",
+    "Compressed", "compress", "conv_rows", "decompress", "embed_positions", "is_2to4", "kept_fraction", "mask_2to4",
+    "permutation_search",
 ]  # fmt: skip
 
 GROUP = 4
@@ -121,6 +126,33 @@ def decompress(c: Compressed) -> np.ndarray:
     dense = np.zeros((n, g, GROUP), dtype=c.values.dtype)
     np.put_along_axis(dense, positions(c.meta, c.k), c.values.reshape(n, g, KEEP), axis=-1)
     return dense.reshape(n, c.k)
+
+
+def embed_positions(c: Compressed) -> np.ndarray:
+    """float32 ``[N, K/2]``: each kept value with its position in its group (``0..3``) in its
+    two lowest mantissa bits.
+
+    The value becomes the nearest float32 whose low bits are the position: at most 2 units in
+    the last place away (relative change <= 2**-22 for normal numbers, below float32 summation
+    noise; 3 units next to the largest finite float32, whose other neighbour is inf; a
+    subnormal moves by at most 3e-45). A zero keeps bits 0 (+0.0: its position does not
+    matter). ValueError for a non-finite weight (no such neighbour).
+    """
+    values = np.asarray(c.values, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError("2:4 position embedding needs finite weights")
+    n = values.shape[0]
+    pos = positions(c.meta, c.k).reshape(n, -1).astype(np.int64)  # [N, K/2], matches values
+    bits = values.view(np.uint32).astype(np.int64)
+    base = (bits & ~3) | pos
+    cands = np.stack([base - 4, base, base + 4])  # the neighbours with those low bits
+    with np.errstate(over="ignore", invalid="ignore"):
+        as_float = np.clip(cands, 0, 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+        usable = (cands >= 0) & (cands <= 0xFFFFFFFF) & np.isfinite(as_float) & (np.signbit(as_float) == np.signbit(values))
+    dist = np.where(usable, np.abs(cands - bits), np.iinfo(np.int64).max)
+    chosen = np.take_along_axis(cands, dist.argmin(axis=0)[None], axis=0)[0].astype(np.uint32)
+    chosen = np.where(values == 0, np.uint32(0), chosen)
+    return np.ascontiguousarray(chosen.view(np.float32))
 
 
 def permutation_search(w: np.ndarray, rounds: int = 2, seed: int = 0, max_work: float = 2e8) -> np.ndarray:
