@@ -27,9 +27,11 @@ from hwcompress.passes import Sparse24, sparsify  # noqa: E402
 from hwcompress.passes.sparsity import mask24, sparsity_report  # noqa: E402
 from hwcompress.targets import load_target  # noqa: E402
 from hwcompress.verify import host_vm  # noqa: E402
+from hwcompress.backends.cpu_sparse import has_avx2  # noqa: E402
 
 HOST = load_target("host")
 RTOL = 1e-4  # of max |output|: float32 sums in another order
+S_HAS_AVX2 = has_avx2(HOST.tvm_target())
 
 
 # ------------------------------------------------------------------------------ numpy math
@@ -174,7 +176,8 @@ def test_every_chosen_layer_is_2to4_and_the_graph_is_the_masked_model(permute, x
         for name, w in before.items():
             rows = _gemm_rows(name, w)
             assert np.array_equal(_gemm_rows(name, after[name]), rows * mask24.mask_2to4(rows))
-    assert report["weight_bytes"]["ratio"] < 0.56
+    # 53% for values + positions; this model's matmuls (24 and 10 outputs) pad to 16-row blocks
+    assert report["weight_bytes"]["ratio"] < 0.57
 
 
 def test_built_module_runs_the_sparse_kernels_and_matches_the_dense_graph(x):
@@ -196,6 +199,11 @@ def test_built_module_runs_the_sparse_kernels_and_matches_the_dense_graph(x):
     want = _run(host_vm(out), x)  # TVM's plain pipeline: dense kernels on the 2:4 weights
     got = _run(built, x)
     np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
+    layers = {r["layer"]: r for r in sparsity_report(out)["layers"]}
+    if S_HAS_AVX2:  # the batch-1 matmuls run on the lane kernel: values only, rows padded to 16
+        assert layers["matmul[0]"]["weight_bytes_sparse"] == 32 * 72 * 4  # 24 rows -> 32, 144 -> 72 values
+        assert layers["matmul[1]"]["weight_bytes_sparse"] == 16 * 12 * 4
+    assert layers["conv2d[0]"]["weight_bytes_sparse"] < 0.54 * layers["conv2d[0]"]["weight_bytes_dense"]
 
 
 def test_layers_and_measured_decision(x):

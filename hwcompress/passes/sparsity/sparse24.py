@@ -192,6 +192,23 @@ def _compressed_bytes(c, int8: bool) -> int:
     return c.values.size * (1 if int8 else 4) + c.meta.nbytes
 
 
+def _stored_bytes(spec, call, weight: np.ndarray) -> int | None:
+    """Bytes of the weight operands the backend's float 2:4 kernel for ``call`` reads, what the
+    artifact stores (the x86 GEMV's: 50% of dense, its rows padded to whole blocks); None
+    where the backend has no kernel for the shape."""
+    from ...backends import get_backend
+    from ...backends.sparse_lower import gemm_shape
+
+    backend = get_backend(spec)
+    if backend.sparse_kernel is None:
+        return None
+    try:
+        _, weights = backend.sparse_kernel(spec.tvm_target(), *gemm_shape(call), _gemm_view(call, weight))
+    except ValueError:
+        return None
+    return int(sum(w.nbytes for w in weights))
+
+
 def _gemm_view(call, w: np.ndarray) -> np.ndarray:
     """``W[N, K]`` of the kernel (what ``backends.sparse_lower`` compresses)."""
     return w.reshape(w.shape[0], -1) if call.op.name == CONV2D else w.T
@@ -312,6 +329,9 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
             continue
         layer = _plan_layer(site, config.permute, config.int8)
         record = layer.record
+        stored = None if config.int8 else _stored_bytes(spec, site.call, layer.weight)
+        if stored is not None:
+            record["weight_bytes_sparse"] = stored
         if measure:
             original = site.call.args[1].value.numpy()
             qmax = weight_qmax(spec) if config.int8 else None
