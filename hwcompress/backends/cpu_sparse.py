@@ -23,10 +23,10 @@ to gather the ``x`` that each kept weight multiplies:
   two vector ops fewer per chunk; its control is the chunk's meta word broadcast straight from
   memory and shifted per lane (one vector op). ``Variant.lut`` takes the control from a
   256-entry table per meta byte (4 KB, built at the kernel's start) instead. The default for
-  ``m <= 5`` (``m_rows`` rows of ``x`` share each row's control and values).
+  ``2 <= m <= 5`` (``m_rows`` rows of ``x`` share each row's control and values).
 * ``PAIRS`` (AVX2, ``K % 8 == 0``): two rows per vector, one ``vpermps`` per 8 kept values;
   fewer vector ops, but on Zen 3 ``vpermps`` and the two 128-bit inserts cost more than two
-  in-lane permutes: a candidate, and the kernel for ``K % 16 == 8``.
+  in-lane permutes: a candidate.
 * ``BROADCAST`` (``m > 5``, any target; ``cpu_sparse_gemm``): ``x`` transposed once, then a
   broadcast kept weight times the ``x`` row its position selects, ``m``-vectorized: no
   permutes at all; the reduction is cut into chunks (``Variant.k_block``) whose ``x`` stays in
@@ -39,7 +39,7 @@ Each n-block of ``rows`` output rows x ``m_rows`` input rows keeps one accumulat
 pair; the ``unroll`` chunks between accumulator updates are one FMA chain on the accumulator's
 value (TVM gives every ``local`` buffer on CPU a workspace allocation; LLVM keeps the
 accumulators in registers across the loop here, the assembly shows); a balanced tree of the
-chunks measured ~4% slower (extra multiplies and adds). Both permute kernels live in
+chunks measured ~4% slower (extra multiplies and adds). The permute kernels live in
 ``cpu_sparse_gemv``.
 """
 
