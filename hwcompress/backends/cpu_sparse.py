@@ -132,7 +132,7 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
     # m = 1 (batch-1 dense layers): the lane kernel, weights streamed at 50% of dense; measured
     # (Zen 1, one thread, kernel alone, 1 KB prefetch): 2 row vectors x 2 groups per step
     # 0.51 ms at 2048x2048, 1 x 2 0.52, 2 x 4 0.51, 2 x 1 0.53, 4 x 2 0.54
-    lanes = [Variant(Gather.LANES, 2, 2), Variant(Gather.LANES, 1, 2), Variant(Gather.LANES, 4, 2)] if m == 1 and has_avx2(target) else []
+    lanes = [Variant(Gather.LANES, r, 2) for r in (2, 1, 4)] if m == 1 and has_avx2(target) else []
     if not (has_avx2(target) and k % WINDOW == 0):
         return lanes or [Variant(Gather.GENERIC, rows=1, unroll=1)]
     vecs = math.ceil(m / 8)

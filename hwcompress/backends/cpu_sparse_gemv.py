@@ -84,7 +84,8 @@ def lane_kernel(n: int, k: int, rows: int, unroll: int, split, prefetch_bytes: i
                         if ahead > 0:  # the lines of the group `ahead` groups on; prefetches never fault
                             for u in T.unroll(U):
                                 for r in T.unroll(R):
-                                    T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(w[t * per + b, gc * U + u + ahead, r, 0, 0]), 0, 3, 1))
+                                    line = T.address_of(w[t * per + b, gc * U + u + ahead, r, 0, 0])
+                                    T.evaluate(T.call_intrin("void", "tirx.prefetch", line, 0, 3, 1))
                         for u in T.unroll(U):
                             for r in T.unroll(R):
                                 for s in T.unroll(2):  # one accumulator per slot: two FMA chains per row vector
@@ -105,7 +106,9 @@ def lane_kernel(n: int, k: int, rows: int, unroll: int, split, prefetch_bytes: i
                         else:  # the last block's rows past n are padding
                             for lane in range(lanes):
                                 if (t * per + b) * R * lanes + r * lanes + lane < n:
-                                    y[0, (t * per + b) * R * lanes + r * lanes + lane] = acc[2 * r * lanes + lane] + acc[(2 * r + 1) * lanes + lane]
+                                    y[0, (t * per + b) * R * lanes + r * lanes + lane] = (
+                                        acc[2 * r * lanes + lane] + acc[(2 * r + 1) * lanes + lane]
+                                    )
 
     return kernel
 

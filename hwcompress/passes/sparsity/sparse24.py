@@ -8,8 +8,9 @@ reduction axis is permuted the same way, so the result is unchanged before maski
 
 The graph after this pass is an ordinary dense Relax graph with 2:4 weights; the backends
 lower such weights to their sparse kernels (``backends.sparse_lower``: compressed values plus
-2-bit positions, about 53% of the FP32 weight; the x86 GEMV's 50%, positions inside the values). Which layers: every conv (NHWC, one group,
-input channels a multiple of 4) and matmul by a constant weight, or the named ``layers``;
+2-bit positions, about 53% of the FP32 weight; the x86 GEMV's 50%, positions inside the
+values). Which layers: every conv (NHWC, one group, input channels a multiple of 4) and
+matmul by a constant weight, or the named ``layers``;
 of those, with ``decide="auto"`` (default) on a target that runs here, only the layers whose
 sparse kernel was *measured* faster than the dense one for that target, by at least
 ``MIN_SPEEDUP`` (sparse kernels lose on small or compute-bound layers, and smaller gains are
