@@ -56,7 +56,7 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True, blocks: bool = True):
 
     target = spec.tvm_target()
     sparse = has_sparsity(mod)
-    lmap = backend_legalize_map(spec, sparse=sparse, winograd=winograd_allowed(mod))
+    lmap = backend_legalize_map(spec, sparse=sparse, winograd=winograd_allowed(mod), variants=sparse_variants(mod))
     backend = get_backend(spec)
     graph = backend.fusion_passes(target) if fuse and blocks and backend.fusion_passes and not sparse else []
     return _run_stage("legalize", tvm.transform.Sequential([*graph, *legalize_passes(fuse, lmap)]), mod, target)
@@ -79,12 +79,27 @@ def has_sparsity(mod) -> bool:
     return mod.attrs is not None and REPORT_ATTR in mod.attrs
 
 
-def backend_legalize_map(spec: TargetSpec, sparse: bool = False, winograd: bool = True) -> dict | None:
+def sparse_variants(mod) -> dict[tuple[int, int, int], str]:
+    """``{(m, n, k): variant name}``: the 2:4 kernel variant the ``sparse-2-4`` technique
+    measured fastest for each GEMM shape of its sparse layers (its report's ``gemm`` and
+    ``variant``; layers of one shape share it)."""
+    import json
+
+    from .passes.sparsity.sparse24 import REPORT_ATTR
+
+    if not has_sparsity(mod):
+        return {}
+    layers = json.loads(str(mod.attrs[REPORT_ATTR])).get("layers", [])
+    return {tuple(r["gemm"]): r["variant"] for r in layers if r.get("sparse") and r.get("variant") and r.get("gemm")}
+
+
+def backend_legalize_map(spec: TargetSpec, sparse: bool = False, winograd: bool = True, variants: dict | None = None) -> dict | None:
     """The backend's own legalizations for ``spec`` (None: TVM's for every op); ``sparse``: convs
     and matmuls with 2:4 weights become the backend's sparse kernel (``backends.sparse_lower``)
     — only after the ``sparse-2-4`` technique, which keeps 2:4 weights exactly where sparse was
     chosen (an imported model that happens to be 2:4 is not run sparse unmeasured);
-    ``winograd``: whether the backend's integer kernels may use Winograd (``WINOGRAD_ATTR``)."""
+    ``winograd``: whether the backend's integer kernels may use Winograd (``WINOGRAD_ATTR``);
+    ``variants``: the sparse kernel variant per GEMM shape (``sparse_variants``; else defaults)."""
     backend = get_backend(spec)
     target = spec.tvm_target()
     lmap = backend.legalize_map(target, winograd=winograd) if backend.legalize_map else None
@@ -98,7 +113,8 @@ def backend_legalize_map(spec: TargetSpec, sparse: bool = False, winograd: bool 
     for op in ("relax.nn.conv2d", "relax.matmul"):
         inner = lmap.get(op) or tvm.ir.Op.get(op).get_attr("FLegalize")
         int8 = None if backend.sparse_kernel_int8 is None else lambda m, n, k, w: backend.sparse_kernel_int8(target, m, n, k, w)
-        lmap[op] = sparse_legalize(inner, lambda m, n, k, w: backend.sparse_kernel(target, m, n, k, w), int8)
+        chosen = variants or {}
+        lmap[op] = sparse_legalize(inner, lambda m, n, k, w: backend.sparse_kernel(target, m, n, k, w, chosen.get((m, n, k))), int8)
     return lmap
 
 

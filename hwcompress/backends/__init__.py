@@ -26,10 +26,14 @@ class Backend:
     # some ops (e.g. a conv with its weight repacked for the kernel), used by ``build.legalize``;
     # ``winograd=False``: no Winograd in those kernels either (the build's Winograd is off)
     legalize_map: Callable | None = None
-    # (tvm Target, m, n, k, W float32 [n, k]) -> (scheduled PrimFunc ``(x[m, k], *weights,
-    # y[m, n])``, weights): the 2:4 sparse GEMM of ``backends.sparse_lower`` and its weight
-    # operands made from W (numpy arrays; raises ValueError for shapes it does not take)
+    # (tvm Target, m, n, k, W float32 [n, k], variant name | None) -> (scheduled PrimFunc
+    # ``(x[m, k], *weights, y[m, n])``, weights): the 2:4 sparse GEMM of ``backends.sparse_lower``
+    # and its weight operands made from W (numpy arrays; raises ValueError for shapes it does not
+    # take); the variant as ``sparse_pick`` named it, None: the backend's default
     sparse_kernel: Callable | None = None
+    # (tvm Target, m, n, k) -> the name of the fastest variant of ``sparse_kernel`` for that
+    # shape, measured on this machine (the target runs here); None: one variant only
+    sparse_pick: Callable | None = None
     # (tvm Target, m, n, k, W int8 [n, k]) -> (scheduled PrimFunc ``(x uint8 [m, k], *weights,
     # y int32 [m, n])``, weights): the 2:4 INT8 GEMM and the weight packed for it
     # (raises ValueError for shapes it does not take)

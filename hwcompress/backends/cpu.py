@@ -32,13 +32,18 @@ def _legalize_map(target, winograd: bool = True):
     return {"relax.nn.conv2d": conv, "relax.matmul": legalize_matmul(legalize_matmul_int8(facts), conv)}
 
 
-def _sparse_kernel(target, m, n, k, weight):
+def _sparse_kernel(target, m, n, k, weight, variant: str | None = None):
     from ..passes.sparsity.mask24 import compress
-    from .cpu_sparse import kernel_operands, sparse24_kernel, variants
+    from .cpu_sparse import kernel_operands, sparse24_kernel, variant_named
 
-    variant = variants(m, n, k, target)[0]
-    kernel = sparse24_kernel(m, n, k, target, variant)
-    return kernel, kernel_operands(variant, compress(weight))
+    chosen = variant_named(m, n, k, target, variant)
+    return sparse24_kernel(m, n, k, target, chosen), kernel_operands(chosen, compress(weight))
+
+
+def _sparse_pick(target, m, n, k) -> str:
+    from .cpu_sparse import pick_variant
+
+    return pick_variant(m, n, k, target, number=10, repeat=3)[0].name
 
 
 def _sparse_kernel_int8(target, m, n, k, weight):
@@ -85,6 +90,7 @@ BACKEND = Backend(
     default_trace=_default_trace,
     legalize_map=_legalize_map,
     sparse_kernel=_sparse_kernel,
+    sparse_pick=_sparse_pick,
     sparse_kernel_int8=_sparse_kernel_int8,
     fusion_passes=_fusion_passes,
 )

@@ -52,7 +52,9 @@ from dataclasses import dataclass
 from .cpu_sparse_gemm import broadcast_kernel
 from .cpu_sparse_gemv import CHUNK, WINDOW, lane_kernel, pack_lanes, pair_kernel, permute_kernel
 
-__all__ = ["Gather", "Variant", "has_avx2", "k_block", "kernel_operands", "pick_variant", "sparse24_kernel", "variants"]
+__all__ = [
+    "Gather", "Variant", "has_avx2", "k_block", "kernel_operands", "pick_variant", "sparse24_kernel", "variant_named", "variants",
+]  # fmt: skip
 
 # Bytes of x (transposed) that one reduction chunk of the broadcast kernel keeps in L1: 7/8 of
 # the 32 KB L1d of the Zen 3 host, the rest for the streamed values, meta and partial sums.
@@ -157,6 +159,14 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
     if m <= 5:
         return small + broadcast[:2]
     return broadcast + (small if m <= 8 else [])
+
+
+def variant_named(m: int, n: int, k: int, target, name: str | None) -> Variant:
+    """The candidate of ``variants(m, n, k, target)`` called ``name`` (``Variant.name``, as
+    ``pick_variant`` measured it); the default (the first) for None or a name that is not a
+    candidate here (a report from another version or target)."""
+    candidates = variants(m, n, k, target)
+    return next((v for v in candidates if v.name == name), candidates[0])
 
 
 def k_block(k: int, width: int, budget: int = XT_CHUNK_BYTES) -> int:

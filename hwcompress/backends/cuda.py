@@ -134,7 +134,7 @@ def _on_sparse_gemv(m: int, k: int) -> bool:
     return m <= SPARSE_GEMV_MAX_ROWS and k % 8 == 0
 
 
-def _sparse_kernel(target, m, n, k, weight):
+def _sparse_kernel(target, m, n, k, weight, variant=None):  # noqa: ARG001 (one variant per shape)
     from ..passes.sparsity.mask24 import compress
     from .cuda_sparse import sparse24_gemv_cuda, sparse24_kernel_cuda
 

@@ -219,6 +219,26 @@ def test_layers_and_measured_decision(x):
         sparsify(mod, Sparse24(layers=("conv2d[9]",)), HOST)
 
 
+@pytest.mark.skipif(not S_HAS_AVX2, reason="the lane kernel variants are x86 AVX2")
+def test_the_build_uses_the_kernel_variant_the_decision_measured(monkeypatch):
+    """The measured decision names the fastest variant per layer; the build lowers that layer
+    with it (here a non-default one, forced, so that a silent fall back to the default shows)."""
+    from hwcompress.backends import cpu_sparse
+
+    forced = cpu_sparse.Variant(cpu_sparse.Gather.LANES, rows=4, unroll=2)
+    assert forced != cpu_sparse.variants(1, 24, 144, HOST.tvm_target())[0]
+    monkeypatch.setattr(cpu_sparse, "pick_variant", lambda m, n, k, target, **kw: (forced, {}))
+    monkeypatch.setattr("hwcompress.passes.sparsity.sparse24.MIN_SPEEDUP", 0.0)  # sparse whatever the timing
+    out = sparsify(_model(), Sparse24(layers=("matmul[0]",), permute=False), HOST)
+    (rec,) = sparsity_report(out)["layers"]
+    assert rec["sparse"] and rec["gemm"] == [1, 24, 144] and rec["variant"] == forced.name
+    assert B.sparse_variants(out) == {(1, 24, 144): forced.name}
+    assert rec["weight_bytes_sparse"] == 32 * 72 * 4  # 4 row vectors: 24 rows padded to 32
+    kernels = [f for gv, f in B.legalize(out, HOST).functions_items() if gv.name_hint.startswith("sparse24_gemm")]
+    (kernel,) = kernels
+    assert [int(d) for d in kernel.params[1].shape] == [1, 36, 4, 2, 8]  # blocks, groups, R = 4, slots, lanes
+
+
 def test_ineligible_layers_are_reported():
     from hwcompress.passes.sparsity.sparse24 import REPORT_ATTR
 

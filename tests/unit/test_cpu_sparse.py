@@ -104,6 +104,14 @@ def test_default_variants_by_shape_class():
         S.sparse24_kernel(1, 8, 36, HOST, S.Variant(S.Gather.PAIRS, rows=2))
 
 
+def test_variant_named_finds_a_candidate_or_the_default():
+    cands = S.variants(1, 256, 512, HOST)
+    for v in cands:
+        assert S.variant_named(1, 256, 512, HOST, v.name) == v
+    assert S.variant_named(1, 256, 512, HOST, None) == cands[0]
+    assert S.variant_named(1, 256, 512, HOST, "broadcast_r2_u4_m7") == cands[0]  # not a candidate for m = 1
+
+
 def test_variants_fall_back_to_generic():
     assert [v.gather for v in S.variants(3, 8, 36, HOST)] == [S.Gather.GENERIC]  # k % 8 != 0, m > 1
     arm = load_target("arm-cortex-a76").tvm_target()

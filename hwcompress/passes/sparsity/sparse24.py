@@ -24,7 +24,10 @@ kernels (``backends.cpu_sparse_int8``), and the measured decision compares INT8 
 layer quantized per output channel (the target's weight range), dense int8 against 2:4 int8.
 
 The report (``sparsity_report(mod)``, in the manifest as ``sparsity``) lists per layer the
-decision, the kept-magnitude fraction with and without the permutation, and the timings.
+decision, the kept-magnitude fraction with and without the permutation, and the timings. A
+measured decision on a backend with several kernel variants (``Backend.sparse_pick``: the CPU)
+first times the variants for the layer's GEMM shape and records the fastest (``gemm``,
+``variant``); the layer is timed, and later built (``build.sparse_variants``), with that one.
 """
 
 from __future__ import annotations
@@ -193,10 +196,10 @@ def _compressed_bytes(c, int8: bool) -> int:
     return c.values.size * (1 if int8 else 4) + c.meta.nbytes
 
 
-def _stored_bytes(spec, call, weight: np.ndarray) -> int | None:
-    """Bytes of the weight operands the backend's float 2:4 kernel for ``call`` reads, what the
-    artifact stores (the x86 GEMV's: 50% of dense, its rows padded to whole blocks); None
-    where the backend has no kernel for the shape."""
+def _stored_bytes(spec, call, weight: np.ndarray, variant: str | None = None) -> int | None:
+    """Bytes of the weight operands the backend's float 2:4 kernel (``variant``) for ``call``
+    reads, what the artifact stores (the x86 GEMV's: 50% of dense, its rows padded to whole
+    blocks); None where the backend has no kernel for the shape."""
     from ...backends import get_backend
     from ...backends.sparse_lower import gemm_shape
 
@@ -204,7 +207,7 @@ def _stored_bytes(spec, call, weight: np.ndarray) -> int | None:
     if backend.sparse_kernel is None:
         return None
     try:
-        _, weights = backend.sparse_kernel(spec.tvm_target(), *gemm_shape(call), _gemm_view(call, weight))
+        _, weights = backend.sparse_kernel(spec.tvm_target(), *gemm_shape(call), _gemm_view(call, weight), variant)
     except ValueError:
         return None
     return int(sum(w.nbytes for w in weights))
@@ -245,10 +248,11 @@ def _int8_layer(call, x, weight: np.ndarray, qmax: int):
     )  # fmt: skip
 
 
-def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool, qmax: int | None = None):
+def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool, qmax: int | None = None, kernel=None):
     """A module running one layer on its own (the measurement's unit); ``sparse``: marked as
-    sparsified, so that its 2:4 weight gets the sparse kernel (``build.has_sparsity``);
-    ``qmax``: the layer as INT8 (``_int8_layer``)."""
+    sparsified, so that its 2:4 weight gets the sparse kernel (``build.has_sparsity``), with
+    ``kernel`` (``{"gemm": [m, n, k], "variant": name}``) its variant; ``qmax``: the layer as
+    INT8 (``_int8_layer``)."""
     import tvm
     from tvm import relax
 
@@ -260,7 +264,8 @@ def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, spar
             out = bb.emit_output(_emit_layer(bb, site.call, x, weight, perm, "y", qmax))
         bb.emit_func_output(out)
     mod = tvm.IRModule({"main": bb.get()["main"]})
-    return mod.with_attr(REPORT_ATTR, json.dumps({"layers": []})) if sparse else mod
+    layers = [{"sparse": True, **kernel}] if kernel else []
+    return mod.with_attr(REPORT_ATTR, json.dumps({"layers": layers})) if sparse else mod
 
 
 def _time_layers(modules: dict, spec, rounds: int = 3) -> dict[str, float]:
@@ -330,7 +335,13 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
             continue
         layer = _plan_layer(site, config.permute, config.int8)
         record = layer.record
-        stored = None if config.int8 else _stored_bytes(spec, site.call, layer.weight)
+        kernel = None
+        pick = get_backend(spec).sparse_pick
+        if measure and pick is not None and not config.int8:
+            # the kernel variant measured fastest for this shape: the one the build then uses
+            kernel = {"gemm": list(gemm_shape(site.call)), "variant": pick(spec.tvm_target(), *gemm_shape(site.call))}
+            record |= kernel
+        stored = None if config.int8 else _stored_bytes(spec, site.call, layer.weight, record.get("variant"))
         if stored is not None:
             record["weight_bytes_sparse"] = stored
         if measure:
@@ -338,7 +349,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
             qmax = weight_qmax(spec) if config.int8 else None
             modules = {
                 "dense": _layer_module(site, original, None, False, qmax),
-                "sparse": _layer_module(site, layer.weight, layer.perm, True, qmax),
+                "sparse": _layer_module(site, layer.weight, layer.perm, True, qmax, kernel),
             }
             t = _time_layers(modules, spec)
             record |= {"dense_ms": round(t["dense"] * 1e3, 4), "sparse_ms": round(t["sparse"] * 1e3, 4), "speedup": round(t["dense"] / t["sparse"], 3)}
