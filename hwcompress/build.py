@@ -110,10 +110,10 @@ def backend_legalize_map(spec: TargetSpec, sparse: bool = False, winograd: bool 
     from .backends.sparse_lower import sparse_legalize
 
     lmap = dict(lmap or {})
+    chosen = variants or {}
     for op in ("relax.nn.conv2d", "relax.matmul"):
         inner = lmap.get(op) or tvm.ir.Op.get(op).get_attr("FLegalize")
         int8 = None if backend.sparse_kernel_int8 is None else lambda m, n, k, w: backend.sparse_kernel_int8(target, m, n, k, w)
-        chosen = variants or {}
         lmap[op] = sparse_legalize(inner, lambda m, n, k, w: backend.sparse_kernel(target, m, n, k, w, chosen.get((m, n, k))), int8)
     return lmap
 

@@ -187,7 +187,6 @@ def _plan_layer(site: _Site, permute: bool, int8: bool = False) -> _Layer:
         "kept_magnitude_permuted": round(kept_fraction(rows, perm), 4) if permute else None,
         # what the artifact stores: float32, or int8 values when an int8 step follows
         "weight_bytes_dense": w.size * (1 if int8 else 4),
-        "weight_bytes_sparse": _compressed_bytes(compress(_gemm_view(site.call, weight)), int8),
     }
     return _Layer(site, weight, perm, record)
 
@@ -328,6 +327,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
         raise RecipeError(f"sparse-2-4: decide='measure' needs the target to run here ({why_not}); use decide='all'")
     # where layers are not timed, the backend's rule from its measurements elsewhere ("auto" only)
     rule = get_backend(spec).sparse_unmeasured_rule if config.decide is Decide.AUTO and not measure else None
+    pick = get_backend(spec).sparse_pick  # the kernel variant, timed where layers are measured
     chosen, records = {}, []
     for site in sites:
         if site.reason is not None:
@@ -336,14 +336,15 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
         layer = _plan_layer(site, config.permute, config.int8)
         record = layer.record
         kernel = None
-        pick = get_backend(spec).sparse_pick
         if measure and pick is not None and not config.int8:
             # the kernel variant measured fastest for this shape: the one the build then uses
-            kernel = {"gemm": list(gemm_shape(site.call)), "variant": pick(spec.tvm_target(), *gemm_shape(site.call))}
+            gemm = list(gemm_shape(site.call))
+            kernel = {"gemm": gemm, "variant": pick(spec.tvm_target(), *gemm)}
             record |= kernel
         stored = None if config.int8 else _stored_bytes(spec, site.call, layer.weight, record.get("variant"))
-        if stored is not None:
-            record["weight_bytes_sparse"] = stored
+        if stored is None:  # values + positions, the weight's compressed form
+            stored = _compressed_bytes(compress(_gemm_view(site.call, layer.weight)), config.int8)
+        record["weight_bytes_sparse"] = stored
         if measure:
             original = site.call.args[1].value.numpy()
             qmax = weight_qmax(spec) if config.int8 else None
