@@ -362,6 +362,20 @@ def host_cpu_name() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+@functools.lru_cache(maxsize=1)
+def host_llc_bytes() -> int:
+    """This machine's last-level cache in bytes (the largest ``cpu0`` cache sysfs lists; 32 MiB
+    when sysfs cannot be read)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]])
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
 def detect_int8() -> Int8Kind:
     """The best integer dot-product instructions of this machine."""
     flags = host_cpu_features()

@@ -174,18 +174,11 @@ def bench_shape(m, n, k, spec, args) -> dict:
     }  # fmt: skip
 
 
-def l3_bytes() -> int:
-    """This host's last-level cache (sysfs), 32 MiB when it cannot be read."""
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
-    except (OSError, ValueError, KeyError, IndexError):
-        return 32 << 20
-
-
 def cold_copies(n: int, k: int, l3_mb: float | None, int8: bool = False) -> int:
     """Copies of an ``n x k`` layer whose 2:4 compressed weights exceed twice the L3."""
-    l3 = int(l3_mb * (1 << 20)) if l3_mb else l3_bytes()
+    from hwcompress.targets import host_llc_bytes
+
+    l3 = int(l3_mb * (1 << 20)) if l3_mb else host_llc_bytes()
     sparse = n * (k // 2) * (1 if int8 else 4) + n * ((k + 7) // 8)
     return max(2, -(-2 * l3 // sparse) + 1)
 

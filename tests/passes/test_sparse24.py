@@ -25,7 +25,7 @@ from hwcompress import build as B  # noqa: E402
 from hwcompress.errors import RecipeError  # noqa: E402
 from hwcompress.passes import Sparse24, sparsify  # noqa: E402
 from hwcompress.passes.sparsity import mask24, sparsity_report  # noqa: E402
-from hwcompress.targets import load_target  # noqa: E402
+from hwcompress.targets import host_llc_bytes, load_target  # noqa: E402
 from hwcompress.verify import host_vm  # noqa: E402
 from hwcompress.backends.cpu_sparse import has_avx2  # noqa: E402
 
@@ -215,8 +215,31 @@ def test_layers_and_measured_decision(x):
     assert report["measured"] and rec["dense_ms"] > 0 and rec["sparse_ms"] > 0
     assert rec["sparse"] == (rec["sparse_ms"] * report["min_speedup"] < rec["dense_ms"])
     assert mask24.is_2to4(_weights(out)["matmul[0]"].T) == rec["sparse"]
+    # a model far smaller than the last-level cache: its layers are timed warm, as they run
+    floats = 32 * 16 + 32 * 9 * 32 + 16 * 9 * 32 + 144 * 24 + 24 + 24 * 10
+    assert report["timing"] == {"regime": "warm", "model_weight_bytes": 4 * floats, "llc_bytes": host_llc_bytes()}
     with pytest.raises(RecipeError, match="no layer named conv2d.9."):
         sparsify(mod, Sparse24(layers=("conv2d[9]",)), HOST)
+
+
+def test_a_model_larger_than_the_last_level_cache_is_timed_cold(monkeypatch):
+    """Its layers' weights come from memory on every call in the model (the other layers
+    evict them), so the decision times each run after a cache flush of twice the cache."""
+    from hwcompress.passes.sparsity import sparse24
+
+    monkeypatch.setattr("hwcompress.targets.host_llc_bytes", lambda: 4096)  # the model: ~58 KB
+    flushes, real = [], sparse24._time_layers
+
+    def spy(modules, spec, rounds=3, flush_bytes=0):
+        flushes.append(flush_bytes)
+        return real(modules, spec, rounds, flush_bytes)
+
+    monkeypatch.setattr(sparse24, "_time_layers", spy)
+    report = sparsity_report(sparsify(_model(), Sparse24(layers=("matmul[0]",), permute=False), HOST))
+    assert report["timing"]["regime"] == "cold" and report["timing"]["llc_bytes"] == 4096
+    assert report["timing"]["model_weight_bytes"] > 4096 and flushes == [8192]
+    (rec,) = report["layers"]
+    assert rec["dense_ms"] > 0 and rec["sparse_ms"] > 0  # TVM's timer ran the cold runs
 
 
 @pytest.mark.skipif(not S_HAS_AVX2, reason="the lane kernel variants are x86 AVX2")
