@@ -222,6 +222,27 @@ def test_layers_and_measured_decision(x):
         sparsify(mod, Sparse24(layers=("conv2d[9]",)), HOST)
 
 
+def test_layers_alike_are_measured_once(monkeypatch):
+    """Two matmuls of one shape (different weights) run the same kernels: the variant is
+    picked and the pair timed once, the second layer reports the first's timings."""
+    from hwcompress.backends import cpu_sparse
+
+    picks, real = [], cpu_sparse.pick_variant
+    monkeypatch.setattr(cpu_sparse, "pick_variant", lambda *a, **kw: picks.append(a[:3]) or real(*a, **kw))
+    rng = np.random.default_rng(1)
+    x = relax.Var("x", relax.TensorType([1, 64], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, relax.const(rng.standard_normal((64, 64)).astype(np.float32)))))
+            out = bb.emit_output(relax.op.matmul(y, relax.const(rng.standard_normal((64, 64)).astype(np.float32))))
+        bb.emit_func_output(out)
+    first, second = sparsity_report(sparsify(bb.get(), Sparse24(permute=False), HOST))["layers"]
+    assert "timed_as" not in first and second["timed_as"] == "matmul[0]"
+    assert (second["dense_ms"], second["sparse_ms"], second["variant"]) == (first["dense_ms"], first["sparse_ms"], first["variant"])
+    assert picks == [(1, 64, 64)]  # one GEMM shape: picked once
+
+
 def test_a_model_larger_than_the_last_level_cache_is_timed_cold(monkeypatch):
     """Its layers' weights come from memory on every call in the model (the other layers
     evict them), so the decision times each run after a cache flush of twice the cache."""
