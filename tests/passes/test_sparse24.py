@@ -99,6 +99,8 @@ def test_config_validation():
         Sparse24(decide="sometimes")
     with pytest.raises(ValueError, match="layers"):
         Sparse24(layers="matmul[0]")
+    with pytest.raises(ValueError, match="timing must be one of auto, warm, cold"):
+        Sparse24(timing="hot")
     assert Sparse24(layers=["matmul[0]"]).layers == ("matmul[0]",)
 
 
@@ -217,7 +219,7 @@ def test_layers_and_measured_decision(x):
     assert mask24.is_2to4(_weights(out)["matmul[0]"].T) == rec["sparse"]
     # a model far smaller than the last-level cache: its layers are timed warm, as they run
     floats = 32 * 16 + 32 * 9 * 32 + 16 * 9 * 32 + 144 * 24 + 24 + 24 * 10
-    assert report["timing"] == {"regime": "warm", "model_weight_bytes": 4 * floats, "llc_bytes": host_llc_bytes()}
+    assert report["timing"] == {"regime": "warm", "chosen": "auto", "model_weight_bytes": 4 * floats, "llc_bytes": host_llc_bytes()}
     with pytest.raises(RecipeError, match="no layer named conv2d.9."):
         sparsify(mod, Sparse24(layers=("conv2d[9]",)), HOST)
 
@@ -243,9 +245,11 @@ def test_layers_alike_are_measured_once(monkeypatch):
     assert picks == [(1, 64, 64)]  # one GEMM shape: picked once
 
 
-def test_a_model_larger_than_the_last_level_cache_is_timed_cold(monkeypatch):
+@pytest.mark.parametrize("choice, regime", [("auto", "cold"), ("cold", "cold"), ("warm", "warm")])
+def test_a_model_larger_than_the_last_level_cache_is_timed_cold(monkeypatch, choice, regime):
     """Its layers' weights come from memory on every call in the model (the other layers
-    evict them), so the decision times each run after a cache flush of twice the cache."""
+    evict them), so the decision times each run after a cache flush of twice the cache;
+    ``Sparse24.timing`` overrides that."""
     from hwcompress.passes.sparsity import sparse24
 
     monkeypatch.setattr("hwcompress.targets.host_llc_bytes", lambda: 4096)  # the model: ~58 KB
@@ -256,11 +260,12 @@ def test_a_model_larger_than_the_last_level_cache_is_timed_cold(monkeypatch):
         return real(modules, spec, rounds, flush_bytes)
 
     monkeypatch.setattr(sparse24, "_time_layers", spy)
-    report = sparsity_report(sparsify(_model(), Sparse24(layers=("matmul[0]",), permute=False), HOST))
-    assert report["timing"]["regime"] == "cold" and report["timing"]["llc_bytes"] == 4096
-    assert report["timing"]["model_weight_bytes"] > 4096 and flushes == [8192]
+    report = sparsity_report(sparsify(_model(), Sparse24(layers=("matmul[0]",), permute=False, timing=choice), HOST))
+    assert report["timing"]["regime"] == regime and report["timing"]["chosen"] == choice
+    assert report["timing"]["llc_bytes"] == 4096 and report["timing"]["model_weight_bytes"] > 4096
+    assert flushes == [8192 if regime == "cold" else 0]
     (rec,) = report["layers"]
-    assert rec["dense_ms"] > 0 and rec["sparse_ms"] > 0  # TVM's timer ran the cold runs
+    assert rec["dense_ms"] > 0 and rec["sparse_ms"] > 0  # TVM's timer ran the runs
 
 
 @pytest.mark.skipif(not S_HAS_AVX2, reason="the lane kernel variants are x86 AVX2")

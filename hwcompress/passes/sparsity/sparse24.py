@@ -60,6 +60,7 @@ MIN_SPEEDUP = 1.05
 # Cold timings (weights from memory, as in a model larger than the last-level cache): runs per
 # module and round, each after a flush of twice that cache.
 COLD_RUNS = 7
+TIMINGS = ("auto", "warm", "cold")
 CONV2D, MATMUL = "relax.nn.conv2d", "relax.matmul"
 
 
@@ -86,12 +87,17 @@ class Sparse24:
         ``auto`` / ``measure`` / ``all`` (see ``Decide``).
     int8 : bool
         The layers will run as INT8 (an ``int8`` step follows): measure INT8 kernels.
+    timing : str
+        How measured layers are timed: ``auto`` (cold when the model's weights exceed this
+        host's last-level cache, else warm), ``warm`` (caches kept: the model runs in a tight
+        loop beside nothing else) or ``cold`` (each run after a cache flush).
     """
 
     layers: tuple[str, ...] | None = None
     permute: bool = True
     decide: Decide = Decide.AUTO
     int8: bool = False
+    timing: str = "auto"
 
     def __post_init__(self):
         if self.layers is not None:
@@ -104,6 +110,8 @@ class Sparse24:
             object.__setattr__(self, "decide", Decide(self.decide))
         except ValueError:
             raise ValueError(f"Sparse24.decide must be one of auto, measure, all, got {self.decide!r}") from None
+        if self.timing not in TIMINGS:
+            raise ValueError(f"Sparse24.timing must be one of {', '.join(TIMINGS)}, got {self.timing!r}")
 
 
 @dataclass(frozen=True)
@@ -320,15 +328,19 @@ def _layer_key(call, permuted: bool, kernel: dict | None) -> tuple:
     return (call.op.name, str(call.attrs), str(data.ty), str(weight.ty), permuted, kernel and kernel["variant"])
 
 
-def _timing(func) -> dict:
-    """How the layers are timed: as they run in this model. A model whose weights exceed this
-    host's last-level cache reads each layer's weights from memory on every call (the other
-    layers evicted them): its layers are timed cold; a smaller model's stay cached: warm."""
+def _timing(func, choice: str = "auto") -> dict:
+    """How the layers are timed (``choice``: ``Sparse24.timing``); ``auto``: as they run in
+    this model. A model whose weights exceed this host's last-level cache reads each layer's
+    weights from memory on every call (the other layers evicted them): its layers are timed
+    cold; a smaller model's stay cached: warm."""
     from ...targets import host_llc_bytes
 
     llc, weights = host_llc_bytes(), _weight_bytes(func)
-    cold = weights > llc
-    return {"regime": "cold" if cold else "warm", "model_weight_bytes": weights, "llc_bytes": llc, "flush_bytes": 2 * llc if cold else 0}
+    cold = weights > llc if choice == "auto" else choice == "cold"
+    return {
+        "regime": "cold" if cold else "warm", "chosen": choice, "model_weight_bytes": weights, "llc_bytes": llc,
+        "flush_bytes": 2 * llc if cold else 0,
+    }  # fmt: skip
 
 
 def _weight_bytes(func) -> int:
@@ -379,7 +391,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     # where layers are not timed, the backend's rule from its measurements elsewhere ("auto" only)
     rule = get_backend(spec).sparse_unmeasured_rule if config.decide is Decide.AUTO and not measure else None
     pick = get_backend(spec).sparse_pick  # the kernel variant, timed where layers are measured
-    timing = _timing(func) if measure else None
+    timing = _timing(func, config.timing) if measure else None
     chosen, records = {}, []
     picked, timed = {}, {}  # per GEMM shape / per layer kind: layers alike are measured once
     for site in sites:
