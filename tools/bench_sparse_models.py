@@ -2,16 +2,17 @@
 process (two threads unless ``TVM_NUM_THREADS`` says otherwise).
 
     .venv/bin/python tools/bench_sparse_models.py                          # mlp, resnet18, mobilenet_v2
-    .venv/bin/python tools/bench_sparse_models.py --models mlp --rounds 15
+    .venv/bin/python tools/bench_sparse_models.py --models mlp --timings auto,warm --rounds 15
     .venv/bin/python tools/bench_sparse_models.py --models model.onnx --input-shape input=1,3,224,224
     TVM_NUM_THREADS=1 taskset -c 1 .venv/bin/python tools/bench_sparse_models.py --models mlp
 
-Per model, three host builds made as ``hwc build`` makes them: dense; ``--sparse-2-4`` (the
-measured per-layer decision: a layer goes sparse where its sparse kernel timed >= 5% faster,
-timed cold when the model's weights exceed the last-level cache); and every eligible layer
-2:4 (``decide="all"``, what a decision-free tool would do). Printed: the layers the measured
-decision made sparse, its timing regime, the three latencies (median of the rounds) and dense
-over each. The sparse builds compute a pruned model: their outputs are not the dense one's.
+Per model, host builds made as ``hwc build`` makes them: dense; ``--sparse-2-4`` (the
+measured per-layer decision: a layer goes sparse where its sparse kernel timed >= 5% faster;
+timed cold when the model's weights exceed the last-level cache, or as ``--timings`` says:
+one build each, e.g. ``--timings auto,warm``); and every eligible layer 2:4
+(``decide="all"``, what a decision-free tool would do). Printed: per build the latency
+(median of the rounds), dense over it, and for measured builds the layers made sparse and
+how they were timed. The sparse builds compute a pruned model: their outputs are not the dense one's.
 
 ``mlp``: a batch-1 MLP 2048-2048-2048-1024-1000 with ReLUs (random weights, 46 MB: the layer
 sizes issue 7 names); ``resnet18`` / ``mobilenet_v2``: ``tools/zoo.py``'s, 224x224, batch 1.
@@ -68,8 +69,9 @@ def model_path(name: str, tmp: Path) -> tuple[Path, dict]:
     return Path(name), {}
 
 
-def builds(path: Path, shapes: dict) -> tuple[dict, dict]:
-    """Host VMs of the dense and the two 2:4 builds, and the measured build's sparsity report."""
+def builds(path: Path, shapes: dict, timings: list[str]) -> tuple[dict, dict]:
+    """Host VMs of the dense build, a measured 2:4 build per ``Sparse24.timing`` in
+    ``timings`` and the every-layer 2:4 build; the measured builds' sparsity reports."""
     import tvm
 
     from hwcompress import build as B
@@ -80,17 +82,20 @@ def builds(path: Path, shapes: dict) -> tuple[dict, dict]:
     from hwcompress.targets import load_target
 
     spec = load_target("host")
-    vms, report = {}, None
-    for name, recipe in (("dense", None), ("2:4 measured", Recipe((Sparse24(),))), ("2:4 all", Recipe((Sparse24(decide="all"),)))):
-        front = import_model(str(path), spec, shapes or None, recipe=recipe)
-        if name == "2:4 measured":
-            report = sparsity_report(front.mod)
+    recipes = {"dense": None}
+    recipes |= {f"2:4 measured ({t})": Recipe((Sparse24(timing=t),)) for t in timings}
+    recipes["2:4 all"] = Recipe((Sparse24(decide="all"),))
+    vms, reports = {}, {}
+    for name, recipe in recipes.items():
+        front = import_model(str(path), spec, shapes, recipe=recipe)
+        if name.startswith("2:4 measured"):
+            reports[name] = sparsity_report(front.mod)
         vms[name] = tvm.relax.VirtualMachine(B.build(B.schedule(B.legalize(front.mod, spec), spec), spec), tvm.cpu())
         print(f"  built {name}", file=sys.stderr, flush=True)
-    return vms, report
+    return vms, reports
 
 
-def bench(name: str, shapes: dict, rounds: int, reps: int, tmp: Path) -> dict:
+def bench(name: str, shapes: dict, timings: list[str], rounds: int, reps: int, tmp: Path) -> dict:
     import tvm
 
     from benchlib import interleaved
@@ -99,24 +104,24 @@ def bench(name: str, shapes: dict, rounds: int, reps: int, tmp: Path) -> dict:
     shapes = shapes or default_shapes
     if len(shapes) != 1:
         raise SystemExit(f"{name}: give its one input's shape, --input-shape NAME=D1,D2,...")
-    vms, report = builds(path, shapes)
+    vms, reports = builds(path, shapes, timings)
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(next(iter(shapes.values()))).astype(np.float32))
     t = interleaved({k: (lambda vm=vm: vm["main"](x)) for k, vm in vms.items()}, rounds, reps)
-    sparse = [r["layer"] for r in report["layers"] if r.get("sparse")]
-    measured = [r for r in report["layers"] if "dense_ms" in r]
-    return {"model": name, "ms": {k: v * 1e3 for k, v in t.items()}, "sparse_layers": sparse,
-            "measured_layers": len(measured), "timing": report.get("timing")}  # fmt: skip
+    chosen = {
+        k: {"sparse": [r["layer"] for r in rep["layers"] if r.get("sparse")], "measured": sum("dense_ms" in r for r in rep["layers"]),
+            "regime": (rep.get("timing") or {}).get("regime", "-")}
+        for k, rep in reports.items()
+    }  # fmt: skip
+    return {"model": name, "ms": {k: v * 1e3 for k, v in t.items()}, "chosen": chosen}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | dense ms | 2:4 measured ms | dense / measured | 2:4 all ms | dense / all | layers sparse (measured) | timing |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    lines = ["| model | build | ms | dense / build | layers sparse | timed |", "|---|---|---:|---:|---|---|"]
     for r in rows:
-        ms = r["ms"]
-        regime = (r["timing"] or {}).get("regime", "-")
-        lines.append(f"| {r['model']} | {ms['dense']:.3f} | {ms['2:4 measured']:.3f} | {ms['dense'] / ms['2:4 measured']:.2f}x | "
-                     f"{ms['2:4 all']:.3f} | {ms['dense'] / ms['2:4 all']:.2f}x | "
-                     f"{len(r['sparse_layers'])} of {r['measured_layers']} ({', '.join(r['sparse_layers']) or 'none'}) | {regime} |")  # fmt: skip
+        for build, ms in r["ms"].items():
+            c = r["chosen"].get(build)
+            layers = f"{len(c['sparse'])} of {c['measured']} measured ({', '.join(c['sparse']) or 'none'})" if c else ("all eligible" if build == "2:4 all" else "")
+            lines.append(f"| {r['model']} | {build} | {ms:.3f} | {r['ms']['dense'] / ms:.2f}x | {layers} | {c['regime'] if c else ''} |")
     return "\n".join(lines)
 
 
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,resnet18,mobilenet_v2", help="mlp, resnet18, mobilenet_v2 or ONNX paths")
     ap.add_argument("--input-shape", action="append", default=[], help="NAME=D1,D2,... (ONNX paths)")
+    ap.add_argument("--timings", default="auto", help="Sparse24.timing of the measured builds, comma-separated (auto, warm, cold)")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     ap.add_argument("--reps", type=int, default=10, help="runs per round")
     args = ap.parse_args(argv)
@@ -139,7 +145,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             print(f"{name}:", file=sys.stderr, flush=True)
-            rows.append(bench(name, _shapes(args.input_shape), args.rounds, args.reps, Path(tmp)))
+            rows.append(bench(name, _shapes(args.input_shape), args.timings.split(","), args.rounds, args.reps, Path(tmp)))
     print(table(rows))
     return 0
 
