@@ -24,6 +24,16 @@ def vm_finalize_pipeline(pipeline_module):
     return make
 
 
+def attempt(primitive, *args) -> bool:
+    """Apply a schedule primitive where it is legal: True if it applied; False if it raised
+    (a ``ScheduleError``: the schedule is unchanged)."""
+    try:
+        primitive(*args)
+        return True
+    except Exception:
+        return False
+
+
 @contextlib.contextmanager
 def no_context(_spec):
     yield

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .common import attempt
 from .cpu_nest import _extent
 from .cpu_prefetch import annotate_prefetch
 
@@ -434,7 +435,7 @@ def schedule_packed_conv(sch, facts) -> bool:
         _unroll_vectorize(sch, sch.get_loops(write_back)[depth:], lanes)
     while True:  # the elementwise epilogue, one consumer at a time
         consumers = sch.get_consumers(tail)
-        if len(consumers) != 1 or not _try(sch.reverse_compute_inline, consumers[0]):
+        if len(consumers) != 1 or not attempt(sch.reverse_compute_inline, consumers[0]):
             break
     if cropped and flat:
         tail_loops = sch.get_loops(tail)
@@ -485,9 +486,3 @@ def _vectorize_tail(sch, loop, lanes: int) -> None:
         sch.vectorize(inner)
 
 
-def _try(primitive, *args) -> bool:
-    try:
-        primitive(*args)
-        return True
-    except Exception:  # ScheduleError: not legal here; the schedule is unchanged
-        return False

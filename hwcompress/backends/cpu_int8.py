@@ -45,7 +45,8 @@ import numpy as np
 
 from ..analysis import static_shape
 
-from .cpu_conv import ConvTile, _round_up, _schedule_rest, _try, _unroll_vectorize, _vectorize_tail, choose_flat_tile, choose_tile, conv_geometry
+from .common import attempt
+from .cpu_conv import ConvTile, _round_up, _schedule_rest, _unroll_vectorize, _vectorize_tail, choose_flat_tile, choose_tile, conv_geometry
 from .cpu_intrin import DotIntrin, Int8Dot, dot_for_weights, intrin_named, register
 
 TILE_ATTR = "hwc.int8_tile"
@@ -437,7 +438,7 @@ def schedule_int8(sch, facts) -> bool:
         _unroll_vectorize(sch, sch.get_loops(write_back)[depth:], intrin.lanes)
     while True:  # the elementwise epilogue (requantization), one consumer at a time
         consumers = sch.get_consumers(tail)
-        if len(consumers) != 1 or not _try(sch.reverse_compute_inline, consumers[0]):
+        if len(consumers) != 1 or not attempt(sch.reverse_compute_inline, consumers[0]):
             break
     tail_loops = sch.get_loops(tail)
     if cropped and flat:

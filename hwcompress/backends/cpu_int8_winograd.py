@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..passes.winograd_te import STAGE_ATTR, _one_sided
-from .cpu_conv import _round_up, _try, _vectorize_tail
+from .common import attempt
+from .cpu_conv import _round_up, _vectorize_tail
 from .cpu_intrin import DotIntrin, Int8Dot, register
 from .cpu_winograd import _gemm_rows, _schedule_transform
 
@@ -168,7 +169,7 @@ def schedule_int8_winograd(sch, facts) -> bool:
     _schedule_transform(sch, stages["inverse"], stages["inverse_rows"], lanes)
     out = blocks[OUT_BLOCK]
     for consumer in list(sch.get_consumers(out)):
-        _try(sch.reverse_compute_inline, consumer)
+        attempt(sch.reverse_compute_inline, consumer)
     for block in sch.get_child_blocks(get_root_block(sch)):
         loops = sch.get_loops(block)
         if not loops or sch.get(loops[0]).kind != 0:  # scheduled stages start with a parallel loop

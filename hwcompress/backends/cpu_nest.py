@@ -176,14 +176,6 @@ def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _attempt(primitive, *args) -> bool:
-    try:
-        primitive(*args)
-        return True
-    except Exception:  # ScheduleError: not legal here, the schedule is unchanged
-        return False
-
-
 def _schedule_block(sch, block, facts: CpuFacts) -> None:
     """Parallel outer spatial loops; spatial blocks also get their innermost loop vectorized."""
     nest = _nest(sch, block)

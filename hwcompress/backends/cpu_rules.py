@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .cpu_nest import _attempt, _has_reduction, _root_blocks, _schedule_block
+from .common import attempt
+from .cpu_nest import _has_reduction, _root_blocks, _schedule_block
 from .cpu_tiled import tiled_reduction
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def per_block(sch, facts: CpuFacts, inline: bool = True) -> bool:
     if inline:
         for block in reversed(_root_blocks(sch)[:-1]):
             if not _has_reduction(sch.get(block)):
-                _attempt(sch.compute_inline, block)
+                attempt(sch.compute_inline, block)
     for block in _root_blocks(sch):
         _schedule_block(sch, block, facts)
     return True

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .common import attempt
 from .cpu_nest import (
     _MIN_PARALLEL_WORK,
-    _attempt,
     _contains,
     _divisors,
     _extent,
@@ -129,7 +129,7 @@ def tiled_reduction(sch, facts: CpuFacts) -> bool:
         # costs more than the copy); a pool reads each input a few times only, and the padded
         # copy cost 4x the pool itself (max_pool2d 1x112x112x64: 0.44 -> 0.09 ms inlined)
         if pooling or not _has_select(sch.get(block)):
-            _attempt(sch.compute_inline, block)
+            attempt(sch.compute_inline, block)
     nest = _nest(sch, anchor)
     plan = _plan(nest, facts) if nest is not None else None
     if plan is None:
@@ -172,7 +172,7 @@ def tiled_reduction(sch, facts: CpuFacts) -> bool:
     order = [d for d in range(ndim) if d not in tile_dims] + tile_dims
     sch.transform_layout(anchor, ("write", 0), IndexMap.from_func(lambda *i: tuple(i[d] for d in order), ndim=ndim))
     for consumer in consumers:  # bias / BN / relu / residual add, computed on the registers
-        if not _attempt(sch.reverse_compute_inline, consumer):
+        if not attempt(sch.reverse_compute_inline, consumer):
             break
     sch.reverse_compute_at(write_back, outer[-1], preserve_unit_loops=True)
     if u_i is not None:

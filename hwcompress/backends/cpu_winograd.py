@@ -8,7 +8,8 @@ rule gives these kernels a schedule ~20x slower than the direct conv.
 from __future__ import annotations
 
 from ..passes.winograd_te import STAGE_ATTR
-from .cpu_conv import _try, _vectorize_tail
+from .common import attempt
+from .cpu_conv import _vectorize_tail
 from .cpu_nest import _extent
 from .cpu_prefetch import annotate_prefetch
 
@@ -49,7 +50,7 @@ def schedule_winograd(sch, facts) -> bool:
     # output gather + inlined epilogue
     out = blocks["conv2d_winograd"]
     for consumer in list(sch.get_consumers(out)):
-        _try(sch.reverse_compute_inline, consumer)
+        attempt(sch.reverse_compute_inline, consumer)
     done = set(stages) | {"A", "B", "input_tile"}
     for block in sch.get_child_blocks(get_root_block(sch)):
         name = sch.get(block).name_hint

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..analysis import static_shape
+from .common import attempt
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ def schedule_int8(sch) -> bool:
     register_dp4a()
     gather = names[DATA]
     for producer in sch.get_producers(gather):  # an injective prologue fused into the kernel
-        _try(sch.compute_inline, producer)
+        attempt(sch.compute_inline, producer)
     data_name = sch.get(gather).writes[0].source.name
     weight_name = next(r.source.name for r in sch.get(gemm).reads if r.source.name != data_name)
 
@@ -425,7 +426,7 @@ def schedule_int8(sch) -> bool:
     # the output (one split: straight from the accumulators; else a second launch summing
     # the slices) with the elementwise epilogue (requantization) inlined
     tail = acc if tile.splits == 1 else names[OUT]
-    while len(consumers := sch.get_consumers(tail)) == 1 and _try(sch.reverse_compute_inline, consumers[0]):
+    while len(consumers := sch.get_consumers(tail)) == 1 and attempt(sch.reverse_compute_inline, consumers[0]):
         pass
     if tile.splits > 1:
         _one_thread_per_output(sch, tail)
@@ -481,13 +482,3 @@ def _spread(sch, block, depth: int, n_p: int, n_o: int) -> None:
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.vectorize(bytes_)
-
-
-def _try(primitive, *args) -> bool:
-    from tvm.s_tir.schedule import ScheduleError
-
-    try:
-        primitive(*args)
-    except ScheduleError:
-        return False
-    return True
