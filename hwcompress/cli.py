@@ -172,9 +172,23 @@ def _cmd_build(args) -> int:
         print(f"int8: {len(q['layers'])} layers, output SQNR {q.get('output_sqnr_db')} dB on calibration data; float fallback: {fallback}")
     s = artifact.manifest.get("sparsity")
     if s is not None:
-        how = f"measured at least {s.get('min_speedup', 1.0)}x faster than dense" if s["measured"] else f"not measured: {s['not_measured_because']}"
+        how = (
+            f"measured at least {s.get('min_speedup', 1.0)}x faster than dense{_timed(s.get('timing'))}" if s["measured"]
+            else f"not measured: {s['not_measured_because']}"
+        )  # fmt: skip
         print(f"sparse-2-4: {s['sparse_layers']} of {len(s['layers'])} conv/matmul layers sparse ({how})")
     return 0
+
+
+def _timed(timing: dict | None) -> str:
+    """How a sparsity report's layers were timed, as a clause of the build summary."""
+    if not timing:
+        return ""
+    regime = timing["regime"]
+    if timing.get("chosen") != "auto":
+        return f", timed {regime} as the recipe asks"
+    fits = "exceed" if regime == "cold" else "fit in"
+    return f", timed {regime}: the model's weights {fits} this host's last-level cache"
 
 
 def _build_recipe(args):

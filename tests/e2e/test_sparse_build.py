@@ -33,6 +33,9 @@ def test_cli_sparse_2_4_measures_each_layer(tmp_path):
     assert "verified vs the compressed graph" in r.stdout and "sparse-2-4:" in r.stdout
     report = json.loads((tmp_path / "art" / "manifest.json").read_text())["sparsity"]
     assert report["measured"]
+    # ~110 KB of weights: timed warm, as the model runs, and the summary says why
+    assert report["timing"]["regime"] == "warm" and report["timing"]["model_weight_bytes"] < 200_000
+    assert "timed warm: the model's weights fit in this host's last-level cache" in r.stdout
     layers = {rec["layer"]: rec for rec in report["layers"]}
     assert "3 input channels" in layers["conv2d[0]"]["reason"]  # the stem: RGB
     assert layers["conv2d[4]"]["reason"] == "grouped / depthwise conv"
