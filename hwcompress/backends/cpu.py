@@ -33,17 +33,18 @@ def _legalize_map(target, winograd: bool = True):
 
 
 def _sparse_kernel(target, m, n, k, weight, variant: str | None = None):
-    from ..passes.sparsity.mask24 import compress
+    from ..passes.sparsity.mask24 import compress, pairs_share_positions
     from .cpu_sparse import kernel_operands, sparse24_kernel, variant_named
 
-    chosen = variant_named(m, n, k, target, variant)
-    return sparse24_kernel(m, n, k, target, chosen), kernel_operands(chosen, compress(weight))
+    c = compress(weight)
+    chosen = variant_named(m, n, k, target, variant, pairs_share_positions(c.meta))
+    return sparse24_kernel(m, n, k, target, chosen), kernel_operands(chosen, c)
 
 
-def _sparse_pick(target, m, n, k) -> str:
+def _sparse_pick(target, m, n, k, pairs: bool = False) -> str:
     from .cpu_sparse import pick_variant
 
-    return pick_variant(m, n, k, target, number=10, repeat=3)[0].name
+    return pick_variant(m, n, k, target, number=10, repeat=3, pairs=pairs)[0].name
 
 
 def _sparse_kernel_int8(target, m, n, k, weight):

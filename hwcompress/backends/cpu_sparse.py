@@ -32,6 +32,8 @@ to gather the ``x`` that each kept weight multiplies:
   permutes at all; the reduction is cut into chunks (``Variant.k_block``) whose ``x`` stays in
   L1. Measured (1 thread, whole call, against hwc's packed-conv dense): 49x2048x512 1.19x,
   49x512x2048 1.15x, 196x1024x256 1.34x; at ``m = 8`` (one ``m`` vector, decode-bound) 0.6x.
+  ``Variant.shared``: for weights whose output-channel pairs keep the same positions
+  (``Sparse24.pairs``), one ``x`` load serves both rows of a pair (the default there).
 * ``GENERIC`` (any LLVM target, ``K % 4 == 0``): scalar loops that read ``x`` at the decoded
   positions; this is what aarch64 builds.
 
@@ -90,17 +92,21 @@ class Variant:
     m_rows: int = 1
     lut: bool = False  # permutes: controls from a 256-entry table per meta byte, not shifts
     k_block: int = 0  # broadcast: reduction chunk whose x stays in L1 (0: all of k)
+    shared: bool = False  # broadcast: rows 2i, 2i + 1 keep the same positions (one x load for both)
 
     def __post_init__(self):
         if not isinstance(self.gather, Gather):
             raise TypeError(f"gather must be a Gather, got {self.gather!r}")
         if min(self.rows, self.unroll, self.m_rows) < 1 or self.rows * self.m_rows > 16 or self.k_block < 0:
             raise ValueError(f"bad sparse kernel variant {self}: knobs must be >= 1, rows x m_rows <= 16")
+        if self.shared and (self.gather is not Gather.BROADCAST or self.rows % 2):
+            raise ValueError(f"bad sparse kernel variant {self}: shared is a broadcast kernel of an even number of rows")
 
     @property
     def name(self) -> str:
         kb = f"_kb{self.k_block}" if self.k_block else ""
-        return f"{self.gather.value}{'_lut' if self.lut else ''}_r{self.rows}_u{self.unroll}_m{self.m_rows}{kb}"
+        shared = "_shared" if self.shared else ""
+        return f"{self.gather.value}{'_lut' if self.lut else ''}_r{self.rows}_u{self.unroll}_m{self.m_rows}{kb}{shared}"
 
 
 def has_avx2(target) -> bool:
@@ -113,7 +119,7 @@ def has_avx2(target) -> bool:
         return False
 
 
-def variants(m: int, n: int, k: int, target) -> list[Variant]:
+def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Variant]:
     """The variants worth measuring for one shape on ``target`` (the first is the default).
 
     Parameters
@@ -122,6 +128,9 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
         Rows of ``x``, output features (rows of ``W``), reduction length.
     target : tvm.target.Target
         The LLVM target.
+    pairs : bool
+        The weight's rows ``2i``, ``2i + 1`` keep the same positions (``Sparse24.pairs``): the
+        broadcast kernels that load each ``x`` once for both come first (``m > 5``).
 
     Returns
     -------
@@ -145,6 +154,13 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
     # at m = 2); k_block: the x chunk of a block stays in L1
     broadcast = [Variant(Gather.BROADCAST, max(1, min(8, 14 // mv)), 4, mv, k_block=k_block(k, mv * 8)) for mv in by_waste[:3]]
     broadcast += [Variant(Gather.BROADCAST, 2, 4, min(4, vecs), k_block=k_block(k, min(4, vecs) * 8))]
+    if pairs and m > 5:
+        # 2 rows x <= 6 m vectors of accumulators, the pair's broadcasts, the shared x vector;
+        # measured (Zen 1, 1 thread, 48x2048x512 / 196x1024x256): 6 vectors, 2 kept values
+        # per step 1.63x / 1.91x over dense where the per-row broadcast kernel gave 1.29x / 1.67x
+        fit = [mv for mv in by_waste if mv <= 6] or [min(6, vecs)]
+        broadcast = [Variant(Gather.BROADCAST, 2, u, mv, k_block=k_block(k, mv * 8), shared=True) for mv, u in ((fit[0], 2), (fit[0], 1), (fit[-1], 2))] + broadcast
+        broadcast = list(dict.fromkeys(broadcast))
     if k % CHUNK:  # k % 8 == 0 only: the row-pair kernel works on 8-k windows
         return lanes + [Variant(Gather.PAIRS, 8, 2, 1, True)] if m == 1 else broadcast
     # measured (Zen 3, 1 thread, kernel alone): 1x2048x2048
@@ -161,11 +177,12 @@ def variants(m: int, n: int, k: int, target) -> list[Variant]:
     return broadcast + (small if m <= 8 else [])
 
 
-def variant_named(m: int, n: int, k: int, target, name: str | None) -> Variant:
-    """The candidate of ``variants(m, n, k, target)`` called ``name`` (``Variant.name``, as
-    ``pick_variant`` measured it); the default (the first) for None or a name that is not a
-    candidate here (a report from another version or target)."""
-    candidates = variants(m, n, k, target)
+def variant_named(m: int, n: int, k: int, target, name: str | None, pairs: bool = False) -> Variant:
+    """The candidate of ``variants(m, n, k, target, pairs)`` called ``name`` (``Variant.name``,
+    as ``pick_variant`` measured it); the default (the first) for None or a name that is not a
+    candidate here (a report from another version or target, a ``shared`` kernel for a weight
+    whose pairs do not share positions)."""
+    candidates = variants(m, n, k, target, pairs)
     return next((v for v in candidates if v.name == name), candidates[0])
 
 
@@ -293,19 +310,23 @@ def build(func, target):
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).mod
 
 
-def random_operands(m: int, n: int, k: int, seed: int = 0):
-    """Random ``x``, compressed random weights (``mask24.Compressed``) and an empty ``y``, as
-    numpy arrays (``kernel_operands`` turns the weights into a variant's operands)."""
+def random_operands(m: int, n: int, k: int, seed: int = 0, pairs: bool = False):
+    """Random ``x``, compressed random weights (``mask24.Compressed``; ``pairs``: rows ``2i``,
+    ``2i + 1`` keeping the same positions) and an empty ``y``, as numpy arrays
+    (``kernel_operands`` turns the weights into a variant's operands)."""
     import numpy as np
 
-    from ..passes.sparsity.mask24 import compress
+    from ..passes.sparsity.mask24 import compress, shared_mask_2to4
 
     rng = np.random.default_rng(seed)
-    c = compress(rng.standard_normal((n, k)).astype(np.float32))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    c = compress(w * shared_mask_2to4(w, n) if pairs else w)
     return rng.standard_normal((m, k)).astype(np.float32), c, np.zeros((m, n), np.float32)
 
 
-def pick_variant(m: int, n: int, k: int, target, number: int = 20, repeat: int = 3, candidates=None) -> tuple[Variant, dict]:
+def pick_variant(
+    m: int, n: int, k: int, target, number: int = 20, repeat: int = 3, candidates=None, pairs: bool = False
+) -> tuple[Variant, dict]:
     """Build every candidate variant, time it on this host, return the fastest.
 
     Parameters
@@ -317,7 +338,9 @@ def pick_variant(m: int, n: int, k: int, target, number: int = 20, repeat: int =
     number, repeat : int
         ``time_evaluator`` runs per measurement and measurements (the median is kept).
     candidates : list of Variant, optional
-        Default: ``variants(m, n, k, target)``.
+        Default: ``variants(m, n, k, target, pairs)``.
+    pairs : bool
+        Time on weights whose row pairs share positions (``Sparse24.pairs``).
 
     Returns
     -------
@@ -326,10 +349,10 @@ def pick_variant(m: int, n: int, k: int, target, number: int = 20, repeat: int =
     """
     import tvm
 
-    candidates = list(candidates or variants(m, n, k, target))
+    candidates = list(candidates or variants(m, n, k, target, pairs))
     if len(candidates) == 1:
         return candidates[0], {}
-    x, c, y = random_operands(m, n, k)
+    x, c, y = random_operands(m, n, k, pairs=pairs)
     dev = tvm.cpu()
     times = {}
     for var in candidates:

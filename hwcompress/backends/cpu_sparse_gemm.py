@@ -21,6 +21,14 @@ buffer is promoted, the tests check the assembly). What bounds it is loads: ``MV
 32-byte memory operand plus one broadcast per kept weight, against Zen 3's two vector loads
 per cycle, ~4 cycles per kept weight at ``MV = 7`` where the FMAs alone need 3.5.
 
+``Variant.shared`` (weights whose rows ``2i``, ``2i + 1`` keep the same positions,
+``Sparse24.pairs``): per kept position and m vector one ``xt`` load into a register feeds the
+pair's two FMAs (register operands only; 2 rows x at most 6 vectors of accumulators), so the
+loop is FMA-bound rather than load-bound. Measured (Zen 1, 1 thread, kernel alone, interleaved
+with hwc's dense): 48x2048x512 1.53x over dense where the per-row kernel gave 1.20x on the
+same weights; at m = 49 no better than per-row (7 vectors need 14 accumulators: the shared
+kernel takes 4 or 6 and wastes a vector or five).
+
 Measured (Zen 3, 1 thread, kernel alone, 49x2048x512, rows 2 x 7 vectors): no chunks 1.57 ms
 (``xt``, 114 KB, streams from L2: 0.8 FMA/cycle); chunks of 128 1.29 ms; ``y`` written by
 columns straight from the tile suffered L1 set conflicts (``y``'s rows 8 KB apart): written
@@ -61,7 +69,11 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         raise ValueError(f"k_block {v.k_block} must be a multiple of 4 dividing k={k}")
     chunks = k // kb
     kept = kb // 2  # per chunk and row
-    U = min(2 * v.unroll, kept)  # unroll counts groups: 2 kept values each
+    shared = v.shared  # rows 2i, 2i + 1 keep the same positions: one x load for both
+    if shared and R % 2:
+        raise ValueError(f"the shared-positions kernel needs an even number of rows per block, got {R}")
+    # unroll counts groups (2 kept values each); shared: kept values per step
+    U = min(v.unroll if shared else 2 * v.unroll, kept)
     full, tail = divmod(kept, U)
     nblk, mblk = math.ceil(n / R), math.ceil(vecs / MV)
     tasks, per = split(nblk)
@@ -73,11 +85,13 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         g = q // 2
         return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
 
-    def fold(acc_v, xt, values, meta, row, mb, j, q0, count):
-        """acc + sum of count kept weights x their x rows, as one FMA chain."""
+    def fold(acc_v, xt, values, meta, row, mb, j, q0, count, mrow=None):
+        """acc + sum of count kept weights x their x rows (positions from row ``mrow``'s meta,
+        default ``row``), as one FMA chain."""
         out = acc_v
+        mrow = row if mrow is None else mrow
         for u in range(count):
-            out = out + T.Broadcast(values[row, q0 + u], lanes) * xt.vload([mb, kidx(meta, row, q0 + u), j * lanes], vt)
+            out = out + T.Broadcast(values[row, q0 + u], lanes) * xt.vload([mb, kidx(meta, mrow, q0 + u), j * lanes], vt)
         return out
 
     def start(mb):  # first m of block mb; the last block is shifted back (overlapping) to end at vecs
@@ -138,20 +152,38 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
                                     c == 0, T.Broadcast(T.float32(0), lanes),
                                     yt.vload([T.min((t * per + b) * R + r, n - 1), mb * W + j * lanes], vt),
                                 )  # fmt: skip
-                    for qc in range(full):
-                        for r in T.unroll(R):
+                    if shared:  # per kept value and m vector: one x load, the pair's two FMAs
+                        for qc in range(full):
                             for j in T.unroll(MV):
-                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
-                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
-                                    T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + qc * U, U,
-                                )  # fmt: skip
-                    if tail > 0:
-                        for r in T.unroll(R):
+                                for r in T.unroll(R):
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                        acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                        T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + qc * U, U,
+                                        T.min((t * per + b) * R + r - r % 2, n - 1),
+                                    )  # fmt: skip
+                        if tail > 0:
                             for j in T.unroll(MV):
-                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
-                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
-                                    T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + full * U, max(tail, 1),
-                                )  # fmt: skip
+                                for r in T.unroll(R):
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                        acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                        T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + full * U, max(tail, 1),
+                                        T.min((t * per + b) * R + r - r % 2, n - 1),
+                                    )  # fmt: skip
+                    else:
+                        for qc in range(full):
+                            for r in T.unroll(R):
+                                for j in T.unroll(MV):
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                        acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                        T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + qc * U, U,
+                                    )  # fmt: skip
+                        if tail > 0:
+                            for r in T.unroll(R):
+                                for j in T.unroll(MV):
+                                    acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = fold(
+                                        acc[T.Ramp((r * MV + j) * lanes, 1, lanes)], xt, values, meta,
+                                        T.min((t * per + b) * R + r, n - 1), mb, j, c * kept + full * U, max(tail, 1),
+                                    )  # fmt: skip
                     for r in T.unroll(R):
                         for j in T.unroll(MV):
                             yt[T.min((t * per + b) * R + r, n - 1), T.Ramp(mb * W + j * lanes, 1, lanes)] = acc[

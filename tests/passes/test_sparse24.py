@@ -101,6 +101,8 @@ def test_config_validation():
         Sparse24(layers="matmul[0]")
     with pytest.raises(ValueError, match="timing must be one of auto, warm, cold"):
         Sparse24(timing="hot")
+    with pytest.raises(ValueError, match="pairs must be true or false"):
+        Sparse24(pairs="yes")
     assert Sparse24(layers=["matmul[0]"]).layers == ("matmul[0]",)
 
 
@@ -224,6 +226,45 @@ def test_layers_and_measured_decision(x):
         sparsify(mod, Sparse24(layers=("conv2d[9]",)), HOST)
 
 
+def test_shared_mask_keeps_each_pair_of_channels_on_the_same_positions():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((5, 3, 3, 8))  # OHWI: 5 channels (odd), 9 taps
+    rows = mask24.conv_rows(w)
+    m = mask24.shared_mask_2to4(rows, 5).reshape(5, 9, 8)
+    assert (m.reshape(5, 9, 2, 4).sum(-1) == 2).all()  # every row still 2:4
+    assert np.array_equal(m[0], m[1]) and np.array_equal(m[2], m[3])
+    assert np.array_equal(m[4], mask24.mask_2to4(rows.reshape(5, 9, 8)[4]))  # the odd one alone
+    pair = np.abs(w[0] + 0).reshape(9, 8) + np.abs(w[1]).reshape(9, 8)
+    assert np.array_equal(m[0], mask24.mask_2to4(pair))  # chosen by the pair's summed magnitude
+    c = mask24.compress((rows * m.reshape(45, 8)).reshape(5, 72).astype(np.float32))
+    assert mask24.pairs_share_positions(c.meta)
+    assert not mask24.pairs_share_positions(mask24.compress(rows.reshape(5, 72).astype(np.float32)).meta)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_pairs_prunes_every_layer_on_shared_positions(permute):
+    mod = _model()
+    before = _weights(mod)
+    out = sparsify(mod, Sparse24(decide="all", permute=permute, pairs=True), HOST)
+    report = sparsity_report(out)
+    assert report["pairs"]
+    plain = {r["layer"]: r for r in sparsity_report(sparsify(mod, Sparse24(decide="all", permute=permute), HOST))["layers"]}
+    for rec in report["layers"]:
+        if not rec.get("sparse"):
+            continue
+        name = rec["layer"]
+        w = _weights(out)[name]
+        gemm = w.reshape(w.shape[0], -1) if name.startswith("conv") else w.T  # [N, K]: rows = output channels
+        assert mask24.is_2to4(gemm) and mask24.pairs_share_positions(mask24.compress(gemm.astype(np.float32)).meta), name
+        # the pair's kept magnitude, which the shared positions maximize: at most the per-row one
+        assert 0.5 <= rec["kept_magnitude"] <= plain[name]["kept_magnitude"] + 1e-9, name
+        if not permute:  # kept weights are the original ones
+            mask = gemm != 0
+            orig = before[name]
+            orig = orig.reshape(orig.shape[0], -1) if name.startswith("conv") else orig.T
+            np.testing.assert_array_equal(gemm[mask], orig[mask])
+
+
 def test_layers_alike_are_measured_once(monkeypatch):
     """Two matmuls of one shape (different weights) run the same kernels: the variant is
     picked and the pair timed once, the second layer reports the first's timings."""
@@ -286,6 +327,29 @@ def test_the_build_uses_the_kernel_variant_the_decision_measured(monkeypatch):
     kernels = [f for gv, f in B.legalize(out, HOST).functions_items() if gv.name_hint.startswith("sparse24_gemm")]
     (kernel,) = kernels
     assert [int(d) for d in kernel.params[1].shape] == [1, 36, 4, 2, 8]  # blocks, groups, R = 4, slots, lanes
+
+
+@pytest.mark.skipif(not S_HAS_AVX2, reason="the pairs kernels are x86 AVX2")
+def test_pairs_build_lowers_the_layer_with_the_pairs_kernel(monkeypatch):
+    """``pairs=True``: the variant pick times the pairs kernels (on pair-shared weights), and
+    the build runs the one picked (here forced) on the layer's weights."""
+    import tvm_ffi
+
+    from hwcompress.backends import cpu_sparse
+
+    forced = cpu_sparse.variants(36, 32, 16, HOST.tvm_target(), pairs=True)[1]  # not the default
+    assert forced.shared
+    asked = []
+    monkeypatch.setattr(cpu_sparse, "pick_variant", lambda m, n, k, target, pairs=False, **kw: asked.append(pairs) or (forced, {}))
+    monkeypatch.setattr("hwcompress.passes.sparsity.sparse24.MIN_SPEEDUP", 0.0)  # sparse whatever the timing
+    out = sparsify(_model(), Sparse24(layers=("conv2d[0]",), permute=False, pairs=True), HOST)
+    (rec,) = sparsity_report(out)["layers"]
+    assert asked == [True] and rec["sparse"] and rec["variant"] == forced.name and rec["gemm"] == [36, 32, 16]
+    (kernel,) = [f for gv, f in B.legalize(out, HOST).functions_items() if gv.name_hint.startswith("sparse24_gemm")]
+    expected = cpu_sparse.sparse24_kernel(36, 32, 16, HOST.tvm_target(), forced)
+    assert tvm_ffi.structural_equal(kernel.body, expected.body, map_free_vars=True)
+    default = cpu_sparse.sparse24_kernel(36, 32, 16, HOST.tvm_target(), cpu_sparse.variants(36, 32, 16, HOST.tvm_target(), pairs=True)[0])
+    assert not tvm_ffi.structural_equal(kernel.body, default.body, map_free_vars=True)  # the check can fail
 
 
 def test_ineligible_layers_are_reported():

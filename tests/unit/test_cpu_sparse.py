@@ -263,3 +263,66 @@ def test_broadcast_assembly_keeps_accumulators_in_registers():
     assert len(in_loop) >= 2 * 7 * 8, fmas[:4]  # 2 rows x 7 vectors x 8 kept weights unrolled
     assert not any("rsp" in f or "rbp)" in f.split(",")[-1] for f in fmas)  # no accumulator on the stack
     assert "vbroadcastss" in asm and "vperm2f128" in asm  # the 8x8 transposes of x and y
+
+
+# ------------------------------------------------------------------ pairs (Sparse24.pairs)
+
+
+def _check_pairs(m, n, k, variant, seed=0):
+    x, c, y = S.random_operands(m, n, k, seed, pairs=True)
+    assert mask24.pairs_share_positions(c.meta)
+    dense = mask24.decompress(c)
+    args = [tvm.runtime.tensor(a) for a in (x, *S.kernel_operands(variant, c), y)]
+    S.build(S.sparse24_kernel(m, n, k, HOST, variant), HOST)["main"](*args)
+    scale = np.abs(x).astype(np.float64) @ np.abs(dense).T.astype(np.float64)
+    err = np.abs(args[-1].numpy() - x.astype(np.float64) @ dense.T.astype(np.float64))
+    assert (err <= RTOL * scale + 1e-30).all(), f"{variant.name} {m}x{n}x{k}: max rel err {(err / scale).max():.2e}"
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,n,k", [(49, 33, 128), (196, 40, 256), (9, 17, 32), (48, 8, 1024)])
+def test_pairs_kernels_match_numpy(m, n, k):
+    """Rows 2i, 2i + 1 read the x under the first row's positions: right on weights whose
+    pairs share positions (odd n: the last row alone; k_block chunks; m not a multiple of 8)."""
+    pairs = [v for v in S.variants(m, n, k, HOST, pairs=True) if v.shared]
+    assert pairs and S.variants(m, n, k, HOST, pairs=True)[0].shared  # the default for pair weights
+    assert not any(v.shared for v in S.variants(m, n, k, HOST))  # never for other weights
+    for variant in pairs:
+        _check_pairs(m, n, k, variant)
+    _check_pairs(m, n, k, S.Variant(S.Gather.BROADCAST, 4, 3, 2, shared=True))  # 2 pairs, a tail step
+
+
+def test_pairs_variant_validation_and_naming():
+    with pytest.raises(ValueError, match="even number of rows"):
+        S.Variant(S.Gather.BROADCAST, 3, 2, 4, shared=True)
+    with pytest.raises(ValueError, match="shared is a broadcast kernel"):
+        S.Variant(S.Gather.LANES, 2, 2, shared=True)
+    v = S.Variant(S.Gather.BROADCAST, 2, 2, 6, k_block=128, shared=True)
+    assert v.name == "broadcast_r2_u2_m6_kb128_shared"
+    if S.has_avx2(HOST):  # a pairs name for weights whose pairs do not share: the default
+        assert S.variant_named(48, 64, 512, HOST, v.name, pairs=True) == v
+        assert not S.variant_named(48, 64, 512, HOST, v.name, pairs=False).shared
+
+
+@needs_avx2
+def test_cpu_backend_runs_the_pairs_kernel_only_on_pair_weights():
+    import tvm_ffi
+
+    from hwcompress.backends.cpu import _sparse_kernel
+
+    pairs = S.Variant(S.Gather.BROADCAST, 2, 2, 6, k_block=128, shared=True)
+    _, c, _ = S.random_operands(48, 64, 512, pairs=True)
+    _, own, _ = S.random_operands(48, 64, 512)
+    for weights, expected in ((c, pairs), (own, S.variants(48, 64, 512, HOST)[0])):
+        kernel, operands = _sparse_kernel(HOST, 48, 64, 512, mask24.decompress(weights), pairs.name)
+        assert tvm_ffi.structural_equal(kernel, S.sparse24_kernel(48, 64, 512, HOST, expected))
+        assert [w.shape for w in operands] == [weights.values.shape, weights.meta.shape]
+
+
+@needs_avx2
+def test_pairs_assembly_loads_each_x_once_for_both_rows():
+    """The per-row broadcast kernel's FMAs read x from memory (one load per FMA); the pairs
+    kernel loads each x vector into a register and feeds both rows' FMAs from it."""
+    asm = S.build(S.sparse24_kernel(48, 64, 512, HOST, S.Variant(S.Gather.BROADCAST, 2, 2, 6, k_block=128, shared=True)), HOST).inspect_source("asm")
+    fmas = [f.strip() for f in re.findall(r"vfmadd\w+\s+([^\n]*)", asm)]
+    assert len(fmas) >= 2 * 6 * 2 and all(re.fullmatch(r"%ymm\d+, %ymm\d+, %ymm\d+", f) for f in fmas), fmas[:4]

@@ -28,7 +28,7 @@ import numpy as np
 
 __all__ = [
     "Compressed", "compress", "conv_rows", "decompress", "embed_positions", "is_2to4", "kept_fraction", "mask_2to4",
-    "permutation_search",
+    "pair_sums", "pairs_share_positions", "permutation_search", "shared_mask_2to4",
 ]  # fmt: skip
 
 GROUP = 4
@@ -71,6 +71,37 @@ def mask_2to4(w: np.ndarray) -> np.ndarray:
     mask = np.zeros(_groups(w).shape, dtype=bool)
     np.put_along_axis(mask, pos, True, axis=-1)
     return mask.reshape(w.shape)
+
+
+def pair_sums(rows: np.ndarray, channels: int) -> np.ndarray:
+    """``|W|`` of ``rows [channels * T, K]`` (``T`` rows per output channel: a conv's taps, as
+    ``conv_rows`` orders them) summed over pairs of consecutive channels at each of the ``T``:
+    ``[ceil(channels / 2) * T, K]`` (an odd last channel alone)."""
+    a = np.abs(np.asarray(rows, dtype=np.float64))
+    if channels < 1 or a.shape[0] % channels:
+        raise ValueError(f"{a.shape[0]} rows are not {channels} channels of equally many rows")
+    a = a.reshape(channels, -1, a.shape[1])
+    if channels % 2:
+        a = np.concatenate([a, np.zeros_like(a[:1])])
+    return (a[0::2] + a[1::2]).reshape(-1, a.shape[2])
+
+
+def shared_mask_2to4(rows: np.ndarray, channels: int) -> np.ndarray:
+    """Boolean 2:4 mask of ``rows [channels * T, K]`` whose positions are shared by each pair of
+    consecutive output channels (at each of the ``T`` rows per channel): the 2 of every 4 with
+    the largest magnitude summed over the pair. Every row still keeps 2 of every 4, and a
+    kernel can load the ``x`` under a kept position once for both channels."""
+    n, k = np.shape(rows)
+    t = n // channels
+    mask = mask_2to4(pair_sums(rows, channels)).reshape(-1, 1, t, k)
+    return np.broadcast_to(mask, (mask.shape[0], 2, t, k)).reshape(-1, k)[: channels * t].reshape(n, k)
+
+
+def pairs_share_positions(meta: np.ndarray) -> bool:
+    """Whether rows ``2i`` and ``2i + 1`` of a compressed weight keep the same positions
+    (``meta`` of ``compress``; an odd last row alone)."""
+    even = meta.shape[0] // 2 * 2
+    return bool(np.array_equal(meta[0:even:2], meta[1:even:2]))
 
 
 def kept_fraction(w: np.ndarray, perm: np.ndarray | None = None) -> float:
