@@ -156,8 +156,8 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
     broadcast += [Variant(Gather.BROADCAST, 2, 4, min(4, vecs), k_block=k_block(k, min(4, vecs) * 8))]
     if pairs and m > 5:
         # 2 rows x <= 6 m vectors of accumulators, the pair's broadcasts, the shared x vector;
-        # measured (Zen 1, 1 thread, 48x2048x512 / 196x1024x256): 6 vectors, 2 kept values
-        # per step 1.63x / 1.91x over dense where the per-row broadcast kernel gave 1.29x / 1.67x
+        # measured (Zen 1, 1 thread, kernel alone, 48x2048x512 / 196x1024x256): 6 / 5 vectors,
+        # 2 kept values per step 1.60x / 1.62x over dense where the per-row kernel gave 1.26x
         fit = [mv for mv in by_waste if mv <= 6] or [min(6, vecs)]
         broadcast = [Variant(Gather.BROADCAST, 2, u, mv, k_block=k_block(k, mv * 8), shared=True) for mv, u in ((fit[0], 2), (fit[0], 1), (fit[-1], 2))] + broadcast
         broadcast = list(dict.fromkeys(broadcast))

@@ -25,8 +25,8 @@ per cycle, ~4 cycles per kept weight at ``MV = 7`` where the FMAs alone need 3.5
 ``Sparse24.pairs``): per kept position and m vector one ``xt`` load into a register feeds the
 pair's two FMAs (register operands only; 2 rows x at most 6 vectors of accumulators), so the
 loop is FMA-bound rather than load-bound. Measured (Zen 1, 1 thread, kernel alone, interleaved
-with hwc's dense): 48x2048x512 1.53x over dense where the per-row kernel gave 1.20x on the
-same weights; at m = 49 no better than per-row (7 vectors need 14 accumulators: the shared
+with hwc's dense): 48x2048x512 1.60x over dense, 196x1024x256 1.62x, where the per-row
+kernel gave 1.26x on the same weights; at m = 49 no better than per-row (7 vectors need 14 accumulators: the shared
 kernel takes 4 or 6 and wastes a vector or five).
 
 Measured (Zen 3, 1 thread, kernel alone, 49x2048x512, rows 2 x 7 vectors): no chunks 1.57 ms
