@@ -69,9 +69,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         raise ValueError(f"k_block {v.k_block} must be a multiple of 4 dividing k={k}")
     chunks = k // kb
     kept = kb // 2  # per chunk and row
-    shared = v.shared  # rows 2i, 2i + 1 keep the same positions: one x load for both
-    if shared and R % 2:
-        raise ValueError(f"the shared-positions kernel needs an even number of rows per block, got {R}")
+    shared = v.shared  # rows 2i, 2i + 1 keep the same positions (Variant checks R is even)
     # unroll counts groups (2 kept values each); shared: kept values per step
     U = min(v.unroll if shared else 2 * v.unroll, kept)
     full, tail = divmod(kept, U)
@@ -87,19 +85,18 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
 
     outer, inner = (MV, R) if shared else (R, MV)
 
-    def rj(o, i):  # (row, m vector) of the unrolled loops' (outer, inner) step
-        return (i, o) if shared else (o, i)
-
-    def mrow(t, b, r):  # the row whose meta gives the positions: a shared pair's first
-        return T.min((t * per + b) * R + r - r % 2 if shared else (t * per + b) * R + r, n - 1)
-
-    def fold(acc_v, xt, values, meta, row, mb, j, q0, count, pos_row):
-        """acc + sum of count kept weights of ``row`` x their x rows (positions from row
-        ``pos_row``'s meta), as one FMA chain."""
-        out = acc_v
+    def step(acc, xt, values, meta, t, b, mb, o, i, q0, count):
+        """Add ``count`` kept weights (from ``q0``) of one row x their ``x`` rows to its
+        accumulator of one m vector, as one FMA chain; (row, vector) from the unrolled loops'
+        (outer, inner) step: rows innermost for ``shared``, whose positions come from the
+        pair's first row."""
+        r, j = (i, o) if shared else (o, i)
+        row = T.min((t * per + b) * R + r, n - 1)
+        pos_row = T.min((t * per + b) * R + r - r % 2, n - 1) if shared else row
+        out = acc[T.Ramp((r * MV + j) * lanes, 1, lanes)]
         for u in range(count):
             out = out + T.Broadcast(values[row, q0 + u], lanes) * xt.vload([mb, kidx(meta, pos_row, q0 + u), j * lanes], vt)
-        return out
+        T.buffer_store(acc, out, [T.Ramp((r * MV + j) * lanes, 1, lanes)])
 
     def start(mb):  # first m of block mb; the last block is shifted back (overlapping) to end at vecs
         return T.min(mb * MV, vecs - MV) * lanes
@@ -164,18 +161,11 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
                     for qc in range(full):
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
-                                acc[T.Ramp((rj(o, i)[0] * MV + rj(o, i)[1]) * lanes, 1, lanes)] = fold(
-                                    acc[T.Ramp((rj(o, i)[0] * MV + rj(o, i)[1]) * lanes, 1, lanes)], xt, values, meta,
-                                    T.min((t * per + b) * R + rj(o, i)[0], n - 1), mb, rj(o, i)[1], c * kept + qc * U, U, mrow(t, b, rj(o, i)[0]),
-                                )  # fmt: skip
+                                step(acc, xt, values, meta, t, b, mb, o, i, c * kept + qc * U, U)
                     if tail > 0:
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
-                                acc[T.Ramp((rj(o, i)[0] * MV + rj(o, i)[1]) * lanes, 1, lanes)] = fold(
-                                    acc[T.Ramp((rj(o, i)[0] * MV + rj(o, i)[1]) * lanes, 1, lanes)], xt, values, meta,
-                                    T.min((t * per + b) * R + rj(o, i)[0], n - 1), mb, rj(o, i)[1], c * kept + full * U, max(tail, 1),
-                                    mrow(t, b, rj(o, i)[0]),
-                                )  # fmt: skip
+                                step(acc, xt, values, meta, t, b, mb, o, i, c * kept + full * U, max(tail, 1))
                     for r in T.unroll(R):
                         for j in T.unroll(MV):
                             yt[T.min((t * per + b) * R + r, n - 1), T.Ramp(mb * W + j * lanes, 1, lanes)] = acc[
