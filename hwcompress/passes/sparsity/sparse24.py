@@ -409,25 +409,29 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     pick = get_backend(spec).sparse_pick  # the kernel variant, timed where layers are measured
     timing = _timing(func, config.timing) if measure else None
     chosen, records = {}, []
-    picked, timed = {}, {}  # per GEMM shape / per layer kind: layers alike are measured once
+    # per GEMM shape / (shape, variant) / layer kind: layers alike are measured and sized once
+    picked, sizes, timed = {}, {}, {}
     for site in sites:
         if site.reason is not None:
             records.append({"layer": site.name, "sparse": False, "reason": site.reason})
             continue
         layer = _plan_layer(site, config.permute, config.int8, config.pairs)
         record = layer.record
+        gemm = tuple(gemm_shape(site.call))
         kernel = None
         if measure and pick is not None and not config.int8:
             # the kernel variant measured fastest for this shape: the one the build then uses
-            gemm = list(gemm_shape(site.call))
-            if tuple(gemm) not in picked:
-                picked[tuple(gemm)] = pick(spec.tvm_target(), *gemm, pairs=config.pairs)
-            kernel = {"gemm": gemm, "variant": picked[tuple(gemm)]}
+            if gemm not in picked:
+                picked[gemm] = pick(spec.tvm_target(), *gemm, pairs=config.pairs)
+            kernel = {"gemm": list(gemm), "variant": picked[gemm]}
             record |= kernel
-        stored = None if config.int8 else _stored_bytes(spec, site.call, layer.weight, record.get("variant"))
-        if stored is None:  # values + positions, the weight's compressed form
-            stored = _compressed_bytes(compress(_gemm_view(site.call, layer.weight)), config.int8)
-        record["weight_bytes_sparse"] = stored
+        size_key = (gemm, record.get("variant"))  # the operands' sizes follow from these
+        if size_key not in sizes:
+            stored = None if config.int8 else _stored_bytes(spec, site.call, layer.weight, record.get("variant"))
+            if stored is None:  # values + positions, the weight's compressed form
+                stored = _compressed_bytes(compress(_gemm_view(site.call, layer.weight)), config.int8)
+            sizes[size_key] = stored
+        record["weight_bytes_sparse"] = sizes[size_key]
         if measure:
             key = _layer_key(site.call, layer.perm is not None, kernel)
             if key in timed:  # the same kernels as an earlier layer's: its timings
@@ -451,7 +455,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
                     else f"sparse measured only {record['speedup']}x faster (< {MIN_SPEEDUP}x: within the noise)"
                 )  # fmt: skip
         else:
-            why_dense = rule(*gemm_shape(site.call)) if rule else None
+            why_dense = rule(*gemm) if rule else None
             record["sparse"] = why_dense is None
             record["measured"] = False
             if why_dense:
