@@ -33,7 +33,9 @@ to gather the ``x`` that each kept weight multiplies:
   L1. Measured (1 thread, whole call, against hwc's packed-conv dense): 49x2048x512 1.19x,
   49x512x2048 1.15x, 196x1024x256 1.34x; at ``m = 8`` (one ``m`` vector, decode-bound) 0.6x.
   ``Variant.shared``: for weights whose output-channel pairs keep the same positions
-  (``Sparse24.pairs``), one ``x`` load serves both rows of a pair (the default there).
+  (``Sparse24.pairs``), one ``x`` load serves both rows of a pair (the default there);
+  ``Variant.tail``: for ``m % 8 == 1`` (odd square maps) the last row of ``x`` rides along
+  in the pairs' loop instead of an 8th ``m`` vector.
 * ``GENERIC`` (any LLVM target, ``K % 4 == 0``): scalar loops that read ``x`` at the decoded
   positions; this is what aarch64 builds.
 
@@ -93,6 +95,7 @@ class Variant:
     lut: bool = False  # permutes: controls from a 256-entry table per meta byte, not shifts
     k_block: int = 0  # broadcast: reduction chunk whose x stays in L1 (0: all of k)
     shared: bool = False  # broadcast: rows 2i, 2i + 1 keep the same positions (one x load for both)
+    tail: bool = False  # shared, m % 8 == 1: the last row of x rides along in the pair's loop (no 8th vector)
 
     def __post_init__(self):
         if not isinstance(self.gather, Gather):
@@ -101,11 +104,13 @@ class Variant:
             raise ValueError(f"bad sparse kernel variant {self}: knobs must be >= 1, rows x m_rows <= 16")
         if self.shared and (self.gather is not Gather.BROADCAST or self.rows % 2):
             raise ValueError(f"bad sparse kernel variant {self}: shared is a broadcast kernel of an even number of rows")
+        if self.tail and not self.shared:
+            raise ValueError(f"bad sparse kernel variant {self}: a tail row needs a shared kernel")
 
     @property
     def name(self) -> str:
         kb = f"_kb{self.k_block}" if self.k_block else ""
-        shared = "_shared" if self.shared else ""
+        shared = ("_shared" if self.shared else "") + ("_t1" if self.tail else "")
         return f"{self.gather.value}{'_lut' if self.lut else ''}_r{self.rows}_u{self.unroll}_m{self.m_rows}{kb}{shared}"
 
 
@@ -159,7 +164,15 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
         # measured (Zen 1, 1 thread, kernel alone, 48x2048x512 / 196x1024x256): 6 / 5 vectors,
         # 2 kept values per step 1.60x / 1.62x over dense where the per-row kernel gave 1.26x
         fit = [mv for mv in by_waste if mv <= 6] or [min(6, vecs)]
-        broadcast = [Variant(Gather.BROADCAST, 2, u, mv, k_block=k_block(k, mv * 8), shared=True) for mv, u in ((fit[0], 2), (fit[0], 1), (fit[-1], 2))] + broadcast
+        shared = [Variant(Gather.BROADCAST, 2, u, mv, k_block=k_block(k, mv * 8), shared=True) for mv, u in ((fit[0], 2), (fit[0], 1), (fit[-1], 2))]
+        if m % 8 == 1 and m > 8:
+            # odd squares (7x7 = 49, 13x13, ...) are 1 mod 8: the last row of x rides along in
+            # the pairs' loop (one 2-lane FMA per kept position) instead of an 8th m vector
+            # that 7 x 2 accumulators cannot hold; the other rows block as for m - 1
+            body = math.ceil((m - 1) / 8)
+            fit_t = sorted(range(min(4, body), min(6, body) + 1), key=lambda mv: (math.ceil(body / mv) * mv, -mv))
+            shared = [Variant(Gather.BROADCAST, 2, u, fit_t[0], k_block=k_block(k, fit_t[0] * 8), shared=True, tail=True) for u in (2, 1)] + shared
+        broadcast = shared + broadcast
         broadcast = list(dict.fromkeys(broadcast))
     if k % CHUNK:  # k % 8 == 0 only: the row-pair kernel works on 8-k windows
         return lanes + [Variant(Gather.PAIRS, 8, 2, 1, True)] if m == 1 else broadcast
@@ -223,6 +236,8 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
         raise ValueError(f"{variant.gather.value} needs an AVX2 target and k % {CHUNK} == 0 (k={k})")
     if variant.gather is Gather.PAIRS and not (has_avx2(target) and k % WINDOW == 0):
         raise ValueError(f"pairs needs an AVX2 target and k % {WINDOW} == 0 (k={k})")
+    if variant.tail and not (m % 8 == 1 and m > 8 and CpuFacts.from_target(target).lanes(32) == 8):
+        raise ValueError(f"a tail-row kernel needs m % 8 == 1, m > 8 and 8-lane vectors (m={m})")
     if variant.gather is Gather.LANES and not (has_avx2(target) and m == 1):
         raise ValueError(f"lanes needs an AVX2 target and m == 1 (m={m})")
     cores = CpuFacts.from_target(target).num_cores

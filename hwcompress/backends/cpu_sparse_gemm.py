@@ -26,8 +26,18 @@ per cycle, ~4 cycles per kept weight at ``MV = 7`` where the FMAs alone need 3.5
 pair's two FMAs (register operands only; 2 rows x at most 6 vectors of accumulators), so the
 loop is FMA-bound rather than load-bound. Measured (Zen 1, 1 thread, kernel alone, interleaved
 with hwc's dense): 48x2048x512 1.60x over dense, 196x1024x256 1.62x, where the per-row
-kernel gave 1.26x on the same weights; at m = 49 no better than per-row (7 vectors need 14 accumulators: the shared
-kernel takes 4 or 6 and wastes a vector or five).
+kernel gave 1.26x on the same weights.
+
+``Variant.tail`` (shared, ``m % 8 == 1``: every odd square map, 7x7 = 49 the common one): 7
+m vectors would need 14 accumulators plus the shared ``x`` and two broadcasts (17 of AVX2's
+16 registers), and 4-vector blocks recompute one. Instead the blocks cover ``m - 1`` rows and
+the last row rides along: per kept value of a pair, the ``x`` of that row under the pair's
+position is copied (a scalar load and store, no register held) into a per-task buffer
+``xg``; after the pair's chunk, two 8-wide dot products of the pair's kept values with ``xg``
+give the row's two outputs (kept in ``y``'s last row between chunks). Measured (Zen 1, through
+the VM, 1 / 2 threads): 49x2048x512 1.59x / 1.61x over dense, 49x512x2048 1.55x / 1.55x, where
+4-vector blocks gave 1.34x; the copy costs ~11% over the 48 rows alone (even storing a
+constant costs 8%: this loop has no slack for memory operations).
 
 Measured (Zen 3, 1 thread, kernel alone, 49x2048x512, rows 2 x 7 vectors): no chunks 1.57 ms
 (``xt``, 114 KB, streams from L2: 0.8 FMA/cycle); chunks of 128 1.29 ms; ``y`` written by
@@ -61,7 +71,9 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
     from tvm.script import tirx as T
 
     R = v.rows
-    vecs = math.ceil(m / lanes)
+    tail_row = v.tail  # x's last row (m % 8 == 1) rides along in the pairs' loop: blocks cover m - 1
+    mm = m - 1 if tail_row else m
+    vecs = math.ceil(mm / lanes)
     MV = min(v.m_rows, vecs)
     W = MV * lanes  # m columns per block
     kb = k if not v.k_block or v.k_block >= k else v.k_block
@@ -84,6 +96,38 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
 
     outer, inner = (MV, R) if shared else (R, MV)
+    TB = R * MV * lanes  # past the tile: the tail row's two dot-product vectors and two sums
+    kv, kr = divmod(kept, lanes)  # the tail dot: vectors and leftover kept values per chunk
+
+    def pair_rows(t, b, p):
+        return T.min((t * per + b) * R + 2 * p, n - 1), T.min((t * per + b) * R + 2 * p + 1, n - 1)
+
+    def tail_gather(xg, x, meta, t, b, p, ql, q0, count):
+        """The last row's x under the pair's positions of ``count`` kept values (from ``q0``,
+        ``ql`` within the chunk) into ``xg``: a scalar load and store each, no register held."""
+        r0 = pair_rows(t, b, p)[0]
+        for u in range(count):
+            T.buffer_store(xg, x[m - 1, kidx(meta, r0, q0 + u)], [t, p, ql + u])
+
+    def tail_dot(acc, xg, values, y, t, b, p, c):
+        """y[m - 1, pair's rows] (+)= their chunk's kept values . the gathered x, 8 at a time."""
+        rows = pair_rows(t, b, p)
+        for s in range(2):
+            T.buffer_store(acc, T.Broadcast(T.float32(0), lanes), [T.Ramp(TB + s * lanes, 1, lanes)])
+        with T.serial(0, kv) as jv:
+            for s in range(2):
+                prod = values.vload([rows[s], c * kept + lanes * jv], vt) * xg.vload([t, p, lanes * jv], vt)
+                T.buffer_store(acc, acc[T.Ramp(TB + s * lanes, 1, lanes)] + prod, [T.Ramp(TB + s * lanes, 1, lanes)])
+        for s in range(2):  # both sums before either store: an odd n's last pair is one row twice
+            dot = sum((acc[TB + s * lanes + j] for j in range(1, lanes)), acc[TB + s * lanes])
+            for e in range(kr):
+                dot = dot + values[rows[s], c * kept + lanes * kv + e] * xg[t, p, lanes * kv + e]
+            T.buffer_store(acc, T.if_then_else(c == 0, T.float32(0), y[m - 1, rows[s]]) + dot, [TB + 2 * lanes + s])
+        for s in range(2):
+            T.buffer_store(y, acc[TB + 2 * lanes + s], [m - 1, rows[s]])
+
+    def tail_here(mb):  # the tail row is computed once, with the last m-block
+        return True if mblk == 1 else mb == mblk - 1
 
     def step(acc, xt, values, meta, t, b, mb, o, i, q0, count):
         """Add ``count`` kept weights (from ``q0``) of one row x their ``x`` rows to its
@@ -107,7 +151,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
     def x_in(x, mb, i8, kk):
         """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt."""
         rows = [
-            T.if_then_else(start(mb) + 8 * i8 + r < m, x.vload([T.min(start(mb) + 8 * i8 + r, m - 1), kk], vt), T.Broadcast(T.float32(0), 8))
+            T.if_then_else(start(mb) + 8 * i8 + r < mm, x.vload([T.min(start(mb) + 8 * i8 + r, mm - 1), kk], vt), T.Broadcast(T.float32(0), 8))
             for r in range(8)
         ]  # fmt: skip
         for c, col in enumerate(transpose8(rows)):
@@ -117,10 +161,10 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         """y[8 v8 : 8 v8 + 8, n0 : n0 + 8] from yt's rows n0..n0+7 (the m vector's columns)."""
         cols = transpose8([yt.vload([n0 + r, block_of(8 * v8) * W + 8 * v8 - start(block_of(8 * v8))], vt) for r in range(8)])
         for c, col in enumerate(cols):
-            if isinstance(8 * (vecs - 1) + c, int) and 8 * (vecs - 1) + c < m:
+            if isinstance(8 * (vecs - 1) + c, int) and 8 * (vecs - 1) + c < mm:
                 T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
             else:
-                with T.If(8 * v8 + c < m):
+                with T.If(8 * v8 + c < mm):
                     with T.Then():
                         T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
 
@@ -134,17 +178,18 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        xt = T.alloc_buffer((mblk, k, W), "float32")
+        xt = T.alloc_buffer((mblk, k, W), "float32")  # m columns past mm: zeros
         yt = T.alloc_buffer((n, mblk * W), "float32")
         xt_ref.append(xt)
+        xg = T.alloc_buffer((tasks, R // 2, kept) if tail_row else (1, 1, 1), "float32")  # the tail's gathered x
         for kc in T.parallel(k8):
             for mb, i8 in T.grid(mblk, MV):
                 x_in(x, mb, i8, kc * 8)
         for kk in T.parallel(k - 8 * k8):
             for mb, i in T.grid(mblk, W):
-                xt[mb, 8 * k8 + kk, i] = T.if_then_else(start(mb) + i < m, x[T.min(start(mb) + i, m - 1), 8 * k8 + kk], T.float32(0))
+                xt[mb, 8 * k8 + kk, i] = T.if_then_else(start(mb) + i < mm, x[T.min(start(mb) + i, mm - 1), 8 * k8 + kk], T.float32(0))
         for t in T.parallel(tasks):
-            acc = T.alloc_buffer((R * MV * lanes,), "float32", scope="local")
+            acc = T.alloc_buffer((TB + (2 * lanes + 2 if tail_row else 0),), "float32", scope="local")
             for mb, c, b in T.grid(mblk, chunks, per):
                 if t * per + b < nblk:
                     for r in T.unroll(R):
@@ -162,15 +207,27 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
                                 step(acc, xt, values, meta, t, b, mb, o, i, c * kept + qc * U, U)
+                        if tail_row:
+                            if tail_here(mb):
+                                for p in T.unroll(R // 2):
+                                    tail_gather(xg, x, meta, t, b, p, qc * U, c * kept + qc * U, U)
                     if tail > 0:
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
                                 step(acc, xt, values, meta, t, b, mb, o, i, c * kept + full * U, max(tail, 1))
+                        if tail_row:
+                            if tail_here(mb):
+                                for p in T.unroll(R // 2):
+                                    tail_gather(xg, x, meta, t, b, p, full * U, c * kept + full * U, max(tail, 1))
                     for r in T.unroll(R):
                         for j in T.unroll(MV):
                             yt[T.min((t * per + b) * R + r, n - 1), T.Ramp(mb * W + j * lanes, 1, lanes)] = acc[
                                 T.Ramp((r * MV + j) * lanes, 1, lanes)
                             ]
+                    if tail_row:
+                        if tail_here(mb):
+                            for p in T.unroll(R // 2):  # y's last row holds its partial sums between chunks
+                                tail_dot(acc, xg, values, y, t, b, p, c)
         # y is [m, n]: a tile is a column of it, and y's rows are often 2^j floats apart, so
         # column writes conflict in L1 sets: yt is transposed in 8x8 blocks instead
         for nc in T.parallel((n8 + 7) // 8):  # 64 columns of 8 rows: whole lines of y at once
@@ -178,7 +235,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
                 if nc * 8 + nb < n8:
                     y_out(y, yt, (nc * 8 + nb) * 8, v8)
         for nn in T.parallel(n - 8 * n8):
-            for i in range(m):
+            for i in range(mm):
                 y[i, 8 * n8 + nn] = yt[8 * n8 + nn, block_of(i) * W + i - start(block_of(i))]
 
     return kernel

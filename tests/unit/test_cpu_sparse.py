@@ -280,6 +280,21 @@ def test_pairs_kernels_match_numpy(m, n, k):
     for variant in pairs:
         _check(m, n, k, variant, pairs=True)
     _check(m, n, k, S.Variant(S.Gather.BROADCAST, 4, 3, 2, shared=True), pairs=True)  # 2 pairs, a tail step
+    tails = [v for v in pairs if v.tail]
+    assert bool(tails) == (m % 8 == 1 and m > 8)  # odd squares' last row: the default there
+    assert not tails or pairs[0].tail
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,n,k,variant", [
+    (49, 33, 128, S.Variant(S.Gather.BROADCAST, 4, 3, 2, shared=True, tail=True)),  # 2 pairs, 3 m-blocks, a tail step
+    (17, 9, 36, S.Variant(S.Gather.BROADCAST, 2, 2, 1, k_block=12, shared=True, tail=True)),  # chunks of 6 kept values (< 8)
+    (57, 20, 1024, S.Variant(S.Gather.BROADCAST, 2, 1, 4, k_block=128, shared=True, tail=True)),  # 8 chunks
+])  # fmt: skip
+def test_tail_row_kernel_matches_numpy(m, n, k, variant):
+    """x's last row (m % 8 == 1) rides along in the pairs' loop: its partial sums live in y's
+    last row between reduction chunks, computed with the last m-block only."""
+    _check(m, n, k, variant, pairs=True)
 
 
 def test_pairs_variant_validation_and_naming():
@@ -289,6 +304,11 @@ def test_pairs_variant_validation_and_naming():
         S.Variant(S.Gather.LANES, 2, 2, shared=True)
     v = S.Variant(S.Gather.BROADCAST, 2, 2, 6, k_block=128, shared=True)
     assert v.name == "broadcast_r2_u2_m6_kb128_shared"
+    assert S.Variant(S.Gather.BROADCAST, 2, 2, 6, shared=True, tail=True).name == "broadcast_r2_u2_m6_shared_t1"
+    with pytest.raises(ValueError, match="tail row needs a shared kernel"):
+        S.Variant(S.Gather.BROADCAST, 2, 2, 6, tail=True)
+    with pytest.raises(ValueError, match="m % 8 == 1"):
+        S.sparse24_kernel(48, 8, 64, HOST, S.Variant(S.Gather.BROADCAST, 2, 2, 6, shared=True, tail=True))
     if S.has_avx2(HOST):  # a pairs name for weights whose pairs do not share: the default
         assert S.variant_named(48, 64, 512, HOST, v.name, pairs=True) == v
         assert not S.variant_named(48, 64, 512, HOST, v.name, pairs=False).shared
