@@ -50,15 +50,15 @@ def legalize_passes(fuse: bool = True, legalize_map: dict | None = None) -> list
 
 def legalize(mod, spec: TargetSpec, fuse: bool = True, blocks: bool = True):
     """Graph-level lowering to (fused) TIR kernels: the tuning task boundary. ``blocks``: the
-    backend's multi-layer kernels (``Backend.fusion_passes``) where ``fuse`` is on; not with
-    2:4 sparsity (its sparse layers keep their sparse kernels)."""
+    backend's multi-layer kernels (``Backend.fusion_passes``) where ``fuse`` is on; after 2:4
+    sparsity, of the layers without 2:4 weights only (the sparse layers keep their sparse kernels)."""
     import tvm
 
     target = spec.tvm_target()
     sparse = has_sparsity(mod)
     lmap = backend_legalize_map(spec, sparse=sparse, winograd=winograd_allowed(mod), variants=sparse_variants(mod))
     backend = get_backend(spec)
-    graph = backend.fusion_passes(target) if fuse and blocks and backend.fusion_passes and not sparse else []
+    graph = backend.fusion_passes(target, sparse=sparse) if fuse and blocks and backend.fusion_passes else []
     return _run_stage("legalize", tvm.transform.Sequential([*graph, *legalize_passes(fuse, lmap)]), mod, target)
 
 

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                         "DFQ weight steps and ranges from synthetic inputs")
     b.add_argument("--sparse-2-4", action="store_true",
                    help="2:4 structured sparsity on sparse kernels, where measured at least 5%% faster than dense (no fine-tuning)")
+    b.add_argument("--sparse-pairs", action="store_true",
+                   help="with --sparse-2-4: output channels 2i, 2i+1 keep the same positions, so CPU kernels load each input "
+                        "once for both (1x1 convs ~1.6x instead of ~1.3x; loses some accuracy)")
     b.add_argument("--calib", metavar="DIR",
                    help="calibration data for --prune and --int8: .npy files of samples, .npz keyed by input name, or images")
     _optimize_args(b)
@@ -176,7 +179,8 @@ def _cmd_build(args) -> int:
             f"measured at least {s.get('min_speedup', 1.0)}x faster than dense{_timed(s.get('timing'))}" if s["measured"]
             else f"not measured: {s['not_measured_because']}"
         )  # fmt: skip
-        print(f"sparse-2-4: {s['sparse_layers']} of {len(s['layers'])} conv/matmul layers sparse ({how})")
+        pairs = "; output-channel pairs share positions" if s.get("pairs") else ""
+        print(f"sparse-2-4: {s['sparse_layers']} of {len(s['layers'])} conv/matmul layers sparse ({how}){pairs}")
     return 0
 
 
@@ -198,6 +202,8 @@ def _build_recipe(args):
         raise RecipeError("--prune-criterion needs --prune RATIO")
     if not args.int8 and args.calibration is not None:
         raise RecipeError("--calibration needs --int8")
+    if args.sparse_pairs and not args.sparse_2_4:
+        raise RecipeError("--sparse-pairs needs --sparse-2-4")
     if args.prune is None and not args.int8 and not args.calib and not args.sparse_2_4:
         return args.recipe
     from dataclasses import replace
@@ -225,7 +231,7 @@ def _build_recipe(args):
     if args.sparse_2_4:
         if any(isinstance(s, Sparse24) for s in steps):
             raise RecipeError("the recipe already has a sparse-2-4 step; drop --sparse-2-4 or the step")
-        steps.append(Sparse24())
+        steps.append(Sparse24(pairs=args.sparse_pairs))
     if args.int8:
         if any(isinstance(s, Int8Static) for s in steps):
             raise RecipeError("the recipe already has an int8 step; drop --int8 or the step")

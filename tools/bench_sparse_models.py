@@ -5,6 +5,7 @@ process (two threads unless ``TVM_NUM_THREADS`` says otherwise).
     .venv/bin/python tools/bench_sparse_models.py --models mlp --timings auto,warm --rounds 15
     .venv/bin/python tools/bench_sparse_models.py --models model.onnx --input-shape input=1,3,224,224
     TVM_NUM_THREADS=1 taskset -c 1 .venv/bin/python tools/bench_sparse_models.py --models mlp
+    .venv/bin/python tools/bench_sparse_models.py --models mobilenet_v2 --pairs   # + Sparse24(pairs=True)
 
 Per model, host builds made as ``hwc build`` makes them: dense; ``--sparse-2-4`` (the
 measured per-layer decision: a layer goes sparse where its sparse kernel timed >= 5% faster;
@@ -69,9 +70,10 @@ def model_path(name: str, tmp: Path) -> tuple[Path, dict]:
     return Path(name), {}
 
 
-def builds(path: Path, shapes: dict, timings: list[str]) -> tuple[dict, dict]:
+def builds(path: Path, shapes: dict, timings: list[str], pairs: bool = False) -> tuple[dict, dict]:
     """Host VMs of the dense build, a measured 2:4 build per ``Sparse24.timing`` in
-    ``timings`` and the every-layer 2:4 build; the measured builds' sparsity reports."""
+    ``timings`` and the every-layer 2:4 build (``pairs``: the same again with
+    ``Sparse24(pairs=True)``); the measured builds' sparsity reports."""
     import tvm
 
     from hwcompress import build as B
@@ -83,19 +85,20 @@ def builds(path: Path, shapes: dict, timings: list[str]) -> tuple[dict, dict]:
 
     spec = load_target("host")
     recipes = {"dense": None}
-    recipes |= {f"2:4 measured ({t})": Recipe((Sparse24(timing=t),)) for t in timings}
-    recipes["2:4 all"] = Recipe((Sparse24(decide="all"),))
+    for kind, kw in (("2:4", {}),) + ((("2:4 pairs", {"pairs": True}),) if pairs else ()):
+        recipes |= {f"{kind} measured ({t})": Recipe((Sparse24(timing=t, **kw),)) for t in timings}
+        recipes[f"{kind} all"] = Recipe((Sparse24(decide="all", **kw),))
     vms, reports = {}, {}
     for name, recipe in recipes.items():
         front = import_model(str(path), spec, shapes, recipe=recipe)
-        if name.startswith("2:4 measured"):
+        if "measured" in name:
             reports[name] = sparsity_report(front.mod)
         vms[name] = tvm.relax.VirtualMachine(B.build(B.schedule(B.legalize(front.mod, spec), spec), spec), tvm.cpu())
         print(f"  built {name}", file=sys.stderr, flush=True)
     return vms, reports
 
 
-def bench(name: str, shapes: dict, timings: list[str], rounds: int, reps: int, tmp: Path) -> dict:
+def bench(name: str, shapes: dict, timings: list[str], rounds: int, reps: int, tmp: Path, pairs: bool = False) -> dict:
     import tvm
 
     from benchlib import interleaved
@@ -104,7 +107,7 @@ def bench(name: str, shapes: dict, timings: list[str], rounds: int, reps: int, t
     shapes = shapes or default_shapes
     if len(shapes) != 1:
         raise SystemExit(f"{name}: give its one input's shape, --input-shape NAME=D1,D2,...")
-    vms, reports = builds(path, shapes, timings)
+    vms, reports = builds(path, shapes, timings, pairs)
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(next(iter(shapes.values()))).astype(np.float32))
     t = interleaved({k: (lambda vm=vm: vm["main"](x)) for k, vm in vms.items()}, rounds, reps)
     chosen = {
@@ -120,7 +123,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for build, ms in r["ms"].items():
             c = r["chosen"].get(build)
-            layers = f"{len(c['sparse'])} of {c['measured']} measured ({', '.join(c['sparse']) or 'none'})" if c else ("all eligible" if build == "2:4 all" else "")
+            layers = f"{len(c['sparse'])} of {c['measured']} measured ({', '.join(c['sparse']) or 'none'})" if c else ("all eligible" if build.endswith(" all") else "")
             lines.append(f"| {r['model']} | {build} | {ms:.3f} | {r['ms']['dense'] / ms:.2f}x | {layers} | {c['regime'] if c else ''} |")
     return "\n".join(lines)
 
@@ -140,12 +143,13 @@ def main(argv=None) -> int:
     ap.add_argument("--timings", default="auto", help="Sparse24.timing of the measured builds, comma-separated (auto, warm, cold)")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     ap.add_argument("--reps", type=int, default=10, help="runs per round")
+    ap.add_argument("--pairs", action="store_true", help="also the builds with Sparse24(pairs=True) (output-channel pairs share positions)")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             print(f"{name}:", file=sys.stderr, flush=True)
-            rows.append(bench(name, _shapes(args.input_shape), args.timings.split(","), args.rounds, args.reps, Path(tmp)))
+            rows.append(bench(name, _shapes(args.input_shape), args.timings.split(","), args.rounds, args.reps, Path(tmp), args.pairs))
     print(table(rows))
     return 0
 

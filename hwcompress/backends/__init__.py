@@ -44,9 +44,10 @@ class Backend:
     # does not run here), drawn from measurements on the backend's hardware; None: every
     # eligible layer goes sparse unmeasured
     sparse_unmeasured_rule: Callable | None = None
-    # (tvm Target, min_bytes=None) -> [tvm.transform.Pass]: graph rewrites into the backend's
-    # multi-layer kernels (e.g. ``cpu_block``'s inverted residuals), run by ``build.legalize``
-    # before legalization when fusion is on; ``min_bytes`` overrides the size rule
+    # (tvm Target, min_bytes=None, sparse=False) -> [tvm.transform.Pass]: graph rewrites into
+    # the backend's multi-layer kernels (e.g. ``cpu_block``'s inverted residuals), run by
+    # ``build.legalize`` before legalization when fusion is on; ``min_bytes`` overrides the
+    # size rule; ``sparse``: after ``sparse-2-4``, leave the layers with 2:4 weights alone
     fusion_passes: Callable | None = None
 
 

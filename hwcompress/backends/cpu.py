@@ -56,12 +56,13 @@ def _sparse_kernel_int8(target, m, n, k, weight):
     return sparse24_int8_kernel(m, n, k, target, variants8(m, n, k, kind)[0]), [values, meta]
 
 
-def _fusion_passes(target, min_bytes: int | None = None):
+def _fusion_passes(target, min_bytes: int | None = None, sparse: bool = False):
     from .cpu_block import fuse_inverted_residuals
     from .cpu_schedule import CpuFacts
 
     facts = CpuFacts.from_target(target)
-    return [fuse_inverted_residuals(lanes=8, regs=32 if facts.vector_bits >= 512 else 16, bands=facts.num_cores, min_bytes=min_bytes)]
+    regs = 32 if facts.vector_bits >= 512 else 16
+    return [fuse_inverted_residuals(lanes=8, regs=regs, bands=facts.num_cores, min_bytes=min_bytes, skip_2to4=sparse)]
 
 
 def _finalize(target):

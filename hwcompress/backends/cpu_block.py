@@ -291,9 +291,10 @@ def _clip(call) -> tuple[float, float]:
     return float(call.args[1].value), float(call.args[2].value)
 
 
-def _plan(m: dict, residual: bool, lanes: int, min_bytes: int):
-    """``(Block, weights)`` for a match, or None where the kernel does not take it or the
-    expanded tensor has fewer than ``min_bytes``."""
+def _plan(m: dict, residual: bool, lanes: int, min_bytes: int, skip_2to4: bool = False):
+    """``(Block, weights)`` for a match, or None where the kernel does not take it, the
+    expanded tensor has fewer than ``min_bytes``, or (``skip_2to4``) a 1x1 conv's weight is
+    2:4 (``sparse-2-4`` chose it: it runs on its sparse kernel)."""
     from ..analysis import static_shape
 
     x = m["x"]
@@ -309,6 +310,11 @@ def _plan(m: dict, residual: bool, lanes: int, min_bytes: int):
         return None
     if 4 * h * w * ce < min_bytes:
         return None
+    if skip_2to4:
+        from ..passes.sparsity.mask24 import conv_rows, is_2to4
+
+        if is_2to4(conv_rows(we)) or is_2to4(conv_rows(wp)):
+            return None
     biases = [_bias(m["ea"], ce), _bias(m["da"], ce), _bias(m["pa"], co)]
     if any(b is None for b in biases):
         return None
@@ -332,8 +338,8 @@ _CHAIN = (("ea", "ec"), ("er", "ea"), ("dc", "er"), ("da", "dc"), ("dr", "da"), 
 class FuseInvertedResiduals:
     """Module pass: each matched block becomes one ``call_tir`` of ``block_kernel``."""
 
-    def __init__(self, lanes: int, regs: int, bands: int, min_bytes: int):
-        self.lanes, self.regs, self.bands, self.min_bytes = lanes, regs, bands, min_bytes
+    def __init__(self, lanes: int, regs: int, bands: int, min_bytes: int, skip_2to4: bool = False):
+        self.lanes, self.regs, self.bands, self.min_bytes, self.skip_2to4 = lanes, regs, bands, min_bytes, skip_2to4
 
     def transform_module(self, mod, ctx):
         from tvm import relax
@@ -367,7 +373,7 @@ class FuseInvertedResiduals:
             for consumer, producer in _CHAIN:
                 if consumer in m and not any(single_use(a, m[producer]) for a in m[consumer].args if isinstance(a, relax.Var)):
                     return expr  # an intermediate is read elsewhere: fusing would compute it twice
-            plan = _plan(m, residual, self.lanes, self.min_bytes)
+            plan = _plan(m, residual, self.lanes, self.min_bytes, self.skip_2to4)
             if plan is None:
                 return expr
             block, weights = plan
@@ -385,11 +391,11 @@ class FuseInvertedResiduals:
 MIN_BYTES = 1_500_000
 
 
-def fuse_inverted_residuals(lanes: int = 8, regs: int = 16, bands: int = 2, min_bytes: int | None = None):
+def fuse_inverted_residuals(lanes: int = 8, regs: int = 16, bands: int = 2, min_bytes: int | None = None, skip_2to4: bool = False):
     """``FuseInvertedResiduals`` as a ``tvm.transform.Pass``: blocks whose expanded tensor has
-    at least ``min_bytes``."""
+    at least ``min_bytes`` (``skip_2to4``: and no 2:4 1x1 weight, in a ``sparse-2-4`` build)."""
     import tvm
 
     return tvm.transform.module_pass(opt_level=0, name="hwc.FuseInvertedResiduals")(FuseInvertedResiduals)(
-        lanes, regs, bands, MIN_BYTES if min_bytes is None else min_bytes
+        lanes, regs, bands, MIN_BYTES if min_bytes is None else min_bytes, skip_2to4
     )

@@ -204,4 +204,5 @@ def test_sparse_2_4_flag_errors(tmp_path):
     assert_one_line_error(hwc("build", model, *shape, "--recipe", tmp_path / "r.toml", "-o", tmp_path / "o"), "decide")
     (tmp_path / "r.toml").write_text('[[steps]]\ntechnique = "sparse-2-4"\nlayers = ["conv2d[99]"]\n')
     assert_one_line_error(hwc("build", model, *shape, "--recipe", tmp_path / "r.toml", "-o", tmp_path / "o"), "conv2d[99]")
+    assert_one_line_error(hwc("build", model, *shape, "--sparse-pairs", "-o", tmp_path / "o"), "--sparse-pairs needs --sparse-2-4")
     assert not (tmp_path / "o").exists()

@@ -44,6 +44,20 @@ def test_cli_sparse_2_4_measures_each_layer(tmp_path):
             assert rec["sparse"] == (rec["sparse_ms"] * report["min_speedup"] < rec["dense_ms"]), rec
 
 
+def test_cli_sparse_pairs(tmp_path):
+    """``--sparse-pairs``: the recipe step keeps pair-shared positions, the summary says so,
+    the artifact verifies (the kernels on such weights: tests/unit/test_cpu_sparse.py)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "hwcompress", "build", EXAMPLES / "small_cnn.onnx", "--sparse-2-4", "--sparse-pairs", "-o", tmp_path / "art"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["sparsity"]["pairs"] and manifest["verification"]["status"] == "passed"
+    assert [s.get("pairs") for s in manifest["recipe"]["steps"] if s["technique"] == "sparse-2-4"] == [True]
+    assert "output-channel pairs share positions" in r.stdout
+
+
 def test_every_eligible_layer_sparse_verifies_and_shrinks_the_artifact(tmp_path):
     shapes = {"input": [1, 1, 28, 28]}
     model = EXAMPLES / "fashion_resnet.onnx"

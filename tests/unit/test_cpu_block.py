@@ -200,3 +200,23 @@ def test_tuning_leaves_the_fused_kernel_alone(tmp_path):
 def test_bench_tool_layers_runs():
     rows = load_tool("bench_blocks").bench_layers("host", rounds=1, reps=1, every=False, only=1)
     assert len(rows) == 1 and rows[0]["fused_by_default"] and rows[0]["max_diff"] < 1e-3 and rows[0]["speedup"] > 0
+
+
+def test_sparse_builds_fuse_the_blocks_without_2to4_weights():
+    """After ``sparse-2-4`` a block fuses unless one of its 1x1 convs was made sparse (that one
+    keeps its sparse kernel); a measured decision keeps a fused block's convs dense, untimed."""
+    from hwcompress.passes import Sparse24
+    from hwcompress.passes.sparsity import sparsify, sparsity_report
+    from hwcompress.passes.sparsity.sparse24 import IN_BLOCK
+    from hwcompress.targets import load_target
+
+    block = Block(56, 56, 24, 144, 24, 1, True)
+    mod, spec = _graph(block, _weights(block)), load_target("host")
+    measured = sparsify(mod, Sparse24(), spec)
+    report = {r["layer"]: r for r in sparsity_report(measured)["layers"]}
+    assert report["conv2d[0]"]["reason"] == report["conv2d[2]"]["reason"] == IN_BLOCK
+    assert not any("dense_ms" in r for r in report.values())
+    assert _kernels(_legalize(measured)) == ["inverted_residual"]  # a sparse-2-4 build, still fused
+    forced = sparsify(mod, Sparse24(layers=("conv2d[2]",), decide="all", permute=False), spec)
+    kernels = _kernels(_legalize(forced))
+    assert "inverted_residual" not in kernels and any(k.startswith("sparse24_gemm") for k in kernels)

@@ -32,7 +32,10 @@ magnitude where 2:4 keeps ~0.75 on the MNIST CNN; top-1 99.34% against 99.57%).
 Each layer is timed as it runs in its model: a model whose weights exceed this host's
 last-level cache reads every layer's weights from memory on each call (the other layers have
 evicted them), so its layers are timed cold, each run after a flush (``timing`` in the report);
-a smaller model's layers warm. Layers alike (op, attributes, shapes, variant) are timed once:
+a smaller model's layers warm. A layer that the dense build runs inside one of the backend's
+multi-layer kernels (MobileNetV2's large inverted-residual blocks, one kernel each) is not
+timed alone: it stays dense (made sparse, it would split its block into three slower kernels);
+``decide="all"`` still makes it sparse. Layers alike (op, attributes, shapes, variant) are timed once:
 the others report ``timed_as`` that layer (MobileNetV2: 35 eligible layers of 20 kinds, its
 measured build 155 s -> 105 s). (Timed warm, a 1000x1024 layer in a 46 MB MLP measured 0.82x
 and stayed dense; cold, 1.69x, as in the model: the MLP ran 1.88x instead of 1.73x over dense.)
@@ -67,6 +70,8 @@ MIN_SPEEDUP = 1.05
 # module and round, each after a flush of twice that cache.
 COLD_RUNS = 7
 TIMINGS = ("auto", "warm", "cold")
+# A measured decision's reason for a layer inside a backend multi-layer kernel (``_in_block_kernels``)
+IN_BLOCK = "runs inside a fused multi-layer kernel (e.g. an inverted-residual block) when dense: kept dense"
 CONV2D, MATMUL = "relax.nn.conv2d", "relax.matmul"
 
 
@@ -184,6 +189,30 @@ def _reason(call) -> str | None:
     if (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NHWC", "OHWI"):
         return f"{attrs.data_layout} layout: the sparse kernels take NHWC convs (the target's conv_layout; build with --layout NHWC)"
     return None if w.shape[-1] % 4 == 0 else f"{w.shape[-1]} input channels, not a multiple of 4"
+
+
+def _in_block_kernels(mod, sites: list[_Site], spec) -> set[str]:
+    """Names of the ``sites`` whose conv a dense build runs inside one of the backend's
+    multi-layer kernels (``Backend.fusion_passes``: e.g. a whole inverted-residual block). A
+    layer's time alone says nothing there, and made sparse it would split its block back into
+    separate kernels (measured: MobileNetV2's fused 56x56-112x112 blocks run 1.2-1.7x faster
+    than their three kernels)."""
+    import tvm
+    from tvm import relax
+
+    from ...backends import get_backend
+
+    passes = get_backend(spec).fusion_passes
+    if passes is None:
+        return set()
+    fused = tvm.transform.Sequential(passes(spec.tvm_target()))(mod)["main"]
+    kept = []  # the weight constants of the calls the fusion left alone (the same objects)
+    for block in fused.body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if isinstance(call, relax.Call) and len(call.args) > 1 and isinstance(call.args[1], tvm.ir.expr.GenericConst):
+                kept.append(call.args[1])
+    return {s.name for s in sites if s.reason is None and not any(w.same_as(s.call.args[1]) for w in kept)}
 
 
 def _gemm_rows(call, w: np.ndarray) -> np.ndarray:
@@ -408,12 +437,16 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     rule = get_backend(spec).sparse_unmeasured_rule if config.decide is Decide.AUTO and not measure else None
     pick = get_backend(spec).sparse_pick  # the kernel variant, timed where layers are measured
     timing = _timing(func, config.timing) if measure else None
+    in_blocks = _in_block_kernels(mod, sites, spec) if measure else set()
     chosen, records = {}, []
     # per GEMM shape / (shape, variant) / layer kind: layers alike are measured and sized once
     picked, sizes, timed = {}, {}, {}
     for site in sites:
         if site.reason is not None:
             records.append({"layer": site.name, "sparse": False, "reason": site.reason})
+            continue
+        if site.name in in_blocks:  # measured decisions only: decide="all" makes it sparse
+            records.append({"layer": site.name, "sparse": False, "reason": IN_BLOCK})
             continue
         layer = _plan_layer(site, config.permute, config.int8, config.pairs)
         record = layer.record
