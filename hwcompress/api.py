@@ -81,6 +81,10 @@ def import_model(model, spec: TargetSpec, input_shapes=None, recipe=None, verify
         checked = _user_inputs(verify_inputs, inputs)
         mod = import_prepared(proto)
         before = analysis.summarize(mod)
+    if not (optimize.blocks and optimize.fuse):  # for the steps that ask how the build will run
+        from .build import BLOCKS_ATTR
+
+        mod = mod.with_attr(BLOCKS_ATTR, False)
     after = before
     if recipe.steps:
         with _stage("compress + optimize"):

@@ -68,6 +68,16 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True, blocks: bool = True):
 WINOGRAD_ATTR = "hwc.winograd"
 
 
+# Module attribute: False when the build makes no multi-layer block kernels (``--no-fuse``,
+# ``--no-fuse-blocks``), set by ``api.import_model`` before the recipe runs: ``sparse-2-4``
+# then times the layers that blocks would otherwise absorb.
+BLOCKS_ATTR = "hwc.blocks"
+
+
+def blocks_allowed(mod) -> bool:
+    return mod.attrs is None or bool(mod.attrs.get(BLOCKS_ATTR, True))
+
+
 def winograd_allowed(mod) -> bool:
     return mod.attrs is None or bool(mod.attrs.get(WINOGRAD_ATTR, True))
 

@@ -112,3 +112,16 @@ def test_every_eligible_layer_sparse_int8(tmp_path):
     front = import_model(model, spec, shapes, recipe=recipe)
     main = B.legalize(front.mod, spec)["main"].script()  # one call per layer (same-shape layers share a kernel)
     assert len(re.findall(r"call_tir\((cls\.)?sparse24_gemm\d*, ", main)) == 9
+
+
+def test_the_build_tells_sparse_2_4_whether_blocks_fuse():
+    """``--no-fuse-blocks`` / ``--no-fuse`` reach the recipe's steps as a module attribute, so a
+    measured 2:4 decision times the layers that block kernels would otherwise absorb."""
+    from hwcompress.api import import_model
+    from hwcompress.build import blocks_allowed
+    from hwcompress.optimize import Optimize
+    from hwcompress.targets import load_target
+
+    spec, recipe = load_target("host"), Recipe((Sparse24(decide="all"),))
+    for optimize, fused in ((Optimize(), True), (Optimize(blocks=False), False), (Optimize(fuse=False), False)):
+        assert blocks_allowed(import_model(EXAMPLES / "small_cnn.onnx", spec, recipe=recipe, optimize=optimize).mod) == fused

@@ -35,7 +35,8 @@ evicted them), so its layers are timed cold, each run after a flush (``timing`` 
 a smaller model's layers warm. A layer that the dense build runs inside one of the backend's
 multi-layer kernels (MobileNetV2's large inverted-residual blocks, one kernel each) is not
 timed alone: it stays dense (made sparse, it would split its block into three slower kernels);
-``decide="all"`` still makes it sparse. Layers alike (op, attributes, shapes, variant) are timed once:
+``decide="all"`` still makes it sparse, and a build without block kernels (``BLOCKS_ATTR``:
+``--no-fuse-blocks``) times it like any other. Layers alike (op, attributes, shapes, variant) are timed once:
 the others report ``timed_as`` that layer (MobileNetV2: 35 eligible layers of 20 kinds, its
 measured build 155 s -> 105 s). (Timed warm, a 1000x1024 layer in a 46 MB MLP measured 0.82x
 and stayed dense; cold, 1.69x, as in the model: the MLP ran 1.88x instead of 1.73x over dense.)
@@ -415,6 +416,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     from ...targets import load_target, runnable_here
     from ...backends import get_backend
     from ...backends.sparse_lower import gemm_shape
+    from ...build import blocks_allowed
     from ..layout import fold_const_moves
     from ..quantize.int8 import weight_qmax
     from ..quantize.int8_graph import emit_main, module_with_main
@@ -437,7 +439,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     rule = get_backend(spec).sparse_unmeasured_rule if config.decide is Decide.AUTO and not measure else None
     pick = get_backend(spec).sparse_pick  # the kernel variant, timed where layers are measured
     timing = _timing(func, config.timing) if measure else None
-    in_blocks = _in_block_kernels(mod, sites, spec) if measure else set()
+    in_blocks = _in_block_kernels(mod, sites, spec) if measure and blocks_allowed(mod) else set()
     chosen, records = {}, []
     # per GEMM shape / (shape, variant) / layer kind: layers alike are measured and sized once
     picked, sizes, timed = {}, {}, {}
