@@ -88,7 +88,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
     nblk, mblk = math.ceil(n / R), math.ceil(vecs / MV)
     tasks, per = split(nblk)
     vt = f"float32x{lanes}"
-    tiled = lanes == 8  # 8x8 register transposes in and out; else element loops
+    tiled = lanes == 8  # 8x8 register transposes in and out (8-wide whatever the lanes: zero trips else); else element loops
     k8, n8 = (k // 8, n // 8) if tiled else (0, 0)
 
     def kidx(meta, row, q):
@@ -151,7 +151,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
     def x_in(x, mb, i8, kk):
         """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt."""
         rows = [
-            T.if_then_else(start(mb) + 8 * i8 + r < mm, x.vload([T.min(start(mb) + 8 * i8 + r, mm - 1), kk], vt), T.Broadcast(T.float32(0), 8))
+            T.if_then_else(start(mb) + 8 * i8 + r < mm, x.vload([T.min(start(mb) + 8 * i8 + r, mm - 1), kk], "float32x8"), T.Broadcast(T.float32(0), 8))
             for r in range(8)
         ]  # fmt: skip
         for c, col in enumerate(transpose8(rows)):
@@ -159,7 +159,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
 
     def y_out(y, yt, n0, v8):
         """y[8 v8 : 8 v8 + 8, n0 : n0 + 8] from yt's rows n0..n0+7 (the m vector's columns)."""
-        cols = transpose8([yt.vload([n0 + r, block_of(8 * v8) * W + 8 * v8 - start(block_of(8 * v8))], vt) for r in range(8)])
+        cols = transpose8([yt.vload([n0 + r, block_of(8 * v8) * W + 8 * v8 - start(block_of(8 * v8))], "float32x8") for r in range(8)])
         for c, col in enumerate(cols):
             if isinstance(8 * (vecs - 1) + c, int) and 8 * (vecs - 1) + c < mm:
                 T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])

@@ -336,3 +336,14 @@ def test_pairs_assembly_loads_each_x_once_for_both_rows():
     asm = S.build(S.sparse24_kernel(48, 64, 512, HOST, S.Variant(S.Gather.BROADCAST, 2, 2, 6, k_block=128, shared=True)), HOST).inspect_source("asm")
     fmas = [f.strip() for f in re.findall(r"vfmadd\w+\s+([^\n]*)", asm)]
     assert len(fmas) >= 2 * 6 * 2 and all(re.fullmatch(r"%ymm\d+, %ymm\d+, %ymm\d+", f) for f in fmas), fmas[:4]
+
+
+def test_broadcast_kernels_build_for_avx512_targets():
+    """The brief's deployment CPU: 16-lane vectors, whose kernels cannot run on this AVX2 host.
+    The broadcast kernels keep 8-lane vectors there (the ones tested above); they used to fail
+    to build (a 16-lane ``x`` load in the 8x8 transposes)."""
+    avx512 = load_target("x86-avx512").tvm_target()
+    for m, pairs in ((49, True), (196, True), (49, False)):
+        for variant in S.variants(m, 24, 64, avx512, pairs=pairs):
+            if variant.gather is S.Gather.BROADCAST:
+                assert "vfmadd" in S.build(S.sparse24_kernel(m, 24, 64, avx512, variant), avx512).inspect_source("asm")
