@@ -154,7 +154,7 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
     vecs = math.ceil(m / 8)
     # m_rows: vectors of m per block, the blocks that waste least on a last partial block
     # (it is recomputed overlapping the previous one); rows: ~12 accumulators of 16 registers
-    by_waste = sorted(range(min(4, vecs), min(8, vecs) + 1), key=lambda mv: (math.ceil(vecs / mv) * mv, -mv))
+    by_waste = _by_waste(vecs, 8)
     # rows: ~14 accumulators of 16 registers (at most 8 rows: 14 x 1 vector spilled, 6x slower
     # at m = 2); k_block: the x chunk of a block stays in L1
     broadcast = [Variant(Gather.BROADCAST, max(1, min(8, 14 // mv)), 4, mv, k_block=k_block(k, mv * 8)) for mv in by_waste[:3]]
@@ -163,15 +163,14 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
         # 2 rows x <= 6 m vectors of accumulators, the pair's broadcasts, the shared x vector;
         # measured (Zen 1, 1 thread, kernel alone, 48x2048x512 / 196x1024x256): 6 / 5 vectors,
         # 2 kept values per step 1.60x / 1.62x over dense where the per-row kernel gave 1.26x
-        fit = [mv for mv in by_waste if mv <= 6] or [min(6, vecs)]
+        fit = _by_waste(vecs, 6)
         shared = [Variant(Gather.BROADCAST, 2, u, mv, k_block=k_block(k, mv * 8), shared=True) for mv, u in ((fit[0], 2), (fit[0], 1), (fit[-1], 2))]
         if m % 8 == 1 and m > 8:
             # odd squares (7x7 = 49, 13x13, ...) are 1 mod 8: the last row of x rides along in
             # the pairs' loop (its x under each kept position copied, dotted per chunk) instead
             # of an 8th m vector that 7 x 2 accumulators cannot hold (measured 49x2048x512:
             # 1.59x over dense where 4-vector blocks gave 1.34x); the rest block as for m - 1
-            body = math.ceil((m - 1) / 8)
-            fit_t = sorted(range(min(4, body), min(6, body) + 1), key=lambda mv: (math.ceil(body / mv) * mv, -mv))
+            fit_t = _by_waste(math.ceil((m - 1) / 8), 6)
             shared = [Variant(Gather.BROADCAST, 2, u, fit_t[0], k_block=k_block(k, fit_t[0] * 8), shared=True, tail=True) for u in (2, 1)] + shared
         broadcast = shared + broadcast
         broadcast = list(dict.fromkeys(broadcast))
@@ -189,6 +188,13 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
     if m <= 5:
         return small + broadcast[:2]
     return broadcast + (small if m <= 8 else [])
+
+
+def _by_waste(vecs: int, most: int) -> list[int]:
+    """Vectors of m per block, 4 (or all ``vecs``) up to ``most``: those that compute the fewest
+    vectors in all first (the last block is shifted back to overlap the previous one), then the
+    larger."""
+    return sorted(range(min(4, vecs), min(most, vecs) + 1), key=lambda mv: (math.ceil(vecs / mv) * mv, -mv))
 
 
 def variant_named(m: int, n: int, k: int, target, name: str | None, pairs: bool = False) -> Variant:
@@ -251,9 +257,7 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
     elif variant.gather is Gather.PAIRS:
         func = pair_kernel(m, n, k, max(1, variant.rows // 2), variant.unroll, variant.m_rows, variant.lut, lambda b: _split(b, cores))
     elif variant.gather is Gather.BROADCAST:
-        # 8-lane (AVX2) vectors on AVX-512 hosts too: ``variants`` blocks m in vectors of 8, and
-        # a 16-lane kernel could not be run (tested) on the AVX2 machines this was built on
-        func = broadcast_kernel(m, n, k, variant, lambda b: _split(b, cores), 8)
+        func = broadcast_kernel(m, n, k, variant, lambda b: _split(b, cores))
     else:
         func = permute_kernel(m, n, k, variant, lambda b: _split(b, cores))
     return func.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")

@@ -14,7 +14,10 @@ loop nest is m-block, chunk, n-block: every row of a task sweeps one L1-resident
 the next. The partial sums of a tile go to a scratch ``yt[n, mblk * MV * lanes]`` after every
 chunk (``2 * rows * MV`` vector loads/stores per chunk against ``rows * MV * k_block / 2``
 FMAs); at the end ``yt`` is transposed into ``y`` (``[m, n]``: a tile is a column of it) in
-8x8 register blocks, 64 ``n`` at a time (the ``x`` copy likewise; element loops without 8 lanes).
+8x8 register blocks, 64 ``n`` at a time (the ``x`` copy likewise; element loops for the ``k``
+and ``n`` past a multiple of 8). Vectors are 8 lanes on AVX-512 hosts too: ``variants`` blocks
+``m`` in vectors of 8, and a 16-lane kernel could not be run (tested) on the AVX2 machines this
+was built on.
 
 The inner loop's accumulators stay in registers (``vfmadd231ps mem, bcast, acc``; the local
 buffer is promoted, the tests check the assembly). What bounds it is loads: ``MV`` FMAs with a
@@ -65,12 +68,12 @@ def transpose8(rows: list) -> list:
     return [T.Shuffle([s[c % 4], s[4 + c % 4]], low if c < 4 else high) for c in range(8)]
 
 
-def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
+def broadcast_kernel(m: int, n: int, k: int, v, split):
     """PrimFunc ``(x, values, meta, y)`` of the ``BROADCAST`` variant ``v`` (any ``k % 4 == 0``);
     ``split(blocks) -> (tasks, per)`` shares the n-blocks among parallel tasks."""
     from tvm.script import tirx as T
 
-    R = v.rows
+    R, lanes = v.rows, 8
     tail_row = v.tail  # x's last row (m % 8 == 1) rides along in the pairs' loop: blocks cover m - 1
     mm = m - 1 if tail_row else m
     vecs = math.ceil(mm / lanes)
@@ -88,8 +91,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
     nblk, mblk = math.ceil(n / R), math.ceil(vecs / MV)
     tasks, per = split(nblk)
     vt = f"float32x{lanes}"
-    tiled = lanes == 8  # 8x8 register transposes in and out (8-wide whatever the lanes: zero trips else); else element loops
-    k8, n8 = (k // 8, n // 8) if tiled else (0, 0)
+    k8, n8 = k // 8, n // 8  # 8x8 register transposes in and out; element loops past them
 
     def kidx(meta, row, q):
         g = q // 2
@@ -99,8 +101,11 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
     TB = R * MV * lanes  # past the tile: the tail row's two dot-product vectors and two sums
     kv, kr = divmod(kept, lanes)  # the tail dot: vectors and leftover kept values per chunk
 
+    def row_of(t, b, r):  # row r of task t's block b (past n: the last row, computed twice)
+        return T.min((t * per + b) * R + r, n - 1)
+
     def pair_rows(t, b, p):
-        return T.min((t * per + b) * R + 2 * p, n - 1), T.min((t * per + b) * R + 2 * p + 1, n - 1)
+        return row_of(t, b, 2 * p), row_of(t, b, 2 * p + 1)
 
     def tail_gather(xg, x, meta, t, b, p, ql, q0, count):
         """The last row's x under the pair's positions of ``count`` kept values (from ``q0``,
@@ -126,8 +131,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         for s in range(2):
             T.buffer_store(y, acc[TB + 2 * lanes + s], [m - 1, rows[s]])
 
-    def tail_here(mb):  # the tail row is computed once, with the last m-block
-        return True if mblk == 1 else mb == mblk - 1
+    def tail_here(mb):  # with a tail row, in the last m-block only (computed once)
+        return tail_row and (True if mblk == 1 else mb == mblk - 1)
 
     def step(acc, xt, values, meta, t, b, mb, o, i, q0, count):
         """Add ``count`` kept weights (from ``q0``) of one row x their ``x`` rows to its
@@ -135,8 +140,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
         (outer, inner) step: rows innermost for ``shared``, whose positions come from the
         pair's first row."""
         r, j = (i, o) if shared else (o, i)
-        row = T.min((t * per + b) * R + r, n - 1)
-        pos_row = T.min((t * per + b) * R + r - r % 2, n - 1) if shared else row
+        row = row_of(t, b, r)
+        pos_row = row_of(t, b, r - r % 2) if shared else row
         out = acc[T.Ramp((r * MV + j) * lanes, 1, lanes)]
         for u in range(count):
             out = out + T.Broadcast(values[row, q0 + u], lanes) * xt.vload([mb, kidx(meta, pos_row, q0 + u), j * lanes], vt)
@@ -151,7 +156,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
     def x_in(x, mb, i8, kk):
         """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt."""
         rows = [
-            T.if_then_else(start(mb) + 8 * i8 + r < mm, x.vload([T.min(start(mb) + 8 * i8 + r, mm - 1), kk], "float32x8"), T.Broadcast(T.float32(0), 8))
+            T.if_then_else(start(mb) + 8 * i8 + r < mm, x.vload([T.min(start(mb) + 8 * i8 + r, mm - 1), kk], vt), T.Broadcast(T.float32(0), 8))
             for r in range(8)
         ]  # fmt: skip
         for c, col in enumerate(transpose8(rows)):
@@ -159,7 +164,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
 
     def y_out(y, yt, n0, v8):
         """y[8 v8 : 8 v8 + 8, n0 : n0 + 8] from yt's rows n0..n0+7 (the m vector's columns)."""
-        cols = transpose8([yt.vload([n0 + r, block_of(8 * v8) * W + 8 * v8 - start(block_of(8 * v8))], "float32x8") for r in range(8)])
+        cols = transpose8([yt.vload([n0 + r, block_of(8 * v8) * W + 8 * v8 - start(block_of(8 * v8))], vt) for r in range(8)])
         for c, col in enumerate(cols):
             if isinstance(8 * (vecs - 1) + c, int) and 8 * (vecs - 1) + c < mm:
                 T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
@@ -199,7 +204,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
                             else:
                                 acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = T.if_then_else(
                                     c == 0, T.Broadcast(T.float32(0), lanes),
-                                    yt.vload([T.min((t * per + b) * R + r, n - 1), mb * W + j * lanes], vt),
+                                    yt.vload([row_of(t, b, r), mb * W + j * lanes], vt),
                                 )  # fmt: skip
                     # shared: per kept value and m vector one x load feeds the pair's two FMAs
                     # (rows innermost; rows outermost measured 1.22x over dense, not 1.60x)
@@ -207,27 +212,24 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, lanes: int):
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
                                 step(acc, xt, values, meta, t, b, mb, o, i, c * kept + qc * U, U)
-                        if tail_row:
-                            if tail_here(mb):
-                                for p in T.unroll(R // 2):
-                                    tail_gather(xg, x, meta, t, b, p, qc * U, c * kept + qc * U, U)
+                        if tail_here(mb):
+                            for p in T.unroll(R // 2):
+                                tail_gather(xg, x, meta, t, b, p, qc * U, c * kept + qc * U, U)
                     if tail > 0:
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
                                 step(acc, xt, values, meta, t, b, mb, o, i, c * kept + full * U, max(tail, 1))
-                        if tail_row:
-                            if tail_here(mb):
-                                for p in T.unroll(R // 2):
-                                    tail_gather(xg, x, meta, t, b, p, full * U, c * kept + full * U, max(tail, 1))
+                        if tail_here(mb):
+                            for p in T.unroll(R // 2):
+                                tail_gather(xg, x, meta, t, b, p, full * U, c * kept + full * U, max(tail, 1))
                     for r in T.unroll(R):
                         for j in T.unroll(MV):
-                            yt[T.min((t * per + b) * R + r, n - 1), T.Ramp(mb * W + j * lanes, 1, lanes)] = acc[
+                            yt[row_of(t, b, r), T.Ramp(mb * W + j * lanes, 1, lanes)] = acc[
                                 T.Ramp((r * MV + j) * lanes, 1, lanes)
                             ]
-                    if tail_row:
-                        if tail_here(mb):
-                            for p in T.unroll(R // 2):  # y's last row holds its partial sums between chunks
-                                tail_dot(acc, xg, values, y, t, b, p, c)
+                    if tail_here(mb):
+                        for p in T.unroll(R // 2):  # y's last row holds its partial sums between chunks
+                            tail_dot(acc, xg, values, y, t, b, p, c)
         # y is [m, n]: a tile is a column of it, and y's rows are often 2^j floats apart, so
         # column writes conflict in L1 sets: yt is transposed in 8x8 blocks instead
         for nc in T.parallel((n8 + 7) // 8):  # 64 columns of 8 rows: whole lines of y at once
