@@ -205,6 +205,7 @@ def test_bench_tool_layers_runs():
 def test_sparse_builds_fuse_the_blocks_without_2to4_weights():
     """After ``sparse-2-4`` a block fuses unless one of its 1x1 convs was made sparse (that one
     keeps its sparse kernel); a measured decision keeps a fused block's convs dense, untimed."""
+    from hwcompress.build import BLOCKS_ATTR
     from hwcompress.passes import Sparse24
     from hwcompress.passes.sparsity import sparsify, sparsity_report
     from hwcompress.passes.sparsity.sparse24 import IN_BLOCK
@@ -217,8 +218,7 @@ def test_sparse_builds_fuse_the_blocks_without_2to4_weights():
     assert report["conv2d[0]"]["reason"] == report["conv2d[2]"]["reason"] == IN_BLOCK
     assert not any("dense_ms" in r for r in report.values())
     assert _kernels(_legalize(measured)) == ["inverted_residual"]  # a sparse-2-4 build, still fused
-    from hwcompress.build import BLOCKS_ATTR  # a build without block kernels: timed like any layer
-
+    # a build without block kernels: timed like any layer
     unfused = sparsity_report(sparsify(mod.with_attr(BLOCKS_ATTR, False), Sparse24(), spec))["layers"]
     assert all("dense_ms" in r for r in unfused if r["layer"] in ("conv2d[0]", "conv2d[2]"))
     forced = sparsify(mod, Sparse24(layers=("conv2d[2]",), decide="all", permute=False), spec)
