@@ -36,6 +36,8 @@ to gather the ``x`` that each kept weight multiplies:
   (``Sparse24.pairs``), one ``x`` load serves both rows of a pair (the default there);
   ``Variant.tail``: for ``m % 8 == 1`` (odd square maps) the last row of ``x`` rides along
   in the pairs' loop instead of an 8th ``m`` vector.
+  ``Variant.by_m``: parallel tasks over m-blocks, each transposing its own ``x`` chunks
+  (the default from ``BY_M_FIRST`` m-blocks: large maps, narrowing convs).
 * ``GENERIC`` (any LLVM target, ``K % 4 == 0``): scalar loops that read ``x`` at the decoded
   positions; this is what aarch64 builds.
 
@@ -96,6 +98,7 @@ class Variant:
     k_block: int = 0  # broadcast: reduction chunk whose x stays in L1 (0: all of k)
     shared: bool = False  # broadcast: rows 2i, 2i + 1 keep the same positions (one x load for both)
     tail: bool = False  # shared, m % 8 == 1: the last row of x rides along in the pair's loop (no 8th vector)
+    by_m: bool = False  # broadcast: one parallel task per m-block (all rows), x transposed by each in chunks
 
     def __post_init__(self):
         if not isinstance(self.gather, Gather):
@@ -106,12 +109,15 @@ class Variant:
             raise ValueError(f"bad sparse kernel variant {self}: shared is a broadcast kernel of an even number of rows")
         if self.tail and not self.shared:
             raise ValueError(f"bad sparse kernel variant {self}: a tail row needs a shared kernel")
+        if self.by_m and self.gather is not Gather.BROADCAST:
+            raise ValueError(f"bad sparse kernel variant {self}: by_m is a broadcast kernel's task split")
 
     @property
     def name(self) -> str:
         kb = f"_kb{self.k_block}" if self.k_block else ""
         shared = ("_shared" if self.shared else "") + ("_t1" if self.tail else "")
-        return f"{self.gather.value}{'_lut' if self.lut else ''}_r{self.rows}_u{self.unroll}_m{self.m_rows}{kb}{shared}"
+        ms = "_bym" if self.by_m else ""
+        return f"{self.gather.value}{'_lut' if self.lut else ''}_r{self.rows}_u{self.unroll}_m{self.m_rows}{kb}{shared}{ms}"
 
 
 def has_avx2(target) -> bool:
@@ -159,21 +165,22 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
     # at m = 2); k_block: the x chunk of a block stays in L1
     broadcast = [Variant(Gather.BROADCAST, max(1, min(8, 14 // mv)), 4, mv, k_block=k_block(k, mv * 8)) for mv in by_waste[:3]]
     broadcast += [Variant(Gather.BROADCAST, 2, 4, min(4, vecs), k_block=k_block(k, min(4, vecs) * 8))]
-    if pairs and m > 5:
+    if not (pairs and m > 5):
+        broadcast = _with_by_m(broadcast, m, unrolls=(4, 2))
+    else:
         # 2 rows x <= 6 m vectors of accumulators, the pair's broadcasts, the shared x vector;
-        # measured (Zen 1, 1 thread, kernel alone, 48x2048x512 / 196x1024x256): 6 / 5 vectors,
-        # 2 kept values per step 1.60x / 1.62x over dense where the per-row kernel gave 1.26x
+        # measured (Zen 1, 1 thread, through the VM, session 16): 4 kept values per step
+        # 5-12% faster than 2 at every ResNet-50 1x1 shape
         fit = _by_waste(vecs, 6)
-        shared = [Variant(Gather.BROADCAST, 2, u, mv, k_block=k_block(k, mv * 8), shared=True) for mv, u in ((fit[0], 2), (fit[0], 1), (fit[-1], 2))]
+        shared = [Variant(Gather.BROADCAST, 2, u, mv, k_block=k_block(k, mv * 8), shared=True) for mv, u in ((fit[0], 4), (fit[0], 2), (fit[-1], 4))]
         if m % 8 == 1 and m > 8:
             # odd squares (7x7 = 49, 13x13, ...) are 1 mod 8: the last row of x rides along in
             # the pairs' loop (its x under each kept position copied, dotted per chunk) instead
             # of an 8th m vector that 7 x 2 accumulators cannot hold (measured 49x2048x512:
             # 1.59x over dense where 4-vector blocks gave 1.34x); the rest block as for m - 1
             fit_t = _by_waste(math.ceil((m - 1) / 8), 6)
-            shared = [Variant(Gather.BROADCAST, 2, u, fit_t[0], k_block=k_block(k, fit_t[0] * 8), shared=True, tail=True) for u in (2, 1)] + shared
-        broadcast = shared + broadcast
-        broadcast = list(dict.fromkeys(broadcast))
+            shared = [Variant(Gather.BROADCAST, 2, u, fit_t[0], k_block=k_block(k, fit_t[0] * 8), shared=True, tail=True) for u in (4, 2)] + shared
+        broadcast = list(dict.fromkeys(_with_by_m(shared, m, unrolls=(4,)) + broadcast))
     if k % CHUNK:  # k % 8 == 0 only: the row-pair kernel works on 8-k windows
         return lanes + [Variant(Gather.PAIRS, 8, 2, 1, True)] if m == 1 else broadcast
     # measured (Zen 3, 1 thread, kernel alone): 1x2048x2048
@@ -188,6 +195,28 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
     if m <= 5:
         return small + broadcast[:2]
     return broadcast + (small if m <= 8 else [])
+
+
+# m-blocks from which a by_m kernel comes first: each task's x chunks are transposed by that task
+# (measured, Zen 1, pairs, 1 / 2 threads: 784x128x512 1.55x / 1.66x over dense where tasks over
+# rows gave 1.31x / 1.04x; 3136x64x256 1.44x / 1.37x against 1.08x / 1.00x); with fewer blocks
+# the tasks split the rows too and each transposes the same x chunks (49x512x2048, one block,
+# 2 threads: 1.56x against 1.66x)
+BY_M_FIRST = 4
+
+
+def _with_by_m(candidates: list[Variant], m: int, unrolls: tuple[int, ...]) -> list[Variant]:
+    """``candidates`` and ``by_m`` copies of the first (one per unroll of ``unrolls``), those
+    first when it has at least ``BY_M_FIRST`` m-blocks; none for a single m-block."""
+    import dataclasses
+
+    first = candidates[0]
+    vecs = math.ceil((m - 1 if first.tail else m) / 8)
+    blocks = math.ceil(vecs / min(first.m_rows, vecs))
+    if blocks < 2:
+        return candidates
+    by_m = [dataclasses.replace(first, by_m=True, unroll=u) for u in unrolls]
+    return by_m + candidates if blocks >= BY_M_FIRST else candidates[:1] + by_m + candidates[1:]
 
 
 def _by_waste(vecs: int, most: int) -> list[int]:

@@ -42,6 +42,19 @@ the VM, 1 / 2 threads): 49x2048x512 1.59x / 1.61x over dense, 49x512x2048 1.55x 
 4-vector blocks gave 1.34x; the copy costs ~11% over the 48 rows alone (even storing a
 constant costs 8%: this loop has no slack for memory operations).
 
+``Variant.by_m``: the parallel tasks are the m-blocks, not ranges of output rows. A task
+transposes its block's ``x`` one reduction chunk at a time into a buffer of its own (it stays
+in L1: no ``xt`` of all of ``x`` written to and read back from memory), sweeps every row over
+it, and at the end transposes its columns of ``yt`` into its rows of ``y``. Rows reuse each
+chunk ``n / rows`` times instead of ``per`` times, which is what the narrowing 1x1 convs (128
+or 64 outputs, a large map) lacked: with tasks over rows every task streamed all of ``xt``
+(784x512: 1.6 MB, more than L2) for 8 row pairs. With fewer m-blocks than the split wants
+tasks, each block's rows are split into ranges of whole 8-row groups (each range transposes
+the same chunks: 49x512x2048, one block, 2 threads: 1.56x against 1.66x, so ``variants``
+offers it only from 2 blocks and puts it first from ``cpu_sparse.BY_M_FIRST``). Measured (Zen
+1, through the VM, pairs, 1 / 2 threads): 784x128x512 1.55x / 1.66x over dense where tasks
+over rows gave 1.31x / 1.04x; 3136x64x256 1.44x / 1.37x against 1.08x / 1.00x.
+
 Measured (Zen 3, 1 thread, kernel alone, 49x2048x512, rows 2 x 7 vectors): no chunks 1.57 ms
 (``xt``, 114 KB, streams from L2: 0.8 FMA/cycle); chunks of 128 1.29 ms; ``y`` written by
 columns straight from the tile suffered L1 set conflicts (``y``'s rows 8 KB apart): written
@@ -80,8 +93,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     MV = min(v.m_rows, vecs)
     W = MV * lanes  # m columns per block
     kb = k if not v.k_block or v.k_block >= k else v.k_block
-    if kb % 4 or k % kb:
-        raise ValueError(f"k_block {v.k_block} must be a multiple of 4 dividing k={k}")
+    if kb % 4 or k % kb or (v.by_m and kb % 8):
+        raise ValueError(f"k_block {v.k_block} must be a multiple of {8 if v.by_m else 4} dividing k={k}")
     chunks = k // kb
     kept = kb // 2  # per chunk and row
     shared = v.shared  # rows 2i, 2i + 1 keep the same positions (Variant checks R is even)
@@ -89,7 +102,19 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     U = min(v.unroll if shared else 2 * v.unroll, kept)
     full, tail = divmod(kept, U)
     nblk, mblk = math.ceil(n / R), math.ceil(vecs / MV)
-    tasks, per = split(nblk)
+    # by_m: the tasks are the m-blocks (each task transposes its block's x chunk by chunk into
+    # a buffer of its own, L1, instead of all of x into xt first), each split over ``tn`` ranges
+    # of rows when there are fewer m-blocks than the split wants tasks (whole 8-row groups per
+    # range: a task writes its own rows of y)
+    by_m = v.by_m
+    tn, per = split(nblk)
+    if by_m:
+        tn = math.ceil(tn / mblk)
+        step8 = 8 // math.gcd(8, R)  # blocks per 8 rows
+        per = nblk if tn == 1 else math.ceil(math.ceil(nblk / tn) / step8) * step8
+        tn = math.ceil(nblk / per)
+    tasks = tn * mblk if by_m else tn
+    rows_per = per * R
     vt = f"float32x{lanes}"
     k8, n8 = k // 8, n // 8  # 8x8 register transposes in and out; element loops past them
 
@@ -102,7 +127,10 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     kv, kr = divmod(kept, lanes)  # the tail dot: vectors and leftover kept values per chunk
 
     def row_of(t, b, r):  # row r of task t's block b (past n: the last row, computed twice)
-        return T.min((t * per + b) * R + r, n - 1)
+        return T.min((n_task(t) * per + b) * R + r, n - 1)
+
+    def n_task(t):  # which range of rows task t computes
+        return (t % tn if tn > 1 else 0) if by_m else t
 
     def pair_rows(t, b, p):
         return row_of(t, b, 2 * p), row_of(t, b, 2 * p + 1)
@@ -144,7 +172,9 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         pos_row = row_of(t, b, r - r % 2) if shared else row
         out = acc[T.Ramp((r * MV + j) * lanes, 1, lanes)]
         for u in range(count):
-            out = out + T.Broadcast(values[row, q0 + u], lanes) * xt.vload([mb, kidx(meta, pos_row, q0 + u), j * lanes], vt)
+            kx = kidx(meta, pos_row, q0 + u)
+            src = xt.vload([t, kx - (q0 // kept) * kb, j * lanes], vt) if by_m else xt.vload([mb, kx, j * lanes], vt)
+            out = out + T.Broadcast(values[row, q0 + u], lanes) * src
         T.buffer_store(acc, out, [T.Ramp((r * MV + j) * lanes, 1, lanes)])
 
     def start(mb):  # first m of block mb; the last block is shifted back (overlapping) to end at vecs
@@ -153,14 +183,15 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     def block_of(i):
         return T.min(i // W, mblk - 1)
 
-    def x_in(x, mb, i8, kk):
-        """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt."""
+    def x_in(x, mb, i8, kk, at=None):
+        """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt
+        (``by_m``: into task ``at[0]``'s chunk buffer at row ``at[1]``)."""
         rows = [
             T.if_then_else(start(mb) + 8 * i8 + r < mm, x.vload([T.min(start(mb) + 8 * i8 + r, mm - 1), kk], vt), T.Broadcast(T.float32(0), 8))
             for r in range(8)
         ]  # fmt: skip
         for c, col in enumerate(transpose8(rows)):
-            T.buffer_store(xt_ref[0], col, [mb, kk + c, T.Ramp(8 * i8, 1, 8)])
+            T.buffer_store(xt_ref[0], col, [at[0], at[1] + c, T.Ramp(8 * i8, 1, 8)] if at else [mb, kk + c, T.Ramp(8 * i8, 1, 8)])
 
     def y_out(y, yt, n0, v8):
         """y[8 v8 : 8 v8 + 8, n0 : n0 + 8] from yt's rows n0..n0+7 (the m vector's columns)."""
@@ -173,6 +204,14 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                     with T.Then():
                         T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
 
+    def y_rows(y, yt, mb, n0, v8):
+        """y's rows of vector v8 of block mb, columns n0..n0+7, from yt's rows n0..n0+7."""
+        cols = transpose8([yt.vload([n0 + r, mb * W + 8 * v8], vt) for r in range(8)])
+        for c, col in enumerate(cols):
+            with T.If(start(mb) + 8 * v8 + c < mm):
+                with T.Then():
+                    T.buffer_store(y, col, [start(mb) + 8 * v8 + c, T.Ramp(n0, 1, 8)])
+
     xt_ref = []  # the xt buffer, for x_in (T.buffer_store needs the buffer object)
 
     @T.prim_func
@@ -183,20 +222,26 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        xt = T.alloc_buffer((mblk, k, W), "float32")  # m columns past mm: zeros
+        xt = T.alloc_buffer((tasks, kb, W) if by_m else (mblk, k, W), "float32")  # m columns past mm: zeros
         yt = T.alloc_buffer((n, mblk * W), "float32")
         xt_ref.append(xt)
         xg = T.alloc_buffer((tasks, R // 2, kept) if tail_row else (1, 1, 1), "float32")  # the tail's gathered x
-        for kc in T.parallel(k8):
-            for mb, i8 in T.grid(mblk, MV):
-                x_in(x, mb, i8, kc * 8)
-        for kk in T.parallel(k - 8 * k8):
-            for mb, i in T.grid(mblk, W):
-                xt[mb, 8 * k8 + kk, i] = T.if_then_else(start(mb) + i < mm, x[T.min(start(mb) + i, mm - 1), 8 * k8 + kk], T.float32(0))
+        if not by_m:  # all of x into xt first (by_m: each task its own chunks)
+            for kc in T.parallel(k8):
+                for mb, i8 in T.grid(mblk, MV):
+                    x_in(x, mb, i8, kc * 8)
+            for kk in T.parallel(k - 8 * k8):
+                for mb, i in T.grid(mblk, W):
+                    xt[mb, 8 * k8 + kk, i] = T.if_then_else(start(mb) + i < mm, x[T.min(start(mb) + i, mm - 1), 8 * k8 + kk], T.float32(0))
         for t in T.parallel(tasks):
             acc = T.alloc_buffer((TB + (2 * lanes + 2 if tail_row else 0),), "float32", scope="local")
-            for mb, c, b in T.grid(mblk, chunks, per):
-                if t * per + b < nblk:
+            for mi, c, b in T.grid(1 if by_m else mblk, chunks, per):
+                mb = t // tn if by_m else mi
+                if by_m:
+                    if b == 0:  # the block's x of this chunk, transposed into the task's buffer
+                        for i8, k8c in T.grid(MV, kb // 8):
+                            x_in(x, mb, i8, c * kb + 8 * k8c, (t, 8 * k8c))
+                if n_task(t) * per + b < nblk:
                     for r in T.unroll(R):
                         for j in T.unroll(MV):
                             if chunks == 1:
@@ -230,14 +275,23 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                     if tail_here(mb):
                         for p in T.unroll(R // 2):  # y's last row holds its partial sums between chunks
                             tail_dot(acc, xg, values, y, t, b, p, c)
+            if by_m:  # the task's columns of yt (in L2 still) into its part of y
+                for q, v8 in T.grid(n8 if tn == 1 else rows_per // 8, MV):
+                    if n_task(t) * rows_per + 8 * q + 8 <= n:
+                        y_rows(y, yt, t // tn, n_task(t) * rows_per + 8 * q, v8)
+                if n_task(t) == tn - 1:  # the rows past the last 8 (in the last range)
+                    for nn, i in T.grid(n - 8 * n8, W):
+                        if start(t // tn) + i < mm:
+                            y[start(t // tn) + i, 8 * n8 + nn] = yt[8 * n8 + nn, (t // tn) * W + i]
         # y is [m, n]: a tile is a column of it, and y's rows are often 2^j floats apart, so
         # column writes conflict in L1 sets: yt is transposed in 8x8 blocks instead
-        for nc in T.parallel((n8 + 7) // 8):  # 64 columns of 8 rows: whole lines of y at once
-            for v8, nb in T.grid(vecs, 8):
-                if nc * 8 + nb < n8:
-                    y_out(y, yt, (nc * 8 + nb) * 8, v8)
-        for nn in T.parallel(n - 8 * n8):
-            for i in range(mm):
-                y[i, 8 * n8 + nn] = yt[8 * n8 + nn, block_of(i) * W + i - start(block_of(i))]
+        if not by_m:  # (by_m: each task its own rows of y, above)
+            for nc in T.parallel((n8 + 7) // 8):  # 64 columns of 8 rows: whole lines of y at once
+                for v8, nb in T.grid(vecs, 8):
+                    if nc * 8 + nb < n8:
+                        y_out(y, yt, (nc * 8 + nb) * 8, v8)
+            for nn in T.parallel(n - 8 * n8):
+                for i in range(mm):
+                    y[i, 8 * n8 + nn] = yt[8 * n8 + nn, block_of(i) * W + i - start(block_of(i))]
 
     return kernel

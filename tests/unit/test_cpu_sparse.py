@@ -256,14 +256,45 @@ def test_default_gemm_variant_for_1x1_convs_is_k_blocked_broadcast():
 
 
 @needs_avx2
-def test_broadcast_assembly_keeps_accumulators_in_registers():
-    asm = S.build(S.sparse24_kernel(49, 64, 512, HOST, S.Variant(S.Gather.BROADCAST, 2, 4, 7, k_block=128)), HOST).inspect_source("asm")
+@pytest.mark.parametrize("by_m", [False, True])
+def test_broadcast_assembly_keeps_accumulators_in_registers(by_m):
+    variant = S.Variant(S.Gather.BROADCAST, 2, 4, 7, k_block=128, by_m=by_m)
+    asm = S.build(S.sparse24_kernel(49, 64, 512, HOST, variant), HOST).inspect_source("asm")
     fmas = re.findall(r"vfmadd\w+\s+([^\n]*)", asm)
     # the inner loop: x row from memory (xt), broadcast weight and accumulator in ymm registers
-    in_loop = [f for f in fmas if re.fullmatch(r"-?\d*\(%\w+(,%\w+,\d)?\), %ymm\d+, %ymm\d+", f.strip())]
+    in_loop = [f for f in fmas if re.fullmatch(r"-?\d*\(%\w+(,%\w+(,\d)?)?\), %ymm\d+, %ymm\d+", f.strip())]
     assert len(in_loop) >= 2 * 7 * 8, fmas[:4]  # 2 rows x 7 vectors x 8 kept weights unrolled
     assert not any("rsp" in f or "rbp)" in f.split(",")[-1] for f in fmas)  # no accumulator on the stack
     assert "vbroadcastss" in asm and "vperm2f128" in asm  # the 8x8 transposes of x and y
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,n,k,variant", [
+    (200, 21, 64, S.Variant(S.Gather.BROADCAST, 2, 4, 4, by_m=True)),  # 7 m-blocks x 2 row ranges, n % 8 = 5
+    (17, 30, 128, S.Variant(S.Gather.BROADCAST, 3, 2, 2, k_block=32, by_m=True)),  # 3 rows a block, 4 chunks
+    (64, 16, 64, S.Variant(S.Gather.BROADCAST, 2, 4, 8, by_m=True)),  # one m-block: tasks over rows only
+    (57, 20, 256, S.Variant(S.Gather.BROADCAST, 2, 2, 2, k_block=64, shared=True, tail=True, by_m=True)),
+    (196, 40, 256, S.Variant(S.Gather.BROADCAST, 2, 4, 5, k_block=128, shared=True, by_m=True)),
+])  # fmt: skip
+def test_by_m_kernels_match_numpy(m, n, k, variant):
+    """Tasks over m-blocks (each transposing its own x chunks, writing its own rows of y),
+    split over ranges of whole 8-row groups when there are fewer blocks than tasks wanted."""
+    _check(m, n, k, variant, pairs=variant.shared)
+
+
+def test_by_m_variants_validation_naming_and_order():
+    with pytest.raises(ValueError, match="by_m is a broadcast kernel"):
+        S.Variant(S.Gather.PERMILPS, 2, 2, 2, by_m=True)
+    assert S.Variant(S.Gather.BROADCAST, 2, 4, 5, k_block=128, shared=True, by_m=True).name == "broadcast_r2_u4_m5_kb128_shared_bym"
+    with pytest.raises(ValueError, match="multiple of 8"):
+        S.sparse24_kernel(64, 8, 48, HOST, S.Variant(S.Gather.BROADCAST, 2, 2, 2, k_block=12, by_m=True))
+    if S.has_avx2(HOST):
+        # many m-blocks (a 28x28 map): by_m first; one m-block (7x7): none offered
+        for pairs in (False, True):
+            assert S.variants(784, 128, 512, HOST, pairs)[0].by_m
+            assert not any(v.by_m for v in S.variants(49, 512, 2048, HOST, pairs))
+        assert not S.variants(98, 256, 1024, HOST)[0].by_m  # 98 rows: 2 m-blocks, by_m second
+        assert any(v.by_m for v in S.variants(98, 256, 1024, HOST))
 
 
 # ------------------------------------------------------------------ pairs (Sparse24.pairs)
