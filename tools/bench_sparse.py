@@ -8,6 +8,7 @@ layers and 1x1 convs as GEMM.
     .venv/bin/python tools/bench_sparse.py --cold               # weights streamed from DRAM
     .venv/bin/python tools/bench_sparse.py --int8 --threads 1   # 2:4 INT8 vs dense INT8
     .venv/bin/python tools/bench_sparse.py --pairs --shapes 49x2048x512,196x1024x256   # Sparse24(pairs=True)
+    .venv/bin/python tools/bench_sparse.py --pairs --each-variant --shapes 784x128x512   # every candidate kernel too
 
 A shape ``MxNxK`` is ``y[M, N] = x[M, K] @ W[N, K].T`` with ``W`` 2:4-masked random weights.
 Dense: a Relax ``R.matmul(x, W.T)`` by a constant, built the way hwc builds it
@@ -16,7 +17,9 @@ MetaSchedule-tuned (``tuning.tune_module``, N trials) and the faster of default 
 Sparse: ``cpu_sparse.sparse24_kernel`` with the variant ``pick_variant`` measures fastest,
 called with ``relax.call_tir`` on its constant weights (``kernel_operands``) and built the same way.
 Both run through the Relax VM, timed with ``time_evaluator`` in alternating rounds (median of
-the rounds' medians).
+the rounds' medians). ``--each-variant``: every candidate of ``cpu_sparse.variants`` for the
+shape is timed in the same rounds too (a second table: dense over each); every kernel's output
+must match dense.
 
 ``--int8``: ``x`` uint8, ``W`` int8 in ``[-63, 63]`` (what the quantizer makes for this AVX2
 host) 2:4-masked, int32 out; dense is the uint8 x int8 ``R.matmul`` on hwc's INT8 kernel,
@@ -155,10 +158,18 @@ def bench_shape(m, n, k, spec, args) -> dict:
         variant, _ = pick_variant(m, n, k, spec.tvm_target(), number=args.number, repeat=3, pairs=args.pairs)
         vms = {f"dense_{name}": vm for name, vm in dense_vm(ws, m, spec, args.trials, args.work_dir).items()}
         vms["sparse"] = sparse_vm(ws, m, spec, variant)
+        if args.each_variant:
+            from hwcompress.backends.cpu_sparse import variants
+
+            for v in variants(m, n, k, spec.tvm_target(), args.pairs):
+                vms[f"variant {v.name}"] = sparse_vm(ws, m, spec, v)
     first = lambda out: (out[0] if copies > 1 else out).numpy()  # noqa: E731
     outs = {name: first(vm["main"](x)) for name, vm in vms.items()}
     ref = outs["dense_default"]
-    err = float(np.abs(outs["sparse"] - ref).max() / max(np.abs(ref).max(), 1e-30))
+    rel = {name: float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)) for name, out in outs.items()}
+    err = rel["sparse"]
+    if max(rel.values()) > 1e-4:
+        raise SystemExit(f"{m}x{n}x{k}: a 2:4 kernel differs from dense: {max(rel, key=rel.get)} (rel. err {max(rel.values()):.1e})")
     if args.int8 and err:
         raise SystemExit(f"{m}x{n}x{k}: the 2:4 INT8 kernel differs from the dense INT8 one (rel. err {err:.1e})")
     number = max(1, args.number // copies) if copies > 1 else args.number
@@ -173,6 +184,7 @@ def bench_shape(m, n, k, spec, args) -> dict:
         "shape": f"{m}x{n}x{k}", "m": m, "n": n, "k": k, "variant": variant.name if variant else "int8 default", "copies": copies,
         "dense_ms": dense_best[0], "dense_kind": dense_best[1].removeprefix("dense_"),
         "sparse_ms": ms["sparse"], "ratio": dense_best[0] / ms["sparse"], "rel_err": err, "all_ms": ms,
+        "variants": {name.removeprefix("variant "): dense_best[0] / t for name, t in ms.items() if name.startswith("variant ")},
     }  # fmt: skip
 
 
@@ -211,6 +223,8 @@ def run_threads(threads: int, args) -> list[dict]:
         cmd += ["--int8"]
     if args.pairs:
         cmd += ["--pairs"]
+    if args.each_variant:
+        cmd += ["--each-variant"]
     if args.work_dir:
         cmd += ["--work-dir", str(args.work_dir)]
     # 1 thread on the last CPU (the first takes most of the machine's other work)
@@ -228,6 +242,9 @@ def table(rows: list[dict], trials: int, cold: bool = False) -> str:
         kind = f" ({r['dense_kind']})" if trials else ""
         lines.append(f"| {r['shape']} | {r['threads']} | {r['dense_ms']:.4f}{kind} | {r['sparse_ms']:.4f} | "
                      f"{r['ratio']:.2f}x | {r['variant']} | {r['copies']} | {r['rel_err']:.1e} |")  # fmt: skip
+    if any(r.get("variants") for r in rows):  # --each-variant
+        lines += ["", "| shape MxNxK | threads | candidate variant | dense / it |", "|---|---:|---|---:|"]
+        lines += [f"| {r['shape']} | {r['threads']} | {name} | {ratio:.2f}x |" for r in rows for name, ratio in r["variants"].items()]
     return "\n".join(lines)
 
 
@@ -244,6 +261,7 @@ def main(argv=None) -> None:
     ap.add_argument("--l3-mb", type=float, default=None, help="L3 size for --cold (default: sysfs)")
     ap.add_argument("--int8", action="store_true", help="uint8 x 2:4 int8 against hwc's dense INT8 kernel")
     ap.add_argument("--pairs", action="store_true", help="row pairs share positions (Sparse24.pairs): the pairs kernels too")
+    ap.add_argument("--each-variant", action="store_true", help="also time every candidate kernel variant of each shape")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.int8 and args.trials:

@@ -16,7 +16,9 @@ one build each, e.g. ``--timings auto,warm``); and every eligible layer 2:4
 how they were timed. The sparse builds compute a pruned model: their outputs are not the dense one's.
 
 ``mlp``: a batch-1 MLP 2048-2048-2048-1024-1000 with ReLUs (random weights, 46 MB: the layer
-sizes issue 7 names); ``resnet18`` / ``mobilenet_v2``: ``tools/zoo.py``'s, 224x224, batch 1.
+sizes issue 7 names); ``resnet18`` / ``resnet50`` / ``mobilenet_v2``: ``tools/zoo.py``'s, 224x224,
+batch 1 (``resnet50``: the 1x1 convs issue 7 names, not in the default list: its builds take
+minutes).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def model_path(name: str, tmp: Path) -> tuple[Path, dict]:
         path = tmp / "mlp.onnx"
         onnx.save(mlp(), path)
         return path, {"input": [1, MLP_WIDTHS[0]]}
-    if name in ("resnet18", "mobilenet_v2"):
+    if name in ("resnet18", "resnet50", "mobilenet_v2"):
         import zoo
 
         return zoo.save(zoo.MODELS[name](), tmp / f"{name}.onnx"), {"input": [1, 3, 224, 224]}
@@ -138,7 +140,7 @@ def _shapes(specs: list[str]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="mlp,resnet18,mobilenet_v2", help="mlp, resnet18, mobilenet_v2 or ONNX paths")
+    ap.add_argument("--models", default="mlp,resnet18,mobilenet_v2", help="mlp, resnet18, resnet50, mobilenet_v2 or ONNX paths")
     ap.add_argument("--input-shape", action="append", default=[], help="NAME=D1,D2,... (ONNX paths)")
     ap.add_argument("--timings", default="auto", help="Sparse24.timing of the measured builds, comma-separated (auto, warm, cold)")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")

@@ -240,6 +240,36 @@ def resnet18(input_size: int = 224, seed: int = 0, num_classes: int = 1000) -> o
                    f"ResNet-18, random He-normal weights (seed {seed}), calibrated BatchNorm; hwcompress tools/zoo.py")
 
 
+# ---- ResNet-50 -------------------------------------------------------------------------
+def resnet50(input_size: int = 224, seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
+    """ResNet-50 (torchvision topology, v1.5: the stride in the 3x3 conv), input [N,3,S,S],
+    output logits [N,num_classes]: the 1x1 convs that issue 7's 2:4 speed goal names."""
+    if input_size < 32:
+        raise ValueError("resnet50 needs input_size >= 32")
+    b = _Builder(seed)
+    x = _input(seed, input_size)
+    inp = x
+    x = b.relu(b.bn(b.conv(x, "conv1", 64, 7, 2), "bn1"), "relu")
+    x = b.maxpool(x, "maxpool")
+    cin = 64
+    for li, (width, blocks, s) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1):
+        for bi in range(blocks):
+            p = f"layer{li}.{bi}"
+            stride = s if bi == 0 else 1
+            y = b.relu(b.bn(b.conv(x, f"{p}.conv1", width, 1), f"{p}.bn1"), f"{p}.relu")
+            y = b.relu(b.bn(b.conv(y, f"{p}.conv2", width, 3, stride), f"{p}.bn2"), f"{p}.relu_1")
+            y = b.bn(b.conv(y, f"{p}.conv3", 4 * width, 1), f"{p}.bn3", gamma_range=(0.2, 0.5))
+            if stride != 1 or cin != 4 * width:
+                idt = b.bn(b.conv(x, f"{p}.downsample.0", 4 * width, 1, stride), f"{p}.downsample.1")
+            else:
+                idt = x
+            x = b.relu(b.add(y, idt, p), f"{p}.relu_2")
+            cin = 4 * width
+    y = b.classifier(x, "fc", num_classes)
+    return b.model("resnet50", inp, y, ["N", 3, input_size, input_size], ["N", num_classes],
+                   f"ResNet-50, random He-normal weights (seed {seed}), calibrated BatchNorm; hwcompress tools/zoo.py")
+
+
 # ---- MobileNetV2 -----------------------------------------------------------------------
 _MBV2_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
@@ -301,7 +331,7 @@ def small_cnn(seed: int = 0, input_size: int = 32, num_classes: int = 10) -> onn
                    f"small_cnn, random He-normal weights (seed {seed}), calibrated BatchNorm; hwcompress tools/zoo.py")
 
 
-MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "small_cnn": small_cnn}
+MODELS = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_v2, "small_cnn": small_cnn}
 
 
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
@@ -317,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--input-size", type=int, default=None,
-                    help="spatial size (default: 224 for resnet18/mobilenet_v2, 32 for small_cnn)")
+                    help="spatial size (default: 224 for resnet18/resnet50/mobilenet_v2, 32 for small_cnn)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]

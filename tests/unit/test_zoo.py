@@ -23,6 +23,7 @@ datasets = load_tool("datasets")
 ZOO = {
     # name: (expected input shape with dim_param as str, classes)
     "resnet18": (["N", 3, 224, 224], 1000),
+    "resnet50": (["N", 3, 224, 224], 1000),
     "mobilenet_v2": (["N", 3, 224, 224], 1000),
     "small_cnn": ([1, 3, 32, 32], 10),
 }
@@ -74,6 +75,10 @@ def test_zoo_model_is_valid_export_like_onnx(zoo_models, name):
             assert w.dims[0] == group and w.dims[1] == 1
     if name == "resnet18":
         assert ops.count("Conv") == 20 and ops.count("Add") == 8 and "MaxPool" in ops
+    if name == "resnet50":  # 16 bottlenecks of 3 convs, 4 downsampling 1x1 convs, the stem
+        assert ops.count("Conv") == 53 and ops.count("Add") == 16 and "MaxPool" in ops
+        ones = [n for n in m.graph.node if n.op_type == "Conv" and next(a.ints for a in n.attribute if a.name == "kernel_shape") == [1, 1]]
+        assert len(ones) == 36
     if name == "small_cnn":
         assert m.ByteSize() < 200_000
 
