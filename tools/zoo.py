@@ -212,62 +212,55 @@ def _input(seed: int, size: int) -> _Tensor:
     return _Tensor("input", _calibration_batch(seed, size))
 
 
-# ---- ResNet-18 -------------------------------------------------------------------------
-def resnet18(input_size: int = 224, seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
-    """ResNet-18 (torchvision topology), input [N,3,S,S], output logits [N,num_classes]."""
+# ---- ResNets ----------------------------------------------------------------------------
+def _resnet(name: str, title: str, stages, block, input_size: int, seed: int, num_classes: int) -> onnx.ModelProto:
+    """Stem, ``stages`` of ``(width, blocks, stride)`` made of ``block(b, x, prefix, width,
+    stride)``, classifier: torchvision's ResNet layout and names."""
     if input_size < 32:
-        raise ValueError("resnet18 needs input_size >= 32")
+        raise ValueError(f"{name} needs input_size >= 32")
     b = _Builder(seed)
     x = _input(seed, input_size)
     inp = x
     x = b.relu(b.bn(b.conv(x, "conv1", 64, 7, 2), "bn1"), "relu")
     x = b.maxpool(x, "maxpool")
-    cin = 64
-    for li, (c, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)], start=1):
-        for bi in range(2):
-            p = f"layer{li}.{bi}"
-            stride = s if bi == 0 else 1
-            y = b.relu(b.bn(b.conv(x, f"{p}.conv1", c, 3, stride), f"{p}.bn1"), f"{p}.relu")
-            y = b.bn(b.conv(y, f"{p}.conv2", c, 3, 1), f"{p}.bn2", gamma_range=(0.2, 0.5))
-            if stride != 1 or cin != c:
-                idt = b.bn(b.conv(x, f"{p}.downsample.0", c, 1, stride), f"{p}.downsample.1")
-            else:
-                idt = x
-            x = b.relu(b.add(y, idt, p), f"{p}.relu_1")
-            cin = c
+    for li, (width, blocks, s) in enumerate(stages, start=1):
+        for bi in range(blocks):
+            x = block(b, x, f"layer{li}.{bi}", width, s if bi == 0 else 1)
     y = b.classifier(x, "fc", num_classes)
-    return b.model("resnet18", inp, y, ["N", 3, input_size, input_size], ["N", num_classes],
-                   f"ResNet-18, random He-normal weights (seed {seed}), calibrated BatchNorm; hwcompress tools/zoo.py")
+    return b.model(name, inp, y, ["N", 3, input_size, input_size], ["N", num_classes],
+                   f"{title}, random He-normal weights (seed {seed}), calibrated BatchNorm; hwcompress tools/zoo.py")
 
 
-# ---- ResNet-50 -------------------------------------------------------------------------
+def _shortcut(b: _Builder, x: _Tensor, p: str, cout: int, stride: int) -> _Tensor:
+    if stride == 1 and x.channels == cout:
+        return x
+    return b.bn(b.conv(x, f"{p}.downsample.0", cout, 1, stride), f"{p}.downsample.1")
+
+
+def _basic_block(b: _Builder, x: _Tensor, p: str, c: int, stride: int) -> _Tensor:
+    y = b.relu(b.bn(b.conv(x, f"{p}.conv1", c, 3, stride), f"{p}.bn1"), f"{p}.relu")
+    y = b.bn(b.conv(y, f"{p}.conv2", c, 3, 1), f"{p}.bn2", gamma_range=(0.2, 0.5))
+    return b.relu(b.add(y, _shortcut(b, x, p, c, stride), p), f"{p}.relu_1")
+
+
+def _bottleneck(b: _Builder, x: _Tensor, p: str, width: int, stride: int) -> _Tensor:
+    y = b.relu(b.bn(b.conv(x, f"{p}.conv1", width, 1), f"{p}.bn1"), f"{p}.relu")
+    y = b.relu(b.bn(b.conv(y, f"{p}.conv2", width, 3, stride), f"{p}.bn2"), f"{p}.relu_1")
+    y = b.bn(b.conv(y, f"{p}.conv3", 4 * width, 1), f"{p}.bn3", gamma_range=(0.2, 0.5))
+    return b.relu(b.add(y, _shortcut(b, x, p, 4 * width, stride), p), f"{p}.relu_2")
+
+
+def resnet18(input_size: int = 224, seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
+    """ResNet-18 (torchvision topology), input [N,3,S,S], output logits [N,num_classes]."""
+    stages = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
+    return _resnet("resnet18", "ResNet-18", stages, _basic_block, input_size, seed, num_classes)
+
+
 def resnet50(input_size: int = 224, seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
     """ResNet-50 (torchvision topology, v1.5: the stride in the 3x3 conv), input [N,3,S,S],
     output logits [N,num_classes]: the 1x1 convs that issue 7's 2:4 speed goal names."""
-    if input_size < 32:
-        raise ValueError("resnet50 needs input_size >= 32")
-    b = _Builder(seed)
-    x = _input(seed, input_size)
-    inp = x
-    x = b.relu(b.bn(b.conv(x, "conv1", 64, 7, 2), "bn1"), "relu")
-    x = b.maxpool(x, "maxpool")
-    cin = 64
-    for li, (width, blocks, s) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1):
-        for bi in range(blocks):
-            p = f"layer{li}.{bi}"
-            stride = s if bi == 0 else 1
-            y = b.relu(b.bn(b.conv(x, f"{p}.conv1", width, 1), f"{p}.bn1"), f"{p}.relu")
-            y = b.relu(b.bn(b.conv(y, f"{p}.conv2", width, 3, stride), f"{p}.bn2"), f"{p}.relu_1")
-            y = b.bn(b.conv(y, f"{p}.conv3", 4 * width, 1), f"{p}.bn3", gamma_range=(0.2, 0.5))
-            if stride != 1 or cin != 4 * width:
-                idt = b.bn(b.conv(x, f"{p}.downsample.0", 4 * width, 1, stride), f"{p}.downsample.1")
-            else:
-                idt = x
-            x = b.relu(b.add(y, idt, p), f"{p}.relu_2")
-            cin = 4 * width
-    y = b.classifier(x, "fc", num_classes)
-    return b.model("resnet50", inp, y, ["N", 3, input_size, input_size], ["N", num_classes],
-                   f"ResNet-50, random He-normal weights (seed {seed}), calibrated BatchNorm; hwcompress tools/zoo.py")
+    stages = [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]
+    return _resnet("resnet50", "ResNet-50", stages, _bottleneck, input_size, seed, num_classes)
 
 
 # ---- MobileNetV2 -----------------------------------------------------------------------
