@@ -268,6 +268,8 @@ def main(argv=None) -> None:
         ap.error("--trials tunes the float dense kernel; the INT8 kernels are hand-scheduled (drop --trials)")
     if args.int8 and args.pairs:
         ap.error("--pairs: the 2:4 INT8 kernels have no pairs variant (drop one)")
+    if args.int8 and args.each_variant:
+        ap.error("--each-variant: the 2:4 INT8 kernels run their default variant (drop one)")
     if args.worker:
         return worker(args)
     rows = [row for t in args.threads.split(",") for row in run_threads(int(t), args)]
