@@ -204,11 +204,15 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                     with T.Then():
                         T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
 
+    def owns(mb, i):  # row start(mb) + i of y is block mb's to write (not past mm, and the
+        # last block, shifted back over the one before it, leaves that block's rows to it)
+        return T.And(start(mb) + i < mm, start(mb) + i >= mb * W)
+
     def y_rows(y, yt, mb, n0, v8):
         """y's rows of vector v8 of block mb, columns n0..n0+7, from yt's rows n0..n0+7."""
         cols = transpose8([yt.vload([n0 + r, mb * W + 8 * v8], vt) for r in range(8)])
         for c, col in enumerate(cols):
-            with T.If(start(mb) + 8 * v8 + c < mm):
+            with T.If(owns(mb, 8 * v8 + c)):
                 with T.Then():
                     T.buffer_store(y, col, [start(mb) + 8 * v8 + c, T.Ramp(n0, 1, 8)])
 
@@ -281,7 +285,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                         y_rows(y, yt, t // tn, n_task(t) * rows_per + 8 * q, v8)
                 if n_task(t) == tn - 1:  # the rows past the last 8 (in the last range)
                     for nn, i in T.grid(n - 8 * n8, W):
-                        if start(t // tn) + i < mm:
+                        if owns(t // tn, i):
                             y[start(t // tn) + i, 8 * n8 + nn] = yt[8 * n8 + nn, (t // tn) * W + i]
         # y is [m, n]: a tile is a column of it, and y's rows are often 2^j floats apart, so
         # column writes conflict in L1 sets: yt is transposed in 8x8 blocks instead
