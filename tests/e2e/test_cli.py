@@ -9,8 +9,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from model_builders import make_model
-
 
 def hwc(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "hwcompress", *map(str, args)], capture_output=True, text=True, cwd=cwd)
