@@ -55,7 +55,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .cpu_sparse_gemm import broadcast_kernel
+from .cpu_sparse_gemm import broadcast_kernel, m_blocking
 from .cpu_sparse_gemv import CHUNK, WINDOW, lane_kernel, pack_lanes, pair_kernel, permute_kernel
 
 __all__ = [
@@ -211,8 +211,7 @@ def _with_by_m(candidates: list[Variant], m: int, unrolls: tuple[int, ...]) -> l
     import dataclasses
 
     first = candidates[0]
-    vecs = math.ceil((m - 1 if first.tail else m) / 8)
-    blocks = math.ceil(vecs / min(first.m_rows, vecs))
+    blocks = m_blocking(m, first)[3]
     if blocks < 2:
         return candidates
     by_m = [dataclasses.replace(first, by_m=True, unroll=u) for u in unrolls]

@@ -81,6 +81,16 @@ def transpose8(rows: list) -> list:
     return [T.Shuffle([s[c % 4], s[4 + c % 4]], low if c < 4 else high) for c in range(8)]
 
 
+def m_blocking(m: int, v) -> tuple[int, int, int, int]:
+    """How variant ``v`` blocks the ``m`` rows of ``x``: ``(mm, vecs, MV, mblk)``, the rows the
+    blocks cover (a tail row rides along outside them), their 8-lane vectors, vectors per block
+    and blocks (the last one shifted back to end at the last vector)."""
+    mm = m - 1 if v.tail else m
+    vecs = math.ceil(mm / 8)
+    MV = min(v.m_rows, vecs)
+    return mm, vecs, MV, math.ceil(vecs / MV)
+
+
 def broadcast_kernel(m: int, n: int, k: int, v, split):
     """PrimFunc ``(x, values, meta, y)`` of the ``BROADCAST`` variant ``v`` (any ``k % 4 == 0``);
     ``split(blocks) -> (tasks, per)`` shares the n-blocks among parallel tasks."""
@@ -88,9 +98,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
 
     R, lanes = v.rows, 8
     tail_row = v.tail  # x's last row (m % 8 == 1) rides along in the pairs' loop: blocks cover m - 1
-    mm = m - 1 if tail_row else m
-    vecs = math.ceil(mm / lanes)
-    MV = min(v.m_rows, vecs)
+    mm, vecs, MV, mblk = m_blocking(m, v)
     W = MV * lanes  # m columns per block
     kb = k if not v.k_block or v.k_block >= k else v.k_block
     if kb % 4 or k % kb or (v.by_m and kb % 8):
@@ -101,7 +109,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     # unroll counts groups (2 kept values each); shared: kept values per step
     U = min(v.unroll if shared else 2 * v.unroll, kept)
     full, tail = divmod(kept, U)
-    nblk, mblk = math.ceil(n / R), math.ceil(vecs / MV)
+    nblk = math.ceil(n / R)
     # by_m: the tasks are the m-blocks (each task transposes its block's x chunk by chunk into
     # a buffer of its own, L1, instead of all of x into xt first), each split over ``tn`` ranges
     # of rows when there are fewer m-blocks than the split wants tasks (whole 8-row groups per
@@ -131,6 +139,9 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
 
     def n_task(t):  # which range of rows task t computes
         return (t % tn if tn > 1 else 0) if by_m else t
+
+    def m_task(t):  # by_m: which m-block task t computes
+        return t // tn
 
     def pair_rows(t, b, p):
         return row_of(t, b, 2 * p), row_of(t, b, 2 * p + 1)
@@ -193,16 +204,23 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         for c, col in enumerate(transpose8(rows)):
             T.buffer_store(xt_ref[0], col, [at[0], at[1] + c, T.Ramp(8 * i8, 1, 8)] if at else [mb, kk + c, T.Ramp(8 * i8, 1, 8)])
 
-    def y_out(y, yt, n0, v8):
-        """y[8 v8 : 8 v8 + 8, n0 : n0 + 8] from yt's rows n0..n0+7 (the m vector's columns)."""
-        cols = transpose8([yt.vload([n0 + r, block_of(8 * v8) * W + 8 * v8 - start(block_of(8 * v8))], vt) for r in range(8)])
+    def y_store8(y, yt, n0, src, dst, keep):
+        """y[dst + c, n0 : n0 + 8] = column c of the 8x8 transpose of yt[n0 : n0 + 8, src : src + 8],
+        for the c where ``keep(c)`` holds (None: every row, no test)."""
+        cols = transpose8([yt.vload([n0 + r, src], vt) for r in range(8)])
         for c, col in enumerate(cols):
-            if isinstance(8 * (vecs - 1) + c, int) and 8 * (vecs - 1) + c < mm:
-                T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
+            if keep(c) is None:
+                T.buffer_store(y, col, [dst + c, T.Ramp(n0, 1, 8)])
             else:
-                with T.If(8 * v8 + c < mm):
+                with T.If(keep(c)):
                     with T.Then():
-                        T.buffer_store(y, col, [8 * v8 + c, T.Ramp(n0, 1, 8)])
+                        T.buffer_store(y, col, [dst + c, T.Ramp(n0, 1, 8)])
+
+    def y_out(y, yt, n0, v8):
+        """y[8 v8 : 8 v8 + 8, n0 : n0 + 8] from yt's rows n0..n0+7 (the m vector's columns);
+        only the last vector's columns can pass mm."""
+        mb = block_of(8 * v8)
+        y_store8(y, yt, n0, mb * W + 8 * v8 - start(mb), 8 * v8, lambda c: None if 8 * (vecs - 1) + c < mm else 8 * v8 + c < mm)
 
     def owns(mb, i):  # row start(mb) + i of y is block mb's to write (not past mm, and the
         # last block, shifted back over the one before it, leaves that block's rows to it)
@@ -210,11 +228,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
 
     def y_rows(y, yt, mb, n0, v8):
         """y's rows of vector v8 of block mb, columns n0..n0+7, from yt's rows n0..n0+7."""
-        cols = transpose8([yt.vload([n0 + r, mb * W + 8 * v8], vt) for r in range(8)])
-        for c, col in enumerate(cols):
-            with T.If(owns(mb, 8 * v8 + c)):
-                with T.Then():
-                    T.buffer_store(y, col, [start(mb) + 8 * v8 + c, T.Ramp(n0, 1, 8)])
+        y_store8(y, yt, n0, mb * W + 8 * v8, start(mb) + 8 * v8, lambda c: owns(mb, 8 * v8 + c))
 
     xt_ref = []  # the xt buffer, for x_in (T.buffer_store needs the buffer object)
 
@@ -240,7 +254,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         for t in T.parallel(tasks):
             acc = T.alloc_buffer((TB + (2 * lanes + 2 if tail_row else 0),), "float32", scope="local")
             for mi, c, b in T.grid(1 if by_m else mblk, chunks, per):
-                mb = t // tn if by_m else mi
+                mb = m_task(t) if by_m else mi
                 if by_m:
                     if b == 0:  # the block's x of this chunk, transposed into the task's buffer
                         for i8, k8c in T.grid(MV, kb // 8):
@@ -282,11 +296,11 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
             if by_m:  # the task's columns of yt (in L2 still) into its part of y
                 for q, v8 in T.grid(n8 if tn == 1 else rows_per // 8, MV):
                     if n_task(t) * rows_per + 8 * q + 8 <= n:
-                        y_rows(y, yt, t // tn, n_task(t) * rows_per + 8 * q, v8)
+                        y_rows(y, yt, m_task(t), n_task(t) * rows_per + 8 * q, v8)
                 if n_task(t) == tn - 1:  # the rows past the last 8 (in the last range)
                     for nn, i in T.grid(n - 8 * n8, W):
-                        if owns(t // tn, i):
-                            y[start(t // tn) + i, 8 * n8 + nn] = yt[8 * n8 + nn, (t // tn) * W + i]
+                        if owns(m_task(t), i):
+                            y[start(m_task(t)) + i, 8 * n8 + nn] = yt[8 * n8 + nn, m_task(t) * W + i]
         # y is [m, n]: a tile is a column of it, and y's rows are often 2^j floats apart, so
         # column writes conflict in L1 sets: yt is transposed in 8x8 blocks instead
         if not by_m:  # (by_m: each task its own rows of y, above)
