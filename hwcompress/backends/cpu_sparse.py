@@ -38,6 +38,7 @@ to gather the ``x`` that each kept weight multiplies:
   in the pairs' loop instead of an 8th ``m`` vector.
   ``Variant.by_m``: parallel tasks over m-blocks, each transposing its own ``x`` chunks
   (the default from ``BY_M_FIRST`` m-blocks: large maps, narrowing convs).
+  ``Variant.wide``: 16-lane vectors (AVX-512 targets; a candidate for pair weights).
 * ``GENERIC`` (any LLVM target, ``K % 4 == 0``): scalar loops that read ``x`` at the decoded
   positions; this is what aarch64 builds.
 
@@ -59,7 +60,7 @@ from .cpu_sparse_gemm import broadcast_kernel, m_blocking
 from .cpu_sparse_gemv import CHUNK, WINDOW, lane_kernel, pack_lanes, pair_kernel, permute_kernel
 
 __all__ = [
-    "Gather", "Variant", "has_avx2", "k_block", "kernel_operands", "pick_variant", "sparse24_kernel", "variant_named", "variants",
+    "Gather", "Variant", "has_avx2", "has_avx512", "k_block", "kernel_operands", "pick_variant", "sparse24_kernel", "variant_named", "variants",
 ]  # fmt: skip
 
 # Bytes of x (transposed) that one reduction chunk of the broadcast kernel keeps in L1: 7/8 of
@@ -99,24 +100,28 @@ class Variant:
     shared: bool = False  # broadcast: rows 2i, 2i + 1 keep the same positions (one x load for both)
     tail: bool = False  # shared, m % 8 == 1: the last row of x rides along in the pair's loop (no 8th vector)
     by_m: bool = False  # broadcast: one parallel task per m-block (all rows), x transposed by each in chunks
+    wide: bool = False  # broadcast: 16-lane (AVX-512 zmm) accumulators and FMAs; m_rows must be even
 
     def __post_init__(self):
         if not isinstance(self.gather, Gather):
             raise TypeError(f"gather must be a Gather, got {self.gather!r}")
-        if min(self.rows, self.unroll, self.m_rows) < 1 or self.rows * self.m_rows > 16 or self.k_block < 0:
-            raise ValueError(f"bad sparse kernel variant {self}: knobs must be >= 1, rows x m_rows <= 16")
+        # accumulators: rows x m_rows 8-lane vectors (AVX2 has 16 registers, AVX-512 32 of twice the width)
+        if min(self.rows, self.unroll, self.m_rows) < 1 or self.rows * self.m_rows > 56 or self.k_block < 0:
+            raise ValueError(f"bad sparse kernel variant {self}: knobs must be >= 1, rows x m_rows <= 56")
         if self.shared and (self.gather is not Gather.BROADCAST or self.rows % 2):
             raise ValueError(f"bad sparse kernel variant {self}: shared is a broadcast kernel of an even number of rows")
         if self.tail and not self.shared:
             raise ValueError(f"bad sparse kernel variant {self}: a tail row needs a shared kernel")
         if self.by_m and self.gather is not Gather.BROADCAST:
             raise ValueError(f"bad sparse kernel variant {self}: by_m is a broadcast kernel's task split")
+        if self.wide and (self.gather is not Gather.BROADCAST or self.m_rows % 2):
+            raise ValueError(f"bad sparse kernel variant {self}: wide is a broadcast kernel of an even m_rows")
 
     @property
     def name(self) -> str:
         kb = f"_kb{self.k_block}" if self.k_block else ""
         shared = ("_shared" if self.shared else "") + ("_t1" if self.tail else "")
-        ms = "_bym" if self.by_m else ""
+        ms = ("_bym" if self.by_m else "") + ("_z" if self.wide else "")
         return f"{self.gather.value}{'_lut' if self.lut else ''}_r{self.rows}_u{self.unroll}_m{self.m_rows}{kb}{shared}{ms}"
 
 
@@ -126,6 +131,16 @@ def has_avx2(target) -> bool:
 
     try:
         return bool(target_has_features("avx2", target)) and bool(target_has_features("fma", target))
+    except Exception:  # a feature name this target's LLVM backend does not know (aarch64)
+        return False
+
+
+def has_avx512(target) -> bool:
+    """True when ``target`` is an x86 LLVM target with AVX-512F (16-lane vectors, 32 registers)."""
+    from tvm.target.codegen import target_has_features
+
+    try:
+        return bool(target_has_features("avx512f", target))
     except Exception:  # a feature name this target's LLVM backend does not know (aarch64)
         return False
 
@@ -181,6 +196,8 @@ def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Varian
             fit_t = _by_waste(math.ceil((m - 1) / 8), 6)
             shared = [Variant(Gather.BROADCAST, 2, u, fit_t[0], k_block=k_block(k, fit_t[0] * 8), shared=True, tail=True) for u in (4, 2)] + shared
         broadcast = list(dict.fromkeys(_with_by_m(shared, m, unrolls=(4,)) + broadcast))
+        if has_avx512(target):
+            broadcast += _wide(broadcast, m)
     if k % CHUNK:  # k % 8 == 0 only: the row-pair kernel works on 8-k windows
         return lanes + [Variant(Gather.PAIRS, 8, 2, 1, True)] if m == 1 else broadcast
     # measured (Zen 3, 1 thread, kernel alone): 1x2048x2048
@@ -216,6 +233,26 @@ def _with_by_m(candidates: list[Variant], m: int, unrolls: tuple[int, ...]) -> l
         return candidates
     by_m = [dataclasses.replace(first, by_m=True, unroll=u) for u in unrolls]
     return by_m + candidates if blocks >= BY_M_FIRST else candidates[:1] + by_m + candidates[1:]
+
+
+# 16-lane copies of the first candidates whose m-blocks are an even number of 8-row vectors, on
+# AVX-512 targets, measured against the rest (Zen 4, 1 thread, pairs, kernel alone): 3136x64x256
+# 0.613 ms against 0.703 (8-lane, same blocks), 49x2048x512 0.535 against 0.551; where the
+# 8-lane blocks are odd (784 or 196 rows: 5 vectors) the even ones waste more: 0.555 against
+# 0.549 ms at 784x128x512, 0.71 against 0.58 at 196x256x1024
+WIDE_COPIES = 2
+
+
+def _wide(candidates: list[Variant], m: int) -> list[Variant]:
+    """16-lane copies of the first ``WIDE_COPIES`` pairs (``shared``) candidates whose m-blocks
+    are an even number of 8-row vectors: half the FMA, load and broadcast instructions of the
+    8-lane loop, which Zen 4 runs at its instruction rate, not its FMA rate. (Per-row kernels
+    are bound by their one load per FMA at either width: 1.09 ms 16-lane against 1.02 8-lane at
+    196x256x1024, so none for them.)"""
+    import dataclasses
+
+    even = [v for v in candidates if v.shared and m_blocking(m, v)[2] % 2 == 0]
+    return [dataclasses.replace(v, wide=True) for v in even[:WIDE_COPIES]]
 
 
 def _by_waste(vecs: int, most: int) -> list[int]:

@@ -55,6 +55,13 @@ offers it only from 2 blocks and puts it first from ``cpu_sparse.BY_M_FIRST``). 
 1, through the VM, pairs, 1 / 2 threads): 784x128x512 1.55x / 1.66x over dense where tasks
 over rows gave 1.31x / 1.04x; 3136x64x256 1.44x / 1.37x against 1.08x / 1.00x.
 
+``Variant.wide`` on Zen 4 (AVX-512 executed as two 256-bit halves: the same FMA rate as 8
+lanes): the 8-lane pairs loop issues ~19 instructions per kept value at 4 vectors per block (4
+loads, 8 FMAs, 2 broadcasts, the position decode) and runs at the core's instruction rate; 16
+lanes halve the vector ones. Measured (1 thread, kernel alone): 3136x64x256 0.613 ms against
+0.703 for the same blocks in 8 lanes; where 8-lane blocks are an odd number of vectors (5, at
+784 and 196 rows) the even blocks waste more rows and lose (``cpu_sparse.WIDE_COPIES``).
+
 Measured (Zen 3, 1 thread, kernel alone, 49x2048x512, rows 2 x 7 vectors): no chunks 1.57 ms
 (``xt``, 114 KB, streams from L2: 0.8 FMA/cycle); chunks of 128 1.29 ms; ``y`` written by
 columns straight from the tile suffered L1 set conflicts (``y``'s rows 8 KB apart): written
@@ -97,9 +104,14 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     from tvm.script import tirx as T
 
     R, lanes = v.rows, 8
+    VL = 16 if v.wide else 8  # accumulator / FMA vector lanes (16: AVX-512's zmm)
     tail_row = v.tail  # x's last row (m % 8 == 1) rides along in the pairs' loop: blocks cover m - 1
     mm, vecs, MV, mblk = m_blocking(m, v)
     W = MV * lanes  # m columns per block
+    if W % VL:
+        raise ValueError(f"16-lane vectors need an even number of 8-row vectors per m-block (m={m}, m_rows={v.m_rows})")
+    MVv = W // VL  # accumulator vectors of m per row
+    vv = f"float32x{VL}"
     kb = k if not v.k_block or v.k_block >= k else v.k_block
     if kb % 4 or k % kb or (v.by_m and kb % 8):
         raise ValueError(f"k_block {v.k_block} must be a multiple of {8 if v.by_m else 4} dividing k={k}")
@@ -130,7 +142,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         g = q // 2
         return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
 
-    outer, inner = (MV, R) if shared else (R, MV)
+    outer, inner = (MVv, R) if shared else (R, MVv)
     TB = R * MV * lanes  # past the tile: the tail row's two dot-product vectors and two sums
     kv, kr = divmod(kept, lanes)  # the tail dot: vectors and leftover kept values per chunk
 
@@ -181,12 +193,12 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         r, j = (i, o) if shared else (o, i)
         row = row_of(t, b, r)
         pos_row = row_of(t, b, r - r % 2) if shared else row
-        out = acc[T.Ramp((r * MV + j) * lanes, 1, lanes)]
+        out = acc[T.Ramp((r * MVv + j) * VL, 1, VL)]
         for u in range(count):
             kx = kidx(meta, pos_row, q0 + u)
-            src = xt.vload([t, kx - (q0 // kept) * kb, j * lanes], vt) if by_m else xt.vload([mb, kx, j * lanes], vt)
-            out = out + T.Broadcast(values[row, q0 + u], lanes) * src
-        T.buffer_store(acc, out, [T.Ramp((r * MV + j) * lanes, 1, lanes)])
+            src = xt.vload([t, kx - (q0 // kept) * kb, j * VL], vv) if by_m else xt.vload([mb, kx, j * VL], vv)
+            out = out + T.Broadcast(values[row, q0 + u], VL) * src
+        T.buffer_store(acc, out, [T.Ramp((r * MVv + j) * VL, 1, VL)])
 
     def start(mb):  # first m of block mb; the last block is shifted back (overlapping) to end at vecs
         return T.min(mb * MV, vecs - MV) * lanes
@@ -261,13 +273,13 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                             x_in(x, mb, i8, c * kb + 8 * k8c, (t, 8 * k8c))
                 if n_task(t) * per + b < nblk:
                     for r in T.unroll(R):
-                        for j in T.unroll(MV):
+                        for j in T.unroll(MVv):
                             if chunks == 1:
-                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                                acc[T.Ramp((r * MVv + j) * VL, 1, VL)] = T.Broadcast(T.float32(0), VL)
                             else:
-                                acc[T.Ramp((r * MV + j) * lanes, 1, lanes)] = T.if_then_else(
-                                    c == 0, T.Broadcast(T.float32(0), lanes),
-                                    yt.vload([row_of(t, b, r), mb * W + j * lanes], vt),
+                                acc[T.Ramp((r * MVv + j) * VL, 1, VL)] = T.if_then_else(
+                                    c == 0, T.Broadcast(T.float32(0), VL),
+                                    yt.vload([row_of(t, b, r), mb * W + j * VL], vv),
                                 )  # fmt: skip
                     # shared: per kept value and m vector one x load feeds the pair's two FMAs
                     # (rows innermost; rows outermost measured 1.22x over dense, not 1.60x)
@@ -286,10 +298,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                             for p in T.unroll(R // 2):
                                 tail_gather(xg, x, meta, t, b, p, full * U, c * kept + full * U, max(tail, 1))
                     for r in T.unroll(R):
-                        for j in T.unroll(MV):
-                            yt[row_of(t, b, r), T.Ramp(mb * W + j * lanes, 1, lanes)] = acc[
-                                T.Ramp((r * MV + j) * lanes, 1, lanes)
-                            ]
+                        for j in T.unroll(MVv):
+                            yt[row_of(t, b, r), T.Ramp(mb * W + j * VL, 1, VL)] = acc[T.Ramp((r * MVv + j) * VL, 1, VL)]
                     if tail_here(mb):
                         for p in T.unroll(R // 2):  # y's last row holds its partial sums between chunks
                             tail_dot(acc, xg, values, y, t, b, p, c)

@@ -370,11 +370,54 @@ def test_pairs_assembly_loads_each_x_once_for_both_rows():
 
 
 def test_broadcast_kernels_build_for_avx512_targets():
-    """The brief's deployment CPU: 16-lane vectors, whose kernels cannot run on this AVX2 host.
-    The broadcast kernels keep 8-lane vectors there (the ones tested above); they used to fail
-    to build (a 16-lane ``x`` load in the 8x8 transposes)."""
+    """The brief's deployment CPU (AVX-512): every broadcast candidate builds for it, the 16-lane
+    ones among them (they used to fail to build: a 16-lane ``x`` load in the 8x8 transposes)."""
     avx512 = load_target("x86-avx512").tvm_target()
     for m, pairs in ((49, True), (196, True), (49, False)):
         for variant in S.variants(m, 24, 64, avx512, pairs=pairs):
             if variant.gather is S.Gather.BROADCAST:
                 assert "vfmadd" in S.build(S.sparse24_kernel(m, 24, 64, avx512, variant), avx512).inspect_source("asm")
+
+
+# ------------------------------------------------------------------ 16-lane (AVX-512) kernels
+
+
+@needs_avx2
+@pytest.mark.parametrize("m,n,k,variant", [
+    (49, 33, 128, S.Variant(S.Gather.BROADCAST, 2, 4, 6, shared=True, tail=True, wide=True)),  # 7x7: 48 rows + the tail row
+    (196, 40, 256, S.Variant(S.Gather.BROADCAST, 2, 4, 4, k_block=128, shared=True, by_m=True, wide=True)),  # 7 blocks, last shifted
+    (200, 21, 64, S.Variant(S.Gather.BROADCAST, 2, 2, 2, k_block=32, shared=True, by_m=True, wide=True)),  # n % 8 = 5, 2 chunks
+    (40, 17, 96, S.Variant(S.Gather.BROADCAST, 3, 2, 2, wide=True)),  # per-row, 3 rows a block, m past the last vector
+])  # fmt: skip
+def test_wide_kernels_match_numpy(m, n, k, variant):
+    """16-lane accumulators and FMAs (zmm on AVX-512; LLVM splits them into two ymm on an AVX2
+    host, so this runs on either)."""
+    _check(m, n, k, variant, pairs=variant.shared)
+
+
+def test_wide_variant_validation_naming_and_offer():
+    with pytest.raises(ValueError, match="wide is a broadcast kernel of an even m_rows"):
+        S.Variant(S.Gather.BROADCAST, 2, 4, 5, wide=True)
+    with pytest.raises(ValueError, match="wide is a broadcast kernel"):
+        S.Variant(S.Gather.PERMILPS, 2, 2, 2, wide=True)
+    assert S.Variant(S.Gather.BROADCAST, 2, 4, 4, k_block=128, shared=True, by_m=True, wide=True).name == "broadcast_r2_u4_m4_kb128_shared_bym_z"
+    with pytest.raises(ValueError, match="even number of 8-row vectors"):  # 20 rows: one block of 3 vectors
+        S.sparse24_kernel(20, 8, 64, HOST, S.Variant(S.Gather.BROADCAST, 2, 2, 4, wide=True))
+    avx512 = load_target("x86-avx512").tvm_target()
+    avx2 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+    assert S.has_avx512(avx512) and not S.has_avx512(avx2)
+    for m, n, k in ((3136, 64, 256), (49, 2048, 512), (784, 128, 512)):
+        wide = [v for v in S.variants(m, n, k, avx512, pairs=True) if v.wide]
+        assert wide and all(v.shared and S.m_blocking(m, v)[2] % 2 == 0 for v in wide)
+        assert not S.variants(m, n, k, avx512, pairs=True)[0].wide  # a candidate, not the default
+        assert not any(v.wide for v in S.variants(m, n, k, avx512) + S.variants(m, n, k, avx2, pairs=True))
+
+
+def test_wide_assembly_keeps_zmm_accumulators_in_registers():
+    """On an AVX-512 target the 16-lane pairs loop is zmm FMAs on registers only (one x load
+    per kept value and vector, shared by the pair's two rows); compiled, not run."""
+    avx512 = load_target("x86-avx512").tvm_target()
+    variant = S.Variant(S.Gather.BROADCAST, 2, 4, 6, k_block=128, shared=True, wide=True)
+    asm = S.build(S.sparse24_kernel(48, 64, 512, avx512, variant), avx512).inspect_source("asm")
+    fmas = [f.strip() for f in re.findall(r"vfmadd\w+\s+([^\n]*)", asm)]
+    assert len(fmas) >= 2 * 3 * 4 and all(re.fullmatch(r"%zmm\d+, %zmm\d+, %zmm\d+", f) for f in fmas), fmas[:4]
