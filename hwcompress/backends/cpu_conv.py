@@ -157,11 +157,12 @@ def pack_weight(weight_ohwi: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(weight_ohwi.reshape(o // block, block, kh, kw, i).transpose(0, 2, 3, 4, 1))
 
 
-def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile, flat: bool = False):
+def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile, flat: bool = False, target_lanes: int | None = None):
     """TE compute of an NHWC conv with a packed weight ``(O/ob, KH, KW, I, ob)``.
 
     ``padding`` is ``(top, left, bottom, right)``; ``flat``: ``tile`` is a
-    ``choose_flat_tile`` tile (the conv computes ``(N, pixels, O)``, the crop reshapes it).
+    ``choose_flat_tile`` tile (the conv computes ``(N, pixels, O)``, the crop reshapes it);
+    ``target_lanes``: the target's vector lanes (``tile_attr``; None: the tile's own).
     Returns the ``(N, OH, OW, O)`` output.
     """
     from tvm import te
@@ -183,7 +184,7 @@ def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile,
                 axis=[ry, rx, rc],
             ),
             name="conv2d_nhwc_packed",
-            attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec], FLAT_ATTR: 1},
+            attrs={TILE_ATTR: tile_attr(tile, target_lanes or tile.lanes), FLAT_ATTR: 1},
         )
         return te.compute((n, out_h, out_w, n_ob * ob), lambda b, y, x, o: conv[b, y * out_w + x, o], name="conv2d_nhwc_crop")
     src, (n, out_h, out_wp, out_w), (sh, sw), (dh, dw) = _padded_source(data, (kh, kw), strides, padding, dilation, tile)
@@ -193,12 +194,12 @@ def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile,
             src[b, y * sh + ry * dh, x * sw + rx * dw, rc] * weight[o // ob, ry, rx, rc, o % ob], axis=[ry, rx, rc]
         ),
         name="conv2d_nhwc_packed",
-        attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec]},
+        attrs={TILE_ATTR: tile_attr(tile, target_lanes or tile.lanes)},
     )
     return _cropped(conv, out_w)
 
 
-def depthwise_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile):
+def depthwise_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile, target_lanes: int | None = None):
     """TE compute of an NHWC depthwise conv (one filter per channel) with the weight
     ``(KH, KW, C)``: the channels a tile computes contiguous for every filter tap."""
     from tvm import te
@@ -214,7 +215,7 @@ def depthwise_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTi
         (n, out_h, out_wp, c),
         lambda b, y, x, o: te.sum(src[b, y * sh + ry * dh, x * sw + rx * dw, o] * weight[ry, rx, o], axis=[ry, rx]),
         name="depthwise_nhwc_packed",
-        attrs={TILE_ATTR: [tile.ty, tile.tx, tile.nvec]},
+        attrs={TILE_ATTR: tile_attr(tile, target_lanes or tile.lanes)},
     )
     return _cropped(conv, out_w)
 
@@ -318,14 +319,14 @@ def legalize_conv2d(facts, winograd: bool = True):
             packed, te_func = np.ascontiguousarray(weight[..., 0].transpose(1, 2, 0)), depthwise_nhwc_packed
         else:
             flat = kind == "flat"
-            packed, te_func = pack_weight(weight, tile.block), lambda *a: conv2d_nhwc_packed(*a, flat=flat)
+            packed, te_func = pack_weight(weight, tile.block), lambda *a, **kw: conv2d_nhwc_packed(*a, flat=flat, **kw)
         padding = [int(p) for p in attrs.padding]
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
         padding = padding * 2 if len(padding) == 2 else padding
 
         def compute(data, weight):  # call_te converts keyword arguments; the tile is no TVM object
-            return te_func(data, weight, strides, padding, dilation, tile)
+            return te_func(data, weight, strides, padding, dilation, tile, target_lanes=facts.lanes(32))
 
         return bb.call_te(compute, call.args[0], relax.const(packed, "float32"), primfunc_name_hint="conv2d")
 
@@ -357,12 +358,31 @@ def _tile_for(call, facts) -> tuple[str, ConvTile | None]:
         return none
     groups = int(attrs.groups)
     if groups == 1:
-        rows = choose_tile(out_h, out_w, out_c, facts.lanes(32), facts.acc_regs, unpadded=not any(int(p) for p in attrs.padding))
-        flat = choose_flat_tile(out_h, out_w, out_c, facts.lanes(32), facts.acc_regs, rows)
+        for lanes in tile_lanes(facts):
+            rows = choose_tile(out_h, out_w, out_c, lanes, facts.acc_regs, unpadded=not any(int(p) for p in attrs.padding))
+            if rows is not None:
+                break
+        flat = choose_flat_tile(out_h, out_w, out_c, lanes, facts.acc_regs, rows)
         return ("flat", flat) if flat is not None else ("conv", rows)
     if groups == in_c == out_c:  # depthwise, one filter per channel
-        return "depthwise", choose_depthwise_tile(out_w, out_c, facts.lanes(32), facts.acc_regs)
+        tiles = (choose_depthwise_tile(out_w, out_c, lanes, facts.acc_regs) for lanes in tile_lanes(facts))
+        return "depthwise", next((t for t in tiles if t is not None), None)
     return none
+
+
+def tile_lanes(facts) -> tuple[int, ...]:
+    """Vector widths a packed conv's tile may take: the target's, then on AVX-512 half of it
+    (ymm, still 32 registers) for channel counts that are multiples of 8 but not 16 (24, 40,
+    48: MobileNetV2's and others'), which would otherwise fall back to TVM's default conv."""
+    lanes = facts.lanes(32)
+    return (lanes, lanes // 2) if lanes >= 16 else (lanes,)
+
+
+def tile_attr(tile: ConvTile, target_lanes: int | None) -> list[int]:
+    """``TILE_ATTR``'s value: ``[ty, tx, nvec]``, and the tile's lanes where they are not the
+    target's vector width ``target_lanes`` (``tile_lanes``'s half width; left out otherwise so
+    that the workloads of shipped tuning databases keep their structure)."""
+    return [tile.ty, tile.tx, tile.nvec] + ([tile.lanes] if tile.lanes != target_lanes else [])
 
 
 # ---------------------------------------------------------------------------- default schedule
@@ -381,8 +401,8 @@ def schedule_packed_conv(sch, facts) -> bool:
     conv = next((b for b in blocks if TILE_ATTR in sch.get(b).annotations), None)
     if conv is None:
         return False
-    ty, tx, nvec = (int(v) for v in sch.get(conv).annotations[TILE_ATTR])
-    lanes = facts.lanes(32)
+    ty, tx, nvec, *own = (int(v) for v in sch.get(conv).annotations[TILE_ATTR])
+    lanes = own[0] if own else facts.lanes(32)  # tile_attr: a half-width tile says so
     names = {sch.get(b).name_hint: b for b in blocks}
 
     loops = sch.get_loops(conv)

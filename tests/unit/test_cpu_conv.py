@@ -3,6 +3,8 @@ and that eligible convs really run the packed kernel (and the others TOPI's)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -156,11 +158,40 @@ def test_packed_conv_matches_onnxruntime(name):
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if n.startswith("flat_")))
 def test_seven_wide_outputs_take_a_flat_tile(name):
-    from hwcompress.backends.cpu_conv import FLAT_ATTR
+    """With AVX2's 16 registers (12 accumulators) a 7-wide row tile wastes pixels and these
+    layers take the flat tile; on this host the build follows its own registers (AVX-512's
+    32 can hold a whole 7-pixel row, which wastes nothing)."""
+    from hwcompress.backends.cpu_conv import FLAT_ATTR, choose_flat_tile
+    from hwcompress.backends.cpu_schedule import CpuFacts
 
-    _, mod = _lowered(_conv_model(**CASES[name]))
+    case = CASES[name]
+    out = (case["h"] + 2 * case.get("pads", (0,))[0] - case["k"]) // case.get("stride", 1) + 1
+    rows8 = choose_tile(out, out, case["cout"], 8, 12)
+    assert choose_flat_tile(out, out, case["cout"], 8, 12, rows8) is not None
+    facts = CpuFacts.from_target(load_target("host").tvm_target())
+    lanes = facts.lanes(32) if case["cout"] % facts.lanes(32) == 0 else 8
+    rows = choose_tile(out, out, case["cout"], lanes, facts.acc_regs)
+    _, mod = _lowered(_conv_model(**case))
     (func,) = _conv_kernels(mod).values()
-    assert FLAT_ATTR in func.script()
+    assert (FLAT_ATTR in func.script()) == (choose_flat_tile(out, out, case["cout"], lanes, facts.acc_regs, rows) is not None)
+
+
+@pytest.mark.parametrize("name", ["1x1_no_pad", "depthwise_stride2_odd"])
+def test_avx512_takes_half_width_tiles_for_channels_of_8(name):
+    """24 channels on AVX-512 (16 lanes): a ymm tile (8 lanes) instead of TVM's default conv;
+    the tile says its lanes (``tile_attr``), the schedule vectorizes by them. Compiled for the
+    x86-avx512 target (not run here unless the host has AVX-512: the host tests above do)."""
+    from hwcompress.backends.cpu_conv import tile_attr
+
+    spec = load_target("x86-avx512")
+    assert CASES[name]["cout"] % 16 and CASES[name]["cout"] % 8 == 0
+    mod = B.schedule(B.legalize(convert_layout(fe.import_onnx(_conv_model(**CASES[name])), ConvLayout("NHWC")), spec), spec)
+    (func,) = _conv_kernels(mod).values()
+    text = func.script()
+    assert re.search(r'"hwc.conv_tile": \[\d+, \d+, \d+, 8\]', text), "no 8-lane packed tile"
+    assert re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", text) and set(re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", text)) == {"8"}
+    B.build(mod, spec)  # LLVM takes it
+    assert tile_attr(ConvTile(1, 4, 2, 16), 16) == [1, 4, 2] and tile_attr(ConvTile(1, 4, 2, 8), 16) == [1, 4, 2, 8]
 
 
 def test_flat_tile_only_on_narrow_outputs():

@@ -39,6 +39,14 @@ needs_avx2 = pytest.mark.skipif(HOST_FACTS.int8_dot is None or HOST_FACTS.vector
 # what legalization picks for 7-bit weights on this host: vpmaddubsw on AVX2 without VNNI
 HOST_FAST = dot_for_weights(HOST_FACTS.int8_dot, SATURATION_FREE_WEIGHT)
 needs_avx2_no_vnni = pytest.mark.skipif(HOST_FAST != FAST, reason="legalization picks vpmaddubsw on AVX2 without VNNI only")
+# what each x86 dot leaves in the scheduled TIR (its LLVM intrinsic) and in the assembly (on a
+# VNNI host LLVM folds vpmaddwd and its add into vpdpwssd)
+TIR_MARK = {Int8Dot.PMADDWD: "pmadd.wd", Int8Dot.PMADDUBSW: "pmadd.ub.sw", Int8Dot.VNNI: "vpdpbusd"}
+ASM_MARKS = {Int8Dot.PMADDWD: ("pmaddwd", "vpdpwssd"), Int8Dot.PMADDUBSW: ("pmaddubsw",), Int8Dot.VNNI: ("vpdpbusd",)}
+
+
+def _has_dot(asm: str, kind) -> bool:
+    return any(mark in asm for mark in ASM_MARKS[kind])
 
 
 # ---------------------------------------------------------------------------- numpy references
@@ -215,7 +223,7 @@ def test_flat_conv_is_bit_exact(case):
 def test_host_kernel_uses_the_exact_instruction():
     _, _, sch, lib = _host_conv("3x3_zero_point_pad")
     asm = lib.mod.inspect_source("asm")
-    assert "vpmaddwd" in asm or "pmaddwd" in asm
+    assert _has_dot(asm, HOST_FACTS.int8_dot.kind)
     assert "pmaddubsw" not in asm  # saturates on full-range u8 x s8 pairs
     assert HOST_FACTS.int8_dot.name in str(sch.trace)  # the dot is the tensorized intrinsic
 
@@ -275,7 +283,7 @@ def test_vpmaddubsw_reads_uint8_in_place_and_has_the_instruction():
     np.testing.assert_array_equal(out, ref)
     assert "data_pad" not in str(sch.mod)
     asm = lib.mod.inspect_source("asm")
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "ymm" in asm
+    assert "vpmaddubsw" in asm and _has_dot(asm, Int8Dot.PMADDWD) and "ymm" in asm
     if HOST_FACTS.int8_dot.kind is Int8Dot.PMADDWD:
         assert "data_pad" in str(_host_conv("1x1_whole_tiles")[2].mod)  # the int16 copy vpmaddubsw saves
 
@@ -371,7 +379,7 @@ def test_relax_conv_dispatches_to_the_int8_kernel(requant, x_shape, w_shape):
     rng = np.random.default_rng(3)
     wt, x = _full_range(rng, w_shape, np.int8), _full_range(rng, x_shape, np.uint8)
     mod, func = _scheduled_kernel(_quantized_conv_module(wt, x.shape, (1, 1, 1, 1), requant), HOST)
-    assert "pmadd.wd" in func.script()  # scheduled by schedule_int8: the dot is the tensorized LLVM intrinsic
+    assert TIR_MARK[HOST_FACTS.int8_dot.kind] in func.script()  # scheduled by schedule_int8: the dot is the tensorized LLVM intrinsic
     ex = B.build(mod, HOST)
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = conv_ref(x, wt, padding=(1, 1, 1, 1))
@@ -379,7 +387,7 @@ def test_relax_conv_dispatches_to_the_int8_kernel(requant, x_shape, w_shape):
         scale = (np.arange(wt.shape[0]) % 5 + 1).astype(np.float32) * 1e-4
         ref = np.clip(np.round(ref.astype(np.float32) * scale) + 128, 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(out, ref)
-    assert "pmaddwd" in ex.mod.imports[0].inspect_source("asm")
+    assert _has_dot(ex.mod.imports[0].inspect_source("asm"), HOST_FACTS.int8_dot.kind)
 
 
 @needs_x86
@@ -417,7 +425,7 @@ def test_relax_matmul_dispatches_through_the_backend_map(w_max):
     (func,) = _kernels(mod).values()
     intrin = dot_for_weights(HOST_FACTS.int8_dot, int(np.abs(wt.astype(np.int16)).max()))
     assert TILE_ATTR in func.script() and f'"{DOT_ATTR}": "{intrin.name}"' in func.script()
-    assert "pmadd.wd" in func.script() and ("pmadd.ub.sw" in func.script()) == (intrin.kind is Int8Dot.PMADDUBSW)
+    assert TIR_MARK[intrin.kind] in func.script() and ("pmadd.ub.sw" in func.script()) == (intrin.kind is Int8Dot.PMADDUBSW)
     out = relax.VirtualMachine(B.build(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(out, x.astype(np.int64) @ wt.astype(np.int64))
 
