@@ -21,8 +21,8 @@ the rounds' medians). ``--each-variant``: every candidate of ``cpu_sparse.varian
 shape is timed in the same rounds too (a second table: dense over each); every kernel's output
 must match dense.
 
-``--int8``: ``x`` uint8, ``W`` int8 in ``[-63, 63]`` (what the quantizer makes for this AVX2
-host) 2:4-masked, int32 out; dense is the uint8 x int8 ``R.matmul`` on hwc's INT8 kernel,
+``--int8``: ``x`` uint8, ``W`` int8 in the range the quantizer makes for this host (``[-63,
+63]`` with ``int8 = "avx2"``, else ``[-127, 127]``) 2:4-masked, int32 out; dense is the uint8 x int8 ``R.matmul`` on hwc's INT8 kernel,
 sparse the same graph marked as sparsified, so that ``sparse_lower`` gives it the 2:4 INT8
 kernel (``cpu_sparse_int8``, its default variant): both exactly as a build makes them, and
 both must agree exactly.
@@ -139,6 +139,14 @@ def int8_vms(ws: list[np.ndarray], m: int, spec) -> dict:
     return vms
 
 
+def int8_kind(spec, k: int, qmax: int) -> str:
+    """Which 2:4 INT8 kernel a build gives this layer (``cpu_sparse_int8.kind_for``), its
+    default variant."""
+    from hwcompress.backends.cpu_sparse_int8 import kind_for
+
+    return f"int8 {kind_for(spec.tvm_target(), k, qmax).value} default"
+
+
 def bench_shape(m, n, k, spec, args) -> dict:
     import tvm
 
@@ -146,9 +154,13 @@ def bench_shape(m, n, k, spec, args) -> dict:
     from hwcompress.passes.sparsity.mask24 import decompress, compress, shared_mask_2to4
 
     rng = np.random.default_rng(0)
+    qmax = None
     copies = cold_copies(n, k, args.l3_mb, args.int8) if args.cold else 1
     if args.int8:
-        ws = [decompress(compress(rng.integers(-63, 64, (n, k)).astype(np.int8))) for _ in range(copies)]
+        from hwcompress.passes.quantize.int8 import weight_qmax
+
+        qmax = weight_qmax(spec)
+        ws = [decompress(compress(rng.integers(-qmax, qmax + 1, (n, k)).astype(np.int8))) for _ in range(copies)]
         x = tvm.runtime.tensor(rng.integers(0, 256, (m, k)).astype(np.uint8))
         vms, variant = int8_vms(ws, m, spec), None
     else:
@@ -181,7 +193,7 @@ def bench_shape(m, n, k, spec, args) -> dict:
     ms = {name: statistics.median(ts) * 1e3 for name, ts in rounds.items()}
     dense_best = min((v, name) for name, v in ms.items() if name.startswith("dense"))
     return {
-        "shape": f"{m}x{n}x{k}", "m": m, "n": n, "k": k, "variant": variant.name if variant else "int8 default", "copies": copies,
+        "shape": f"{m}x{n}x{k}", "m": m, "n": n, "k": k, "variant": variant.name if variant else int8_kind(spec, k, qmax), "copies": copies,
         "dense_ms": dense_best[0], "dense_kind": dense_best[1].removeprefix("dense_"),
         "sparse_ms": ms["sparse"], "ratio": dense_best[0] / ms["sparse"], "rel_err": err, "all_ms": ms,
         "variants": {name.removeprefix("variant "): dense_best[0] / t for name, t in ms.items() if name.startswith("variant ")},

@@ -23,8 +23,13 @@ meta as ``mask24`` writes it. Per 64 ``k`` of a row: 2 multiplies where a dense 
 and 40 weight bytes instead of 64; the gather costs 6 shuffle/logic ops. Rows of ``x``
 (``m_rows``) share each row's controls; output rows (``rows``) share each ``x`` load.
 
+``VNNI`` (AVX-512 VNNI with 256-bit vectors, or AVX-VNNI): the ``AVX2`` kernel with its
+multiply-accumulate as one ``vpdpbusd``, which sums the four u8 x s8 products of each int32
+lane in int32 (``vpmaddubsw``'s pairs and ``vpmaddwd`` group the same four): exact for any
+int8 weight, so full-range weights (what the quantizer makes for ``int8 = "vnni"``) take it too.
+
 ``GENERIC`` (any LLVM target): scalar loops over the kept weights at their decoded positions,
-the same ``mask24`` layout; what aarch64 and full-range weights build.
+the same ``mask24`` layout; what aarch64 and full-range weights without VNNI build.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ SATURATION_FREE = 64  # |w| <= 64: a vpmaddubsw pair sum of uint8 x is at most 3
 _PSHUFB = "llvm.x86.avx2.pshuf.b"
 _PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
 _PMADDWD = "llvm.x86.avx2.pmadd.wd"
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.256"  # AVX512-VNNI + VL and AVX-VNNI alike
 
 
 class Kind(enum.Enum):
     AVX2 = "avx2"
+    VNNI = "vnni"
     GENERIC = "generic"
 
 
@@ -89,16 +96,33 @@ def pack(w_nk: np.ndarray, kind: Kind) -> tuple[np.ndarray, np.ndarray]:
     if kind is Kind.GENERIC:
         return c.values, c.meta
     if w.shape[1] % STEP:
-        raise ValueError(f"the AVX2 2:4 int8 kernel needs K % {STEP} == 0, got {w.shape[1]}")
+        raise ValueError(f"the {kind.value} 2:4 int8 kernel needs K % {STEP} == 0, got {w.shape[1]}")
     n, half = c.values.shape
     steps = c.values.reshape(n, half // 32, 32)[:, :, slot_order()]
     return np.ascontiguousarray(steps.reshape(n, half)), c.meta
 
 
+def has_vnni256(target) -> bool:
+    """True when ``target`` has ``vpdpbusd`` on 256-bit vectors (AVX512-VNNI with AVX512-VL, or
+    AVX-VNNI)."""
+    from tvm.target.codegen import target_has_features
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(target_has_features(feature, target))
+        except Exception:  # a feature this target's LLVM backend does not know (aarch64)
+            return False
+
+    return (has("avx512vnni") and has("avx512vl")) or has("avxvnni")
+
+
 def kind_for(target, k: int, max_abs_weight: int) -> Kind:
-    """The kernel for ``target``: AVX2 where it applies (``K % 64``, 7-bit weights), else generic."""
+    """The kernel for ``target``: VNNI where it applies (``K % 64``, any int8 weight), else AVX2
+    (``K % 64``, 7-bit weights), else generic."""
     from .cpu_sparse import has_avx2
 
+    if k % STEP == 0 and has_vnni256(target):
+        return Kind.VNNI
     if has_avx2(target) and k % STEP == 0 and max_abs_weight <= SATURATION_FREE:
         return Kind.AVX2
     return Kind.GENERIC
@@ -130,9 +154,9 @@ def sparse24_int8_kernel(m: int, n: int, k: int, target, variant: Variant8):
     if min(m, n, k) < 1 or k % 4:
         raise ValueError(f"bad 2:4 int8 GEMM shape m={m} n={n} k={k} (k must be a multiple of 4)")
     cores = CpuFacts.from_target(target).num_cores
-    if variant.kind is Kind.AVX2:
+    if variant.kind in (Kind.AVX2, Kind.VNNI):
         if k % STEP:
-            raise ValueError(f"the AVX2 2:4 int8 kernel needs k % {STEP} == 0 (k={k})")
+            raise ValueError(f"the {variant.kind.value} 2:4 int8 kernel needs k % {STEP} == 0 (k={k})")
         func = _avx2(m, n, k, variant, lambda b: _split(b, cores))
     else:
         func = generic_kernel(m, n, k, cores, "uint8", "int8", "int32")
@@ -175,7 +199,10 @@ def _avx2(m: int, n: int, k: int, v: Variant8, split):
 
     def step(acc, xg, values, meta, row, xrow, h):
         """``acc`` plus step ``h`` of output row ``row`` times ``x`` row ``xrow``."""
-        return acc + product(gathered(xg, control(meta, row, h), xrow, h), values.vload([row, 32 * h], "int8x32"))
+        g, w = gathered(xg, control(meta, row, h), xrow, h), values.vload([row, 32 * h], "int8x32")
+        if v.kind is Kind.VNNI:
+            return T.call_llvm_pure_intrin("int32x8", _VPDPBUSD, acc, g, w)
+        return acc + product(g, w)
 
     def hsum(acc, base):
         return sum((acc[base + j] for j in range(1, 8)), acc[base])

@@ -6,6 +6,7 @@ legalization that sends a 2:4 uint8 x int8 conv / matmul of a sparsified module 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,13 +89,19 @@ def test_pack_keeps_the_weight():
         S8.pack(np.ones((2, 64), np.int8), S8.Kind.GENERIC)
 
 
+AVX2_TARGET = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+
+
 def test_kind_follows_target_shape_and_weight_range():
     arm = load_target("arm-cortex-a76").tvm_target()
     assert S8.kind_for(arm, 128, 63) is S8.Kind.GENERIC
-    if has_avx2(HOST):
-        assert S8.kind_for(HOST, 128, 64) is S8.Kind.AVX2
-        assert S8.kind_for(HOST, 128, 65) is S8.Kind.GENERIC  # vpmaddubsw could saturate
-        assert S8.kind_for(HOST, 96, 63) is S8.Kind.GENERIC  # not whole 64-k steps
+    assert S8.kind_for(AVX2_TARGET, 128, 64) is S8.Kind.AVX2
+    assert S8.kind_for(AVX2_TARGET, 128, 65) is S8.Kind.GENERIC  # vpmaddubsw could saturate
+    assert S8.kind_for(AVX2_TARGET, 96, 63) is S8.Kind.GENERIC  # not whole 64-k steps
+    avx512 = load_target("x86-avx512").tvm_target()  # Cascade Lake: AVX512-VNNI
+    assert S8.kind_for(avx512, 128, 127) is S8.Kind.VNNI  # vpdpbusd sums in int32: any weight
+    assert S8.kind_for(avx512, 96, 63) is S8.Kind.GENERIC
+    assert not S8.has_vnni256(AVX2_TARGET) and not S8.has_vnni256(arm)
 
 
 @needs_avx2
@@ -102,6 +109,28 @@ def test_avx2_assembly_gathers_with_vpshufb_and_multiplies_u8_by_s8():
     asm = build(S8.sparse24_int8_kernel(1, 32, 128, HOST, S8.Variant8(S8.Kind.AVX2)), HOST).inspect_source("asm")
     for insn in ("vpshufb", "vpsrlvq", "vpmaddubsw", "vpmaddwd", "ymm"):
         assert insn in asm, insn
+
+
+needs_vnni = pytest.mark.skipif(not S8.has_vnni256(HOST), reason="the VNNI 2:4 int8 kernel needs AVX512-VNNI/VL or AVX-VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (3, 40, 192), (49, 16, 128), (5, 33, 256)])
+def test_vnni_variants_are_bit_exact_on_full_range_weights(m, n, k):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    w, x = _masked(rng, n, k, 127), rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w[0, :4], x[0, :4] = [-128, 0, 0, -128], 255  # the extremes: 255 x -128, four at once
+    ref = x.astype(np.int64) @ w.astype(np.int64).T
+    for variant in S8.variants8(m, n, k, S8.Kind.VNNI) + [S8.Variant8(S8.Kind.VNNI, 3, 2, 3)]:
+        np.testing.assert_array_equal(_run(m, n, k, w, x, S8.Kind.VNNI, variant), ref, err_msg=variant.name)
+
+
+def test_vnni_assembly_multiplies_with_vpdpbusd():
+    """Compiled for an AVX512-VNNI target (not run): the AVX2 kernel's gather, then one
+    ``vpdpbusd`` on ymm where AVX2 needs ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd``."""
+    avx512 = load_target("x86-avx512").tvm_target()
+    asm = build(S8.sparse24_int8_kernel(1, 32, 128, avx512, S8.Variant8(S8.Kind.VNNI)), avx512).inspect_source("asm")
+    assert re.search(r"vpdpbusd\s+[^\n]*%ymm", asm) and "vpshufb" in asm and "vpmaddubsw" not in asm
 
 
 def test_generic_cross_compiles_for_aarch64():
