@@ -56,7 +56,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .cpu_sparse_gemm import broadcast_kernel, m_blocking
+from .cpu_sparse_gemm import broadcast_kernel, m_blocking, pack_chunks
 from .cpu_sparse_gemv import CHUNK, WINDOW, lane_kernel, pack_lanes, pair_kernel, permute_kernel
 
 __all__ = [
@@ -330,11 +330,14 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
 
 def kernel_operands(variant: Variant, c) -> list:
     """The weight operands of ``variant``'s kernel for the compressed weight ``c``
-    (``mask24.Compressed``): ``[values, meta]``, or ``LANES``' one packed array."""
+    (``mask24.Compressed``): ``[values, meta]`` (``BROADCAST``: chunk-major, ``pack_chunks``),
+    or ``LANES``' one packed array."""
     if variant.gather is Gather.LANES:
         from ..passes.sparsity.mask24 import embed_positions
 
         return [pack_lanes(embed_positions(c), variant.rows)]
+    if variant.gather is Gather.BROADCAST:
+        return list(pack_chunks(c.values, c.meta, c.k, variant))
     return [c.values, c.meta]
 
 

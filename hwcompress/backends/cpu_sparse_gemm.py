@@ -55,6 +55,16 @@ offers it only from 2 blocks and puts it first from ``cpu_sparse.BY_M_FIRST``). 
 1, through the VM, pairs, 1 / 2 threads): 784x128x512 1.55x / 1.66x over dense where tasks
 over rows gave 1.31x / 1.04x; 3136x64x256 1.44x / 1.37x against 1.08x / 1.00x.
 
+The weights are chunk-major (``pack_chunks``, ``cpu_sparse.kernel_operands``): chunk ``c``'s
+kept values and positions of every row contiguous, ``[chunks, n, kb/2]`` and ``[chunks, n,
+kb/8]``. Row-major (``mask24``'s form), the rows' sweep over one chunk read 256 bytes per row
+at a row's stride (4 KB at k = 2048: every read a new page, which no hardware prefetcher
+follows): fine while the weights sit in L2/L3, slow when they come from memory, as every
+layer's do in a model larger than the caches. Measured (Zen 4, pairs, ``tools/bench_sparse.py
+--cold``: weights from DRAM, 1 / 2 threads, over dense): 49x512x2048 0.91x / 0.96x row-major,
+1.38x / 1.29x chunk-major; 196x1024x256 1.40x / 1.19x -> 1.59x / 1.41x; 196x256x1024 1.24x /
+1.14x -> 1.46x / 1.35x; 784x128x512 1.48x -> 1.65x (1 thread).
+
 ``Variant.wide`` on Zen 4 (AVX-512 executed as two 256-bit halves: the same FMA rate as 8
 lanes): the 8-lane pairs loop issues ~19 instructions per kept value at 4 vectors per block (4
 loads, 8 FMAs, 2 broadcasts, the position decode) and runs at the core's instruction rate; 16
@@ -98,6 +108,33 @@ def m_blocking(m: int, v) -> tuple[int, int, int, int]:
     return mm, vecs, MV, math.ceil(vecs / MV)
 
 
+def chunk_of(k: int, v) -> int:
+    """The reduction chunk of broadcast variant ``v``: ``k_block``, or all of ``k``."""
+    return k if not v.k_block or v.k_block >= k else v.k_block
+
+
+def chunk_major(k: int, v) -> bool:
+    """Whether ``v``'s kernel takes its weights chunk-major (``pack_chunks``): wherever its
+    chunk is whole meta bytes (a multiple of 8 ``k``)."""
+    return chunk_of(k, v) % 8 == 0
+
+
+def pack_chunks(values, meta, k: int, v):
+    """``(values [n, k/2], meta [n, k/8])`` (``mask24``'s row-major form) as the broadcast
+    kernel of ``v`` reads them: ``[chunks, n, kb/2]`` and ``[chunks, n, kb/8]`` where
+    ``chunk_major``, else as they are. The same bytes in another order."""
+    import numpy as np
+
+    if not chunk_major(k, v):
+        return values, meta
+    kb, n = chunk_of(k, v), values.shape[0]
+    chunks = k // kb
+    return (
+        np.ascontiguousarray(values.reshape(n, chunks, kb // 2).transpose(1, 0, 2)),
+        np.ascontiguousarray(meta.reshape(n, chunks, kb // 8).transpose(1, 0, 2)),
+    )
+
+
 def broadcast_kernel(m: int, n: int, k: int, v, split):
     """PrimFunc ``(x, values, meta, y)`` of the ``BROADCAST`` variant ``v`` (any ``k % 4 == 0``);
     ``split(blocks) -> (tasks, per)`` shares the n-blocks among parallel tasks."""
@@ -112,7 +149,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         raise ValueError(f"16-lane vectors need an even number of 8-row vectors per m-block (m={m}, m_rows={v.m_rows})")
     MVv = W // VL  # accumulator vectors of m per row
     vv = f"float32x{VL}"
-    kb = k if not v.k_block or v.k_block >= k else v.k_block
+    kb = chunk_of(k, v)
     if kb % 4 or k % kb or (v.by_m and kb % 8):
         raise ValueError(f"k_block {v.k_block} must be a multiple of {8 if v.by_m else 4} dividing k={k}")
     chunks = k // kb
@@ -138,9 +175,30 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     vt = f"float32x{lanes}"
     k8, n8 = k // 8, n // 8  # 8x8 register transposes in and out; element loops past them
 
+    # chunk-major weights (chunk_major): chunk c's kept values and positions of all rows are
+    # contiguous, so the rows' sweep over a chunk streams them in order (row-major, each row's
+    # chunk is a page away from the next row's: no hardware prefetch when they come from memory)
+    cm = chunk_major(k, v)
+
     def kidx(meta, row, q):
         g = q // 2
         return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
+
+    def kpos(meta, row, c, ql, local):
+        """The k of kept value ``ql`` of chunk ``c`` of ``row``: within the chunk (``local``)
+        or in all of ``k`` (never ``c * kb`` added and taken off again: TVM's region bound
+        estimate divides by the zero coefficient that leaves)."""
+        if not cm:
+            return kidx(meta, row, c * kept + ql) - (c * kb if local else 0)
+        g = ql // 2
+        loc = 4 * g + ((T.Cast("int32", meta[c, row, g // 2]) >> (4 * (g % 2) + 2 * (ql % 2))) & 3)
+        return loc if local else c * kb + loc
+
+    def val(values, row, c, ql):
+        return values[c, row, ql] if cm else values[row, c * kept + ql]
+
+    def val_vec(values, row, c, ql):  # kept values ql..ql+7 of chunk c of row
+        return values.vload([c, row, ql], vt) if cm else values.vload([row, c * kept + ql], vt)
 
     outer, inner = (MVv, R) if shared else (R, MVv)
     TB = R * MV * lanes  # past the tile: the tail row's two dot-product vectors and two sums
@@ -158,12 +216,12 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     def pair_rows(t, b, p):
         return row_of(t, b, 2 * p), row_of(t, b, 2 * p + 1)
 
-    def tail_gather(xg, x, meta, t, b, p, ql, q0, count):
-        """The last row's x under the pair's positions of ``count`` kept values (from ``q0``,
-        ``ql`` within the chunk) into ``xg``: a scalar load and store each, no register held."""
+    def tail_gather(xg, x, meta, t, b, p, c, ql, count):
+        """The last row's x under the pair's positions of ``count`` kept values (from ``ql``
+        within chunk ``c``) into ``xg``: a scalar load and store each, no register held."""
         r0 = pair_rows(t, b, p)[0]
         for u in range(count):
-            T.buffer_store(xg, x[m - 1, kidx(meta, r0, q0 + u)], [t, p, ql + u])
+            T.buffer_store(xg, x[m - 1, kpos(meta, r0, c, ql + u, False)], [t, p, ql + u])
 
     def tail_dot(acc, xg, values, y, t, b, p, c):
         """y[m - 1, pair's rows] (+)= their chunk's kept values . the gathered x, 8 at a time."""
@@ -172,12 +230,12 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
             T.buffer_store(acc, T.Broadcast(T.float32(0), lanes), [T.Ramp(TB + s * lanes, 1, lanes)])
         with T.serial(0, kv) as jv:
             for s in range(2):
-                prod = values.vload([rows[s], c * kept + lanes * jv], vt) * xg.vload([t, p, lanes * jv], vt)
+                prod = val_vec(values, rows[s], c, lanes * jv) * xg.vload([t, p, lanes * jv], vt)
                 T.buffer_store(acc, acc[T.Ramp(TB + s * lanes, 1, lanes)] + prod, [T.Ramp(TB + s * lanes, 1, lanes)])
         for s in range(2):  # both sums before either store: an odd n's last pair is one row twice
             dot = sum((acc[TB + s * lanes + j] for j in range(1, lanes)), acc[TB + s * lanes])
             for e in range(kr):
-                dot = dot + values[rows[s], c * kept + lanes * kv + e] * xg[t, p, lanes * kv + e]
+                dot = dot + val(values, rows[s], c, lanes * kv + e) * xg[t, p, lanes * kv + e]
             T.buffer_store(acc, T.if_then_else(c == 0, T.float32(0), y[m - 1, rows[s]]) + dot, [TB + 2 * lanes + s])
         for s in range(2):
             T.buffer_store(y, acc[TB + 2 * lanes + s], [m - 1, rows[s]])
@@ -185,8 +243,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     def tail_here(mb):  # with a tail row, in the last m-block only (computed once)
         return tail_row and (True if mblk == 1 else mb == mblk - 1)
 
-    def step(acc, xt, values, meta, t, b, mb, o, i, q0, count):
-        """Add ``count`` kept weights (from ``q0``) of one row x their ``x`` rows to its
+    def step(acc, xt, values, meta, t, b, mb, o, i, c, q0, count):
+        """Add ``count`` kept weights (from ``q0`` of chunk ``c``) of one row x their ``x`` rows to its
         accumulator of one m vector, as one FMA chain; (row, vector) from the unrolled loops'
         (outer, inner) step: rows innermost for ``shared``, whose positions come from the
         pair's first row."""
@@ -195,9 +253,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         pos_row = row_of(t, b, r - r % 2) if shared else row
         out = acc[T.Ramp((r * MVv + j) * VL, 1, VL)]
         for u in range(count):
-            kx = kidx(meta, pos_row, q0 + u)
-            src = xt.vload([t, kx - (q0 // kept) * kb, j * VL], vv) if by_m else xt.vload([mb, kx, j * VL], vv)
-            out = out + T.Broadcast(values[row, q0 + u], VL) * src
+            src = xt.vload([t, kpos(meta, pos_row, c, q0 + u, True), j * VL], vv) if by_m else xt.vload([mb, kpos(meta, pos_row, c, q0 + u, False), j * VL], vv)
+            out = out + T.Broadcast(val(values, row, c, q0 + u), VL) * src
         T.buffer_store(acc, out, [T.Ramp((r * MVv + j) * VL, 1, VL)])
 
     def start(mb):  # first m of block mb; the last block is shifted back (overlapping) to end at vecs
@@ -247,8 +304,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     @T.prim_func
     def kernel(
         x: T.Buffer((m, k), "float32"),
-        values: T.Buffer((n, k // 2), "float32"),
-        meta: T.Buffer((n, (k + 7) // 8), "uint8"),
+        values: T.Buffer((chunks, n, kept) if cm else (n, k // 2), "float32"),
+        meta: T.Buffer((chunks, n, kb // 8) if cm else (n, (k + 7) // 8), "uint8"),
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
@@ -286,17 +343,17 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                     for qc in range(full):
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
-                                step(acc, xt, values, meta, t, b, mb, o, i, c * kept + qc * U, U)
+                                step(acc, xt, values, meta, t, b, mb, o, i, c, qc * U, U)
                         if tail_here(mb):
                             for p in T.unroll(R // 2):
-                                tail_gather(xg, x, meta, t, b, p, qc * U, c * kept + qc * U, U)
+                                tail_gather(xg, x, meta, t, b, p, c, qc * U, U)
                     if tail > 0:
                         for o in T.unroll(outer):
                             for i in T.unroll(inner):
-                                step(acc, xt, values, meta, t, b, mb, o, i, c * kept + full * U, max(tail, 1))
+                                step(acc, xt, values, meta, t, b, mb, o, i, c, full * U, max(tail, 1))
                         if tail_here(mb):
                             for p in T.unroll(R // 2):
-                                tail_gather(xg, x, meta, t, b, p, full * U, c * kept + full * U, max(tail, 1))
+                                tail_gather(xg, x, meta, t, b, p, c, full * U, max(tail, 1))
                     for r in T.unroll(R):
                         for j in T.unroll(MVv):
                             yt[row_of(t, b, r), T.Ramp(mb * W + j * VL, 1, VL)] = acc[T.Ramp((r * MVv + j) * VL, 1, VL)]

@@ -357,7 +357,9 @@ def test_cpu_backend_runs_the_pairs_kernel_only_on_pair_weights():
     for weights, expected in ((c, pairs), (own, S.variants(48, 64, 512, HOST)[0])):
         kernel, operands = _sparse_kernel(HOST, 48, 64, 512, mask24.decompress(weights), pairs.name)
         assert tvm_ffi.structural_equal(kernel, S.sparse24_kernel(48, 64, 512, HOST, expected))
-        assert [w.shape for w in operands] == [weights.values.shape, weights.meta.shape]
+        # chunk-major (4 chunks of 128 k): the same bytes as mask24's values and positions
+        assert [w.shape for w in operands] == [(4, 64, 64), (4, 64, 16)]
+        assert [w.nbytes for w in operands] == [weights.values.nbytes, weights.meta.nbytes]
 
 
 @needs_avx2
@@ -421,3 +423,20 @@ def test_wide_assembly_keeps_zmm_accumulators_in_registers():
     asm = S.build(S.sparse24_kernel(48, 64, 512, avx512, variant), avx512).inspect_source("asm")
     fmas = [f.strip() for f in re.findall(r"vfmadd\w+\s+([^\n]*)", asm)]
     assert len(fmas) >= 2 * 3 * 4 and all(re.fullmatch(r"%zmm\d+, %zmm\d+, %zmm\d+", f) for f in fmas), fmas[:4]
+
+
+def test_broadcast_weights_are_chunk_major():
+    """Chunk c's kept values and positions of every row are contiguous (the rows' sweep over a
+    chunk streams them in order): the same bytes as mask24's, reordered; a chunk that is not
+    whole meta bytes (k_block % 8 == 4) keeps mask24's row-major form."""
+    from hwcompress.backends.cpu_sparse_gemm import pack_chunks
+
+    _, c, _ = S.random_operands(3, 6, 96)
+    v = S.Variant(S.Gather.BROADCAST, 2, 2, 1, k_block=32)
+    values, meta = S.kernel_operands(v, c)
+    assert values.shape == (3, 6, 16) and meta.shape == (3, 6, 4)
+    for chunk in range(3):
+        np.testing.assert_array_equal(values[chunk], c.values[:, 16 * chunk : 16 * chunk + 16])
+        np.testing.assert_array_equal(meta[chunk], c.meta[:, 4 * chunk : 4 * chunk + 4])
+    same = pack_chunks(c.values, c.meta, 96, S.Variant(S.Gather.BROADCAST, 2, 2, 1, k_block=12))
+    assert same[0] is c.values and same[1] is c.meta
