@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="2:4 structured sparsity on sparse kernels, where measured at least 5%% faster than dense (no fine-tuning)")
     b.add_argument("--sparse-pairs", action="store_true",
                    help="with --sparse-2-4: output channels 2i, 2i+1 keep the same positions, so CPU kernels load each input "
-                        "once for both (ResNet-50's 1x1 convs 1.5-1.76x over dense instead of 0.6-1.4x; loses some accuracy)")
+                        "once for both (ResNet-50's 1x1 convs 1.4-1.76x over dense instead of 0.9-1.4x; loses some accuracy)")
     b.add_argument("--calib", metavar="DIR",
                    help="calibration data for --prune and --int8: .npy files of samples, .npz keyed by input name, or images")
     _optimize_args(b)
