@@ -426,7 +426,8 @@ def pick_variant(
     target : tvm.target.Target
         Must describe this host (the kernels run here).
     number, repeat : int
-        ``time_evaluator`` runs per measurement and measurements (the median is kept).
+        ``time_evaluator`` runs per measurement and rounds of measurements, every candidate
+        once per round (the median of its rounds is kept).
     candidates : list of Variant, optional
         Default: ``variants(m, n, k, target, pairs)``.
     pairs : bool
@@ -442,11 +443,21 @@ def pick_variant(
     candidates = list(candidates or variants(m, n, k, target, pairs))
     if len(candidates) == 1:
         return candidates[0], {}
+    import statistics
+
     x, c, y = random_operands(m, n, k, pairs=pairs)
     dev = tvm.cpu()
-    times = {}
+    runs = {}
     for var in candidates:
-        fn = build(sparse24_kernel(m, n, k, target, var), target).time_evaluator("main", dev, number=number, repeat=repeat)
-        times[var] = fn(*(tvm.runtime.tensor(a) for a in (x, *kernel_operands(var, c), y))).median
+        fn = build(sparse24_kernel(m, n, k, target, var), target).time_evaluator("main", dev, number=number, repeat=1)
+        runs[var] = (fn, [tvm.runtime.tensor(a) for a in (x, *kernel_operands(var, c), y)])
+    # the repeats interleaved (every candidate once per round), so that a slow minute of a
+    # shared machine hits all alike: timed one after another, a 1.25x kernel once beat a 1.62x
+    # one (Zen 4, 49x2048x512, pairs)
+    samples = {var: [] for var in candidates}
+    for _ in range(repeat):
+        for var, (fn, args) in runs.items():
+            samples[var].append(fn(*args).mean)
+    times = {var: statistics.median(ts) for var, ts in samples.items()}
     best = min(times, key=times.get)
     return best, {var.name: s for var, s in times.items()}
