@@ -1,6 +1,7 @@
-"""What this CPU's core can do for 2:4 sparse GEMM inner loops, outside TVM: the ceiling each
-kernel form of ``backends.cpu_sparse`` could reach, to tell a kernel that codegen can still
-improve from one that the machine bounds.
+"""What this CPU's core does with 2:4 sparse GEMM inner loops, outside TVM: how fast each
+kernel form of ``backends.cpu_sparse`` runs in a plain hand-written loop, to tell a kernel
+that codegen can still improve from one near what the machine gives (measured loops, not a
+proof of a bound: a better loop may exist).
 
     .venv/bin/python tools/bench_sparse_ceiling.py               # AVX-512 hosts (gcc -march=x86-64-v4)
     .venv/bin/python tools/bench_sparse_ceiling.py --rounds 9
