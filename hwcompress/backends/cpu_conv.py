@@ -184,7 +184,7 @@ def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile,
                 axis=[ry, rx, rc],
             ),
             name="conv2d_nhwc_packed",
-            attrs={TILE_ATTR: tile_attr(tile, target_lanes or tile.lanes), FLAT_ATTR: 1},
+            attrs={TILE_ATTR: tile_attr(tile, target_lanes), FLAT_ATTR: 1},
         )
         return te.compute((n, out_h, out_w, n_ob * ob), lambda b, y, x, o: conv[b, y * out_w + x, o], name="conv2d_nhwc_crop")
     src, (n, out_h, out_wp, out_w), (sh, sw), (dh, dw) = _padded_source(data, (kh, kw), strides, padding, dilation, tile)
@@ -194,7 +194,7 @@ def conv2d_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTile,
             src[b, y * sh + ry * dh, x * sw + rx * dw, rc] * weight[o // ob, ry, rx, rc, o % ob], axis=[ry, rx, rc]
         ),
         name="conv2d_nhwc_packed",
-        attrs={TILE_ATTR: tile_attr(tile, target_lanes or tile.lanes)},
+        attrs={TILE_ATTR: tile_attr(tile, target_lanes)},
     )
     return _cropped(conv, out_w)
 
@@ -215,7 +215,7 @@ def depthwise_nhwc_packed(data, weight, strides, padding, dilation, tile: ConvTi
         (n, out_h, out_wp, c),
         lambda b, y, x, o: te.sum(src[b, y * sh + ry * dh, x * sw + rx * dw, o] * weight[ry, rx, o], axis=[ry, rx]),
         name="depthwise_nhwc_packed",
-        attrs={TILE_ATTR: tile_attr(tile, target_lanes or tile.lanes)},
+        attrs={TILE_ATTR: tile_attr(tile, target_lanes)},
     )
     return _cropped(conv, out_w)
 
@@ -380,9 +380,10 @@ def tile_lanes(facts) -> tuple[int, ...]:
 
 def tile_attr(tile: ConvTile, target_lanes: int | None) -> list[int]:
     """``TILE_ATTR``'s value: ``[ty, tx, nvec]``, and the tile's lanes where they are not the
-    target's vector width ``target_lanes`` (``tile_lanes``'s half width; left out otherwise so
-    that the workloads of shipped tuning databases keep their structure)."""
-    return [tile.ty, tile.tx, tile.nvec] + ([tile.lanes] if tile.lanes != target_lanes else [])
+    target's vector width ``target_lanes`` (``tile_lanes``'s half width; left out otherwise,
+    and for None, so that the workloads of shipped tuning databases keep their structure)."""
+    own = target_lanes is not None and tile.lanes != target_lanes
+    return [tile.ty, tile.tx, tile.nvec] + ([tile.lanes] if own else [])
 
 
 # ---------------------------------------------------------------------------- default schedule

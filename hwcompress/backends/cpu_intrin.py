@@ -136,26 +136,30 @@ class DotIntrin:
         return 20 if self.kind is Int8Dot.SMULL else 10
 
 
+def target_has(target, feature: str) -> bool:
+    """Whether the LLVM ``target`` has CPU ``feature`` (LLVM's spelling: ``avx2``,
+    ``avx512vnni``, ``dotprod``); False for a feature its backend does not know (an x86 name on
+    aarch64)."""
+    from tvm.target.codegen import target_has_features
+
+    try:
+        return bool(target_has_features(feature, target))
+    except Exception:  # a feature this target's LLVM backend does not know
+        return False
+
+
 def dot_intrin_for(target) -> DotIntrin | None:
     """The best exact integer dot intrinsic of an LLVM ``target``: x86 from SSE2 up, aarch64
     (``sdot`` with ``+dotprod``, else NEON's ``smull``); None for any other CPU."""
-    from tvm.target.codegen import target_has_features
-
-    def has(feature: str) -> bool:
-        try:
-            return bool(target_has_features(feature, target))
-        except Exception:  # a feature this target's LLVM backend does not know
-            return False
-
     if bool(target.attrs.get("feature.is_aarch64", False)):
-        return DotIntrin(Int8Dot.SDOT, 4) if has("dotprod") else DotIntrin(Int8Dot.SMULL, 4) if has("neon") else None
-    if has("avx512vnni") and has("avx512bw"):
+        return DotIntrin(Int8Dot.SDOT, 4) if target_has(target, "dotprod") else DotIntrin(Int8Dot.SMULL, 4) if target_has(target, "neon") else None
+    if target_has(target, "avx512vnni") and target_has(target, "avx512bw"):
         return DotIntrin(Int8Dot.VNNI, 16)
-    if has("avx512bw"):
+    if target_has(target, "avx512bw"):
         return DotIntrin(Int8Dot.PMADDWD, 16)
-    if has("avx2"):
+    if target_has(target, "avx2"):
         return DotIntrin(Int8Dot.PMADDWD, 8)
-    if has("sse2"):
+    if target_has(target, "sse2"):
         return DotIntrin(Int8Dot.PMADDWD, 4)
     return None
 

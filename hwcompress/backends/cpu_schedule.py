@@ -29,7 +29,7 @@ from .cpu_int8 import schedule_int8
 from .cpu_int8_winograd import schedule_int8_winograd
 from .cpu_rules import per_block, tiled_reduction
 from .cpu_winograd import schedule_winograd
-from .cpu_intrin import DotIntrin, dot_intrin_for
+from .cpu_intrin import DotIntrin, dot_intrin_for, target_has
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,9 @@ class CpuFacts:
 
 def _vector_bits(target) -> int:
     """SIMD width from the CPU's features (``llvm_get_vector_width`` says 512 on znver3)."""
-    from tvm.target.codegen import target_has_features
-
     for feature, bits in (("avx512f", 512), ("avx", 256)):
-        try:
-            if target_has_features(feature, target):
-                return bits
-        except Exception:  # a feature name this target's LLVM backend does not know
-            continue
+        if target_has(target, feature):
+            return bits
     return 128  # SSE, NEON
 
 

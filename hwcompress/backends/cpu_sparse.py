@@ -127,22 +127,16 @@ class Variant:
 
 def has_avx2(target) -> bool:
     """True when ``target`` is an x86 LLVM target with AVX2 (and FMA)."""
-    from tvm.target.codegen import target_has_features
+    from .cpu_intrin import target_has
 
-    try:
-        return bool(target_has_features("avx2", target)) and bool(target_has_features("fma", target))
-    except Exception:  # a feature name this target's LLVM backend does not know (aarch64)
-        return False
+    return target_has(target, "avx2") and target_has(target, "fma")
 
 
 def has_avx512(target) -> bool:
     """True when ``target`` is an x86 LLVM target with AVX-512F (16-lane vectors, 32 registers)."""
-    from tvm.target.codegen import target_has_features
+    from .cpu_intrin import target_has
 
-    try:
-        return bool(target_has_features("avx512f", target))
-    except Exception:  # a feature name this target's LLVM backend does not know (aarch64)
-        return False
+    return target_has(target, "avx512f")
 
 
 def variants(m: int, n: int, k: int, target, pairs: bool = False) -> list[Variant]:

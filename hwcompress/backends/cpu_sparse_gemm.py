@@ -180,9 +180,13 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     # chunk is a page away from the next row's: no hardware prefetch when they come from memory)
     cm = chunk_major(k, v)
 
-    def kidx(meta, row, q):
+    def decode(byte, q):
+        """The k of kept value ``q`` (counted from a meta byte boundary) from its meta byte."""
         g = q // 2
-        return 4 * g + ((T.Cast("int32", meta[row, g // 2]) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
+        return 4 * g + ((T.Cast("int32", byte) >> (4 * (g % 2) + 2 * (q % 2))) & 3)
+
+    def kidx(meta, row, q):
+        return decode(meta[row, q // 4], q)
 
     def kpos(meta, row, c, ql, local):
         """The k of kept value ``ql`` of chunk ``c`` of ``row``: within the chunk (``local``)
@@ -190,8 +194,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         estimate divides by the zero coefficient that leaves)."""
         if not cm:
             return kidx(meta, row, c * kept + ql) - (c * kb if local else 0)
-        g = ql // 2
-        loc = 4 * g + ((T.Cast("int32", meta[c, row, g // 2]) >> (4 * (g % 2) + 2 * (ql % 2))) & 3)
+        loc = decode(meta[c, row, ql // 4], ql)
         return loc if local else c * kb + loc
 
     def val(values, row, c, ql):

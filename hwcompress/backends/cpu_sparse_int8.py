@@ -105,15 +105,9 @@ def pack(w_nk: np.ndarray, kind: Kind) -> tuple[np.ndarray, np.ndarray]:
 def has_vnni256(target) -> bool:
     """True when ``target`` has ``vpdpbusd`` on 256-bit vectors (AVX512-VNNI with AVX512-VL, or
     AVX-VNNI)."""
-    from tvm.target.codegen import target_has_features
+    from .cpu_intrin import target_has
 
-    def has(feature: str) -> bool:
-        try:
-            return bool(target_has_features(feature, target))
-        except Exception:  # a feature this target's LLVM backend does not know (aarch64)
-            return False
-
-    return (has("avx512vnni") and has("avx512vl")) or has("avxvnni")
+    return (target_has(target, "avx512vnni") and target_has(target, "avx512vl")) or target_has(target, "avxvnni")
 
 
 def kind_for(target, k: int, max_abs_weight: int) -> Kind:
