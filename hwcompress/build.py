@@ -23,9 +23,11 @@ from .targets import TargetSpec
 log = logging.getLogger(__name__)
 
 
-def legalize_passes(fuse: bool = True, legalize_map: dict | None = None) -> list:
+def legalize_passes(fuse: bool = True, legalize_map: dict | None = None, before_legalize: Sequence = ()) -> list:
     """The passes of ``legalize``; ``fuse=False`` leaves every op its own kernel;
-    ``legalize_map`` overrides TVM's legalization of some ops (the backend's, see ``legalize``).
+    ``legalize_map`` overrides TVM's legalization of some ops (the backend's, see ``legalize``);
+    ``before_legalize``: graph passes that need the folded constants but come before
+    ``LegalizeOps`` (the sparse layers' epilogue fusion).
 
     ``FuseTIR`` runs either way: it only merges groups that already exist (e.g. the
     ``fuse`` technique's pattern groups), which would otherwise stay Relax functions calling
@@ -39,6 +41,7 @@ def legalize_passes(fuse: bool = True, legalize_map: dict | None = None) -> list
         relax.transform.FoldConstant(),
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
+        *before_legalize,
         relax.transform.LegalizeOps(legalize_map),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
@@ -59,7 +62,19 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True, blocks: bool = True):
     lmap = backend_legalize_map(spec, sparse=sparse, winograd=winograd_allowed(mod), variants=sparse_variants(mod))
     backend = get_backend(spec)
     graph = backend.fusion_passes(target, sparse=sparse) if fuse and blocks and backend.fusion_passes else []
-    return _run_stage("legalize", tvm.transform.Sequential([*graph, *legalize_passes(fuse, lmap)]), mod, target)
+    epilogues = [sparse_epilogue_pass(spec, sparse_variants(mod))] if sparse and fuse and backend.sparse_epilogue else []
+    return _run_stage("legalize", tvm.transform.Sequential([*graph, *legalize_passes(fuse, lmap, epilogues)]), mod, target)
+
+
+def sparse_epilogue_pass(spec: TargetSpec, variants: dict | None = None):
+    """``sparse_lower.fuse_epilogues`` with ``spec``'s backend kernels (the variant per GEMM
+    shape: ``sparse_variants``)."""
+    from .backends.sparse_lower import fuse_epilogues
+
+    backend, target, chosen = get_backend(spec), spec.tvm_target(), variants or {}
+    return fuse_epilogues(
+        lambda m, n, k, w, epilogue, perm: backend.sparse_kernel(target, m, n, k, w, chosen.get((m, n, k)), epilogue=epilogue, perm=perm)
+    )
 
 
 # Module attribute: False when the build's Winograd is off (``--winograd off``, or a target

@@ -31,6 +31,12 @@ class Backend:
     # and its weight operands made from W (numpy arrays; raises ValueError for shapes it does not
     # take); the variant as ``sparse_pick`` named it, None: the backend's default
     sparse_kernel: Callable | None = None
+    # ``sparse_kernel`` also takes ``epilogue=`` (``sparse_lower.Epilogue``) and ``perm=`` (the
+    # input-channel permutation, int array): the kernel then reads ``x`` through the permutation
+    # and applies bias, residual and clamp as it writes ``y`` (ValueError where a variant
+    # cannot), its signature ``(x, *weights, [bias], [res], y)`` (``perm``'s operand among the
+    # weights): ``sparse_lower.fuse_epilogues``
+    sparse_epilogue: bool = False
     # (tvm Target, m, n, k, pairs=bool) -> the name of the fastest variant of ``sparse_kernel``
     # for that shape, measured on this machine (the target runs here); ``pairs``: the weights'
     # row pairs share positions (``Sparse24.pairs``); None: one variant only

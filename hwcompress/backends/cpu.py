@@ -32,13 +32,13 @@ def _legalize_map(target, winograd: bool = True):
     return {"relax.nn.conv2d": conv, "relax.matmul": legalize_matmul(legalize_matmul_int8(facts), conv)}
 
 
-def _sparse_kernel(target, m, n, k, weight, variant: str | None = None):
+def _sparse_kernel(target, m, n, k, weight, variant: str | None = None, epilogue=None, perm=None):
     from ..passes.sparsity.mask24 import compress, pairs_share_positions
     from .cpu_sparse import kernel_operands, sparse24_kernel, variant_named
 
     c = compress(weight)
     chosen = variant_named(m, n, k, target, variant, pairs_share_positions(c.meta))
-    return sparse24_kernel(m, n, k, target, chosen), kernel_operands(chosen, c)
+    return sparse24_kernel(m, n, k, target, chosen, epilogue), kernel_operands(chosen, c, perm)
 
 
 def _sparse_pick(target, m, n, k, pairs: bool = False) -> str:
@@ -92,6 +92,7 @@ BACKEND = Backend(
     default_trace=_default_trace,
     legalize_map=_legalize_map,
     sparse_kernel=_sparse_kernel,
+    sparse_epilogue=True,
     sparse_pick=_sparse_pick,
     sparse_kernel_int8=_sparse_kernel_int8,
     fusion_passes=_fusion_passes,

@@ -56,7 +56,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .cpu_sparse_gemm import broadcast_kernel, m_blocking, pack_chunks
+from .cpu_sparse_gemm import broadcast_kernel, m_blocking, pack_chunks, permutation_operand
 from .cpu_sparse_gemv import CHUNK, WINDOW, lane_kernel, pack_lanes, pair_kernel, permute_kernel
 
 __all__ = [
@@ -274,7 +274,7 @@ def k_block(k: int, width: int, budget: int = XT_CHUNK_BYTES) -> int:
     return max(fits, default=0) or (4 if k % 8 else 8)
 
 
-def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = None):
+def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = None, epilogue=None):
     """The scheduled 2:4 sparse GEMM kernel ``y = x @ decompress(values, meta).T``.
 
     Parameters
@@ -285,17 +285,22 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
         LLVM target; its core count sets the parallel split, its features the gather.
     variant : Variant, optional
         Knobs (``variants``/``pick_variant``); default: the first of ``variants``.
+    epilogue : sparse_lower.Epilogue, optional
+        The layer's input permutation, bias, residual and clamp, done by the kernel
+        (``BROADCAST`` only; ValueError for the others).
 
     Returns
     -------
     tvm.tirx.PrimFunc
         ``(x: float32[m, k], values: float32[n, k//2], meta: uint8[n, (k+7)//8],
-        y: float32[m, n])`` (``LANES``: ``(x, w, y)``, ``w`` from ``kernel_operands``), marked
-        ``tirx.is_scheduled``, without a global symbol.
+        y: float32[m, n])`` (``LANES``: ``(x, w, y)``, ``w`` from ``kernel_operands``; with an
+        epilogue its operands before ``y``), marked ``tirx.is_scheduled``, without a global symbol.
     """
     from .cpu_schedule import CpuFacts
 
     variant = variant or variants(m, n, k, target)[0]
+    if epilogue is not None and not epilogue.empty and variant.gather is not Gather.BROADCAST:
+        raise ValueError(f"the {variant.gather.value} kernel takes no epilogue (broadcast kernels only)")
     if min(m, n, k) < 1 or k % 4:
         raise ValueError(f"bad 2:4 GEMM shape m={m} n={n} k={k} (k must be a multiple of 4)")
     if variant.gather in (Gather.PERMPS, Gather.PERMILPS) and not (has_avx2(target) and k % CHUNK == 0):
@@ -316,22 +321,25 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
     elif variant.gather is Gather.PAIRS:
         func = pair_kernel(m, n, k, max(1, variant.rows // 2), variant.unroll, variant.m_rows, variant.lut, lambda b: _split(b, cores))
     elif variant.gather is Gather.BROADCAST:
-        func = broadcast_kernel(m, n, k, variant, lambda b: _split(b, cores))
+        func = broadcast_kernel(m, n, k, variant, lambda b: _split(b, cores), epilogue)
     else:
         func = permute_kernel(m, n, k, variant, lambda b: _split(b, cores))
     return func.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
 
 
-def kernel_operands(variant: Variant, c) -> list:
+def kernel_operands(variant: Variant, c, perm=None) -> list:
     """The weight operands of ``variant``'s kernel for the compressed weight ``c``
     (``mask24.Compressed``): ``[values, meta]`` (``BROADCAST``: chunk-major, ``pack_chunks``),
-    or ``LANES``' one packed array."""
+    or ``LANES``' one packed array; ``perm``: the input-channel permutation of an epilogue
+    with ``perm`` (``BROADCAST``: its ``pidx`` operand follows)."""
     if variant.gather is Gather.LANES:
         from ..passes.sparsity.mask24 import embed_positions
 
         return [pack_lanes(embed_positions(c), variant.rows)]
+    if perm is not None and variant.gather is not Gather.BROADCAST:
+        raise ValueError(f"the {variant.gather.value} kernel reads no permutation (broadcast kernels only)")
     if variant.gather is Gather.BROADCAST:
-        return list(pack_chunks(c.values, c.meta, c.k, variant))
+        return [*pack_chunks(c.values, c.meta, c.k, variant), *([] if perm is None else [permutation_operand(perm)])]
     return [c.values, c.meta]
 
 

@@ -135,9 +135,20 @@ def pack_chunks(values, meta, k: int, v):
     )
 
 
-def broadcast_kernel(m: int, n: int, k: int, v, split):
-    """PrimFunc ``(x, values, meta, y)`` of the ``BROADCAST`` variant ``v`` (any ``k % 4 == 0``);
-    ``split(blocks) -> (tasks, per)`` shares the n-blocks among parallel tasks."""
+def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
+    """PrimFunc ``(x, values, meta, [pidx], [bias], [res], y)`` of the ``BROADCAST`` variant
+    ``v`` (any ``k % 4 == 0``); ``split(blocks) -> (tasks, per)`` shares the n-blocks among
+    parallel tasks; ``epilogue`` (``sparse_lower.Epilogue``): what the kernel does besides
+    the product, each operand only where it asks for it:
+
+    * ``perm``: ``x`` is read through an input-channel permutation, ``pidx`` int32 ``[2, k]``
+      (``permutation_operand``: row 0 the permutation, row 1 its inverse): the kernel's
+      positions index ``x[:, pidx[0]]``. The copy into ``xt`` stores each column of ``x`` at
+      its permuted row (``by_m``'s chunk copies gather instead): no pass of its own;
+    * ``bias`` ``[n]``, ``residual`` ``res [m, n]``, then the clamp ``lo`` / ``hi`` (ReLU:
+      ``lo = 0``) applied where ``y`` is written (the 8x8 transposes out of ``yt``), so that
+      the layer's epilogue costs no pass over ``y`` either.
+    """
     from tvm.script import tirx as T
 
     R, lanes = v.rows, 8
@@ -224,7 +235,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         within chunk ``c``) into ``xg``: a scalar load and store each, no register held."""
         r0 = pair_rows(t, b, p)[0]
         for u in range(count):
-            T.buffer_store(xg, x[m - 1, kpos(meta, r0, c, ql + u, False)], [t, p, ql + u])
+            src = ops["xl"][kpos(meta, r0, c, ql + u, False)] if ep is not None and ep.perm else x[m - 1, kpos(meta, r0, c, ql + u, False)]
+            T.buffer_store(xg, src, [t, p, ql + u])
 
     def tail_dot(acc, xg, values, y, t, b, p, c):
         """y[m - 1, pair's rows] (+)= their chunk's kept values . the gathered x, 8 at a time."""
@@ -240,8 +252,11 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
             for e in range(kr):
                 dot = dot + val(values, rows[s], c, lanes * kv + e) * xg[t, p, lanes * kv + e]
             T.buffer_store(acc, T.if_then_else(c == 0, T.float32(0), y[m - 1, rows[s]]) + dot, [TB + 2 * lanes + s])
-        for s in range(2):
-            T.buffer_store(y, acc[TB + 2 * lanes + s], [m - 1, rows[s]])
+        for s in range(2):  # y's last row holds partial sums until the last chunk
+            out = acc[TB + 2 * lanes + s]
+            if ep is not None:
+                out = T.if_then_else(c == chunks - 1, finish(out, m - 1, rows[s]), out)
+            T.buffer_store(y, out, [m - 1, rows[s]])
 
     def tail_here(mb):  # with a tail row, in the last m-block only (computed once)
         return tail_row and (True if mblk == 1 else mb == mblk - 1)
@@ -269,18 +284,22 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
     def x_in(x, mb, i8, kk, at=None):
         """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt
         (``by_m``: into task ``at[0]``'s chunk buffer at row ``at[1]``)."""
-        rows = [
-            T.if_then_else(start(mb) + 8 * i8 + r < mm, x.vload([T.min(start(mb) + 8 * i8 + r, mm - 1), kk], vt), T.Broadcast(T.float32(0), 8))
-            for r in range(8)
-        ]  # fmt: skip
+        gather = at is not None and ep is not None and ep.perm  # a chunk of permuted columns
+
+        def row(r):
+            i = T.min(start(mb) + 8 * i8 + r, mm - 1)
+            return x[i, ops["pidx"][0, T.Ramp(kk, 1, 8)]] if gather else x.vload([i, kk], vt)
+
+        rows = [T.if_then_else(start(mb) + 8 * i8 + r < mm, row(r), T.Broadcast(T.float32(0), 8)) for r in range(8)]
         for c, col in enumerate(transpose8(rows)):
-            T.buffer_store(xt_ref[0], col, [at[0], at[1] + c, T.Ramp(8 * i8, 1, 8)] if at else [mb, kk + c, T.Ramp(8 * i8, 1, 8)])
+            T.buffer_store(xt_ref[0], col, [at[0], at[1] + c, T.Ramp(8 * i8, 1, 8)] if at else [mb, xk(kk + c), T.Ramp(8 * i8, 1, 8)])
 
     def y_store8(y, yt, n0, src, dst, keep):
         """y[dst + c, n0 : n0 + 8] = column c of the 8x8 transpose of yt[n0 : n0 + 8, src : src + 8],
         for the c where ``keep(c)`` holds (None: every row, no test)."""
         cols = transpose8([yt.vload([n0 + r, src], vt) for r in range(8)])
         for c, col in enumerate(cols):
+            col = finish(col, dst + c, n0, 8)
             if keep(c) is None:
                 T.buffer_store(y, col, [dst + c, T.Ramp(n0, 1, 8)])
             else:
@@ -302,6 +321,29 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         """y's rows of vector v8 of block mb, columns n0..n0+7, from yt's rows n0..n0+7."""
         y_store8(y, yt, n0, mb * W + 8 * v8, start(mb) + 8 * v8, lambda c: owns(mb, 8 * v8 + c))
 
+    ep = epilogue
+    ops = {}  # the epilogue's buffers, for the helpers (filled as the script is parsed)
+
+    def finish(value, row, col, lanes_: int = 1):
+        """``value`` of ``y[row, col]`` (``lanes_ > 1``: the vector ``y[row, col : col + lanes_]``)
+        with the epilogue applied."""
+        if ep is None:
+            return value
+        load = (lambda buf, idx: buf.vload(idx, f"float32x{lanes_}")) if lanes_ > 1 else (lambda buf, idx: buf[tuple(idx)])
+        const = (lambda c: T.Broadcast(T.float32(c), lanes_)) if lanes_ > 1 else T.float32
+        if ep.bias:
+            value = value + load(ops["bias"], [col])
+        if ep.residual:
+            value = value + load(ops["res"], [row, col])
+        if ep.lo is not None:
+            value = T.max(value, const(ep.lo))
+        if ep.hi is not None:
+            value = T.min(value, const(ep.hi))
+        return value
+
+    def xk(kk):  # the xt row of x's column kk (its place in the permuted order)
+        return ops["pidx"][1, kk] if ep is not None and ep.perm else kk
+
     xt_ref = []  # the xt buffer, for x_in (T.buffer_store needs the buffer object)
 
     @T.prim_func
@@ -309,20 +351,30 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
         x: T.Buffer((m, k), "float32"),
         values: T.Buffer((chunks, n, kept) if cm else (n, k // 2), "float32"),
         meta: T.Buffer((chunks, n, kb // 8) if cm else (n, (k + 7) // 8), "uint8"),
+        pidx: T.Buffer((2, k), "int32"),
+        bias: T.Buffer((n,), "float32"),
+        res: T.Buffer((m, n), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
+        ops.update(pidx=pidx, bias=bias, res=res)
         xt = T.alloc_buffer((tasks, kb, W) if by_m else (mblk, k, W), "float32")  # m columns past mm: zeros
         yt = T.alloc_buffer((n, mblk * W), "float32")
         xt_ref.append(xt)
         xg = T.alloc_buffer((tasks, R // 2, kept) if tail_row else (1, 1, 1), "float32")  # the tail's gathered x
+        # the tail row of x in the permuted order, once (its gather then reads it as it reads x)
+        xl = T.alloc_buffer((k if tail_row and ep is not None and ep.perm else 1,), "float32")
+        ops.update(xl=xl)
+        if tail_row and ep is not None and ep.perm:
+            for j in range(k):
+                xl[j] = x[m - 1, pidx[0, j]]
         if not by_m:  # all of x into xt first (by_m: each task its own chunks)
             for kc in T.parallel(k8):
                 for mb, i8 in T.grid(mblk, MV):
                     x_in(x, mb, i8, kc * 8)
             for kk in T.parallel(k - 8 * k8):
                 for mb, i in T.grid(mblk, W):
-                    xt[mb, 8 * k8 + kk, i] = T.if_then_else(start(mb) + i < mm, x[T.min(start(mb) + i, mm - 1), 8 * k8 + kk], T.float32(0))
+                    xt[mb, xk(8 * k8 + kk), i] = T.if_then_else(start(mb) + i < mm, x[T.min(start(mb) + i, mm - 1), 8 * k8 + kk], T.float32(0))
         for t in T.parallel(tasks):
             acc = T.alloc_buffer((TB + (2 * lanes + 2 if tail_row else 0),), "float32", scope="local")
             for mi, c, b in T.grid(1 if by_m else mblk, chunks, per):
@@ -370,7 +422,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                 if n_task(t) == tn - 1:  # the rows past the last 8 (in the last range)
                     for nn, i in T.grid(n - 8 * n8, W):
                         if owns(m_task(t), i):
-                            y[start(m_task(t)) + i, 8 * n8 + nn] = yt[8 * n8 + nn, m_task(t) * W + i]
+                            y[start(m_task(t)) + i, 8 * n8 + nn] = finish(yt[8 * n8 + nn, m_task(t) * W + i], start(m_task(t)) + i, 8 * n8 + nn)
         # y is [m, n]: a tile is a column of it, and y's rows are often 2^j floats apart, so
         # column writes conflict in L1 sets: yt is transposed in 8x8 blocks instead
         if not by_m:  # (by_m: each task its own rows of y, above)
@@ -380,6 +432,28 @@ def broadcast_kernel(m: int, n: int, k: int, v, split):
                         y_out(y, yt, (nc * 8 + nb) * 8, v8)
             for nn in T.parallel(n - 8 * n8):
                 for i in range(mm):
-                    y[i, 8 * n8 + nn] = yt[8 * n8 + nn, block_of(i) * W + i - start(block_of(i))]
+                    y[i, 8 * n8 + nn] = finish(yt[8 * n8 + nn, block_of(i) * W + i - start(block_of(i))], i, 8 * n8 + nn)
 
-    return kernel
+    used = {"pidx": ep is not None and ep.perm, "bias": ep is not None and ep.bias, "res": ep is not None and ep.residual}
+    return without_params(kernel, [name for name, use in used.items() if not use])
+
+
+def without_params(func, names: list[str]):
+    """``func`` without the parameters called ``names`` (which its body does not use)."""
+    import tvm
+
+    if not names:
+        return func
+    keep = [p for p in func.params if p.name not in names]
+    return tvm.tirx.PrimFunc(keep, func.body, ret_type=func.ret_type, attrs=func.attrs)
+
+
+def permutation_operand(perm):
+    """The broadcast kernel's ``pidx`` operand for the input-channel permutation ``perm`` (the
+    kernel's position ``j`` reads ``x[:, perm[j]]``): int32 ``[2, k]``, ``perm`` and its inverse."""
+    import numpy as np
+
+    perm = np.asarray(perm, np.int64)
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)
+    return np.stack([perm, inv]).astype(np.int32)

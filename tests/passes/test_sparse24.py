@@ -266,8 +266,10 @@ def test_pairs_prunes_every_layer_on_shared_positions(permute):
 
 
 def test_layers_alike_are_measured_once(monkeypatch):
-    """Two matmuls of one shape (different weights) run the same kernels: the variant is
-    picked and the pair timed once, the second layer reports the first's timings."""
+    """Two matmuls of one shape (different weights, each followed by a ReLU) run the same
+    kernels: the variant is picked and the pair timed once, the second layer reports the
+    first's timings; a third one of that shape without the ReLU (another kernel: the ReLU is
+    timed with the layer) is timed on its own, with the variant already picked."""
     from hwcompress.backends import cpu_sparse
 
     picks, real = [], cpu_sparse.pick_variant
@@ -278,10 +280,11 @@ def test_layers_alike_are_measured_once(monkeypatch):
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, relax.const(rng.standard_normal((64, 64)).astype(np.float32)))))
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(y, relax.const(rng.standard_normal((64, 64)).astype(np.float32)))))
             out = bb.emit_output(relax.op.matmul(y, relax.const(rng.standard_normal((64, 64)).astype(np.float32))))
         bb.emit_func_output(out)
-    first, second = sparsity_report(sparsify(bb.get(), Sparse24(permute=False), HOST))["layers"]
-    assert "timed_as" not in first and second["timed_as"] == "matmul[0]"
+    first, second, third = sparsity_report(sparsify(bb.get(), Sparse24(permute=False), HOST))["layers"]
+    assert "timed_as" not in first and second["timed_as"] == "matmul[0]" and "timed_as" not in third
     assert (second["dense_ms"], second["sparse_ms"], second["variant"]) == (first["dense_ms"], first["sparse_ms"], first["variant"])
     assert picks == [(1, 64, 64)]  # one GEMM shape: picked once
 
@@ -336,6 +339,7 @@ def test_pairs_build_lowers_the_layer_with_the_pairs_kernel(monkeypatch):
     import tvm_ffi
 
     from hwcompress.backends import cpu_sparse
+    from hwcompress.backends.sparse_lower import Epilogue
 
     forced = cpu_sparse.variants(36, 32, 16, HOST.tvm_target(), pairs=True)[1]  # not the default
     assert forced.shared
@@ -346,9 +350,10 @@ def test_pairs_build_lowers_the_layer_with_the_pairs_kernel(monkeypatch):
     (rec,) = sparsity_report(out)["layers"]
     assert asked == [True] and rec["sparse"] and rec["variant"] == forced.name and rec["gemm"] == [36, 32, 16]
     (kernel,) = [f for gv, f in B.legalize(out, HOST).functions_items() if gv.name_hint.startswith("sparse24_gemm")]
-    expected = cpu_sparse.sparse24_kernel(36, 32, 16, HOST.tvm_target(), forced)
+    relu = Epilogue(lo=0.0)  # the conv's ReLU, in the kernel
+    expected = cpu_sparse.sparse24_kernel(36, 32, 16, HOST.tvm_target(), forced, relu)
     assert tvm_ffi.structural_equal(kernel.body, expected.body, map_free_vars=True)
-    default = cpu_sparse.sparse24_kernel(36, 32, 16, HOST.tvm_target(), cpu_sparse.variants(36, 32, 16, HOST.tvm_target(), pairs=True)[0])
+    default = cpu_sparse.sparse24_kernel(36, 32, 16, HOST.tvm_target(), cpu_sparse.variants(36, 32, 16, HOST.tvm_target(), pairs=True)[0], relu)
     assert not tvm_ffi.structural_equal(kernel.body, default.body, map_free_vars=True)  # the check can fail
 
 

@@ -139,13 +139,18 @@ class _Site:
     call: object
     name: str
     reason: str | None  # None: eligible
+    # what follows the layer that a kernel does as it writes its output (bias, residual,
+    # clamp: ``sparse_lower.Tail``), timed with the layer on both sides; None for INT8
+    tail: object = None
 
 
 def _sites(func, spec, int8: bool = False) -> list[_Site]:
     from tvm import relax
 
     from ...backends import get_backend
+    from ...backends.sparse_lower import graph_users, tail_of
 
+    users = graph_users(func)
     sites, counts = [], {CONV2D: 0, MATMUL: 0}
     for block in func.body.blocks:
         for binding in block.bindings:
@@ -162,7 +167,8 @@ def _sites(func, spec, int8: bool = False) -> list[_Site]:
                 reason = f"target {spec.name}: INT8 layers run on its NPU, which has no 2:4 kernels"
             elif reason is None and int8 and get_backend(spec).sparse_kernel_int8 is None:
                 reason = f"target {spec.name} has no 2:4 INT8 kernels (the layer runs dense INT8)"
-            sites.append(_Site(binding.var, call, name, reason))
+            tail = None if int8 or reason is not None else tail_of(binding.var, call, users)
+            sites.append(_Site(binding.var, call, name, reason, tail))
     return sites
 
 
@@ -313,23 +319,42 @@ def _int8_layer(call, x, weight: np.ndarray, qmax: int):
 
 
 def _layer_module(site: _Site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool, qmax: int | None = None, kernel=None):
-    """A module running one layer on its own (the measurement's unit); ``sparse``: marked as
-    sparsified, so that its 2:4 weight gets the sparse kernel (``build.has_sparsity``), with
-    ``kernel`` (``{"gemm": [m, n, k], "variant": name}``) its variant; ``qmax``: the layer as
-    INT8 (``_int8_layer``)."""
+    """A module running one layer on its own (the measurement's unit), with its ``tail`` (a
+    residual operand as a second input); ``sparse``: marked as sparsified, so that its 2:4
+    weight gets the sparse kernel (``build.has_sparsity``), with ``kernel`` (``{"gemm": [m,
+    n, k], "variant": name}``) its variant; ``qmax``: the layer as INT8 (``_int8_layer``)."""
     import tvm
     from tvm import relax
 
-    data = site.call.args[0]
+    data, tail = site.call.args[0], site.tail
     x = relax.Var("x", relax.TensorType([int(d) for d in data.ty.shape], "float32" if qmax is None else "uint8"))
+    params = [x] + ([relax.Var("r", tail.residual.ty)] if tail is not None and tail.residual is not None else [])
     bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
+    with bb.function("main", params):
         with bb.dataflow():
-            out = bb.emit_output(_emit_layer(bb, site.call, x, weight, perm, "y", qmax))
+            y = _emit_layer(bb, site.call, x, weight, perm, "y", qmax)
+            if tail is not None:
+                y = _emit_tail(bb, y, tail, params[1:])
+            out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = tvm.IRModule({"main": bb.get()["main"]})
     layers = [{"sparse": True, **kernel}] if kernel else []
     return mod.with_attr(REPORT_ATTR, json.dumps({"layers": layers})) if sparse else mod
+
+
+def _emit_tail(bb, y, tail, residual: list):
+    """``tail``'s ops (``sparse_lower.Tail``) after ``y``, the residual operand ``residual[0]``."""
+    from tvm import relax
+
+    if tail.bias is not None:
+        y = bb.emit(relax.op.add(y, tail.bias))
+    if tail.residual is not None:
+        y = bb.emit(relax.op.add(y, residual[0]))
+    if tail.lo is not None and tail.hi is None and tail.lo == 0.0:
+        y = bb.emit(relax.op.nn.relu(y))
+    elif tail.lo is not None or tail.hi is not None:
+        y = bb.emit(relax.op.clip(y, tail.lo if tail.lo is not None else -np.inf, tail.hi if tail.hi is not None else np.inf))
+    return y
 
 
 def _time_layers(modules: dict, spec, rounds: int = 3, flush_bytes: int = 0) -> dict[str, float]:
@@ -349,11 +374,12 @@ def _time_layers(modules: dict, spec, rounds: int = 3, flush_bytes: int = 0) -> 
             mod = winograd(mod, Winograd(), spec)  # a float 3x3 conv's dense kernel is Winograd
         exe = build.build(build.default_schedule(build.legalize(mod, spec), spec), spec)
         vm = relax.VirtualMachine(exe, tvm.cpu())
-        param = mod["main"].params[0].ty
-        shape, rng = [int(d) for d in param.shape], np.random.default_rng(0)
-        x = rng.standard_normal(shape).astype(np.float32) if str(param.dtype) == "float32" else rng.integers(0, 256, shape, np.uint8)
-        x = tvm.runtime.tensor(x)
-        vm["main"](x)  # warm up
+        rng = np.random.default_rng(0)
+        x = []
+        for param in (p.ty for p in mod["main"].params):
+            shape = [int(d) for d in param.shape]
+            x.append(tvm.runtime.tensor(rng.standard_normal(shape).astype(np.float32) if str(param.dtype) == "float32" else rng.integers(0, 256, shape, np.uint8)))
+        vm["main"](*x)  # warm up
         if flush_bytes:  # one run per repeat, each after the flush (the VM's wrapper drops the flush)
             timer = vm.module.time_evaluator("main", tvm.cpu(), number=1, repeat=COLD_RUNS, cache_flush_bytes=flush_bytes)
         else:
@@ -362,16 +388,18 @@ def _time_layers(modules: dict, spec, rounds: int = 3, flush_bytes: int = 0) -> 
     times = {key: [] for key in modules}
     for _ in range(rounds):
         for key, (timer, x) in runners.items():
-            times[key].extend(timer(x).results)
+            times[key].extend(timer(*x).results)
     return {key: float(np.median(t)) for key, t in times.items()}
 
 
-def _layer_key(call, permuted: bool, kernel: dict | None) -> tuple:
+def _layer_key(site: _Site, permuted: bool, kernel: dict | None) -> tuple:
     """What a layer's dense and sparse modules depend on besides the weight values (the op,
-    its attributes, the shapes, the input permutation's presence, the kernel variant): layers
-    with one key run the same kernels, so one timing serves them all."""
+    its attributes, the shapes, the input permutation's presence, the kernel variant, the
+    tail's ops): layers with one key run the same kernels, so one timing serves them all."""
+    call, t = site.call, site.tail
     data, weight = call.args[:2]
-    return (call.op.name, str(call.attrs), str(data.ty), str(weight.ty), permuted, kernel and kernel["variant"])
+    tail = t and (t.bias is not None, t.residual is not None, t.lo, t.hi)
+    return (call.op.name, str(call.attrs), str(data.ty), str(weight.ty), permuted, kernel and kernel["variant"], tail)
 
 
 def _timing(func, choice: str = "auto") -> dict:
@@ -468,7 +496,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
             sizes[size_key] = stored
         record["weight_bytes_sparse"] = sizes[size_key]
         if measure:
-            key = _layer_key(site.call, layer.perm is not None, kernel)
+            key = _layer_key(site, layer.perm is not None, kernel)
             if key in timed:  # the same kernels as an earlier layer's: its timings
                 t, record["timed_as"] = timed[key]
             else:
