@@ -30,7 +30,8 @@ both must agree exactly.
 Warm (default): one layer timed over and over, so its weights stay in the caches (all but
 4096x4096 fit in a 32 MB L3) -- unlike a model, whose layers evict each other. ``--cold``: C
 copies of the layer (different random weights, same shape, dense and sparse alike), C chosen
-so that the *sparse* copies alone exceed twice the L3 (``--l3-mb``, default read from sysfs),
+so that the *sparse* copies alone exceed twice the L3 (``--l3-mb``, default read from sysfs;
+at most 1 GB of outputs: ``COLD_OUTPUT_BYTES``),
 run in sequence by one VM function returning all outputs; the time reported is per layer
 (total / C). Each thread count runs in its own process (``TVM_NUM_THREADS`` is read
 once, before the first kernel), pinned to that many CPUs.
@@ -155,7 +156,7 @@ def bench_shape(m, n, k, spec, args) -> dict:
 
     rng = np.random.default_rng(0)
     qmax = None
-    copies = cold_copies(n, k, args.l3_mb, args.int8) if args.cold else 1
+    copies = cold_copies(m, n, k, args.l3_mb, args.int8) if args.cold else 1
     if args.int8:
         from hwcompress.passes.quantize.int8 import weight_qmax
 
@@ -200,13 +201,20 @@ def bench_shape(m, n, k, spec, args) -> dict:
     }  # fmt: skip
 
 
-def cold_copies(n: int, k: int, l3_mb: float | None, int8: bool = False) -> int:
-    """Copies of an ``n x k`` layer whose 2:4 compressed weights exceed twice the L3."""
+# Bytes the C copies' outputs may take (one VM function returns them all): 3136x64x256's
+# ~1,950 copies (0.8 MB of output each) were killed for memory
+COLD_OUTPUT_BYTES = 1 << 30
+
+
+def cold_copies(m: int, n: int, k: int, l3_mb: float | None, int8: bool = False) -> int:
+    """Copies of an ``m x n x k`` layer whose 2:4 compressed weights exceed twice the L3, at
+    most as many as ``COLD_OUTPUT_BYTES`` of outputs (such a layer's activations stream from
+    memory anyway: its outputs alone exceed the L3 many times over)."""
     from hwcompress.targets import host_llc_bytes
 
     l3 = int(l3_mb * (1 << 20)) if l3_mb else host_llc_bytes()
     sparse = n * (k // 2) * (1 if int8 else 4) + n * ((k + 7) // 8)
-    return max(2, -(-2 * l3 // sparse) + 1)
+    return max(2, min(-(-2 * l3 // sparse) + 1, COLD_OUTPUT_BYTES // (m * n * 4)))
 
 
 def worker(args) -> None:

@@ -383,15 +383,22 @@ def test_2to4_weights_without_the_step_stay_dense():
     assert not [n for n in names if n.startswith("sparse24_gemm")], names
 
 
-def test_the_permutation_alone_changes_nothing(monkeypatch, x):
-    """With the mask switched off, the permuted graph (``take`` on the input, the weight's
-    reduction axis reordered the same way) computes exactly the original model."""
+@pytest.mark.parametrize("pairs", [False, True])
+def test_the_permutation_alone_changes_nothing(monkeypatch, x, pairs):
+    """With the mask switched off, the permuted graph computes exactly the original model:
+    a layer whose input comes from a conv / matmul through a bias add and ReLU gets it in
+    its order from that layer (output channels and bias permuted, ``perm_fold``); the others
+    (the model's input; the flattened conv output) read it through a ``take``."""
     from hwcompress.passes.sparsity import sparse24
 
     monkeypatch.setattr(sparse24, "mask_2to4", lambda w: np.ones(w.shape, bool))
+    monkeypatch.setattr(sparse24, "shared_mask_2to4", lambda w, channels: np.ones(w.shape, bool))
     mod = _model()
-    out = sparsify(mod, Sparse24(decide="all", permute=True), HOST)
-    assert [b for blk in out["main"].body.blocks for b in blk.bindings if getattr(getattr(b.value, "op", None), "name", "") == "relax.take"]
+    out = sparsify(mod, Sparse24(decide="all", permute=True, pairs=pairs), HOST)
+    takes = [b.value for blk in out["main"].body.blocks for b in blk.bindings if getattr(getattr(b.value, "op", None), "name", "") == "relax.take"]
+    assert len(takes) == 2, takes  # conv2d[0] (the input x) and matmul[0] (after the reshape)
+    layers = {r["layer"]: r for r in sparsity_report(out)["layers"]}
+    assert [n for n, r in layers.items() if "permutation" in r] == ["conv2d[1]", "conv2d[2]", "matmul[1]"]
     want, got = _run(host_vm(mod), x), _run(host_vm(out), x)
     np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
 

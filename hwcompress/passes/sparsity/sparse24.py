@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .mask24 import compress, conv_rows, kept_fraction, mask_2to4, pair_sums, permutation_search, shared_mask_2to4
+from .perm_fold import fold_of, permute_bias, permute_inputs, permute_outputs
 
 __all__ = ["Decide", "Sparse24", "sparsify", "sparsity_report"]
 
@@ -239,8 +240,13 @@ class _Layer:
     record: dict
 
 
-def _plan_layer(site: _Site, permute: bool, int8: bool = False, pairs: bool = False) -> _Layer:
+def _plan_layer(site: _Site, permute: bool, int8: bool = False, pairs: bool = False, out_perm: np.ndarray | None = None) -> _Layer:
+    """The layer's 2:4 weight and input permutation; ``out_perm``: its output channels
+    computed in that order (a later layer's input permutation folded into it, ``perm_fold``),
+    before its pairs and its own permutation are chosen."""
     w = site.call.args[1].value.numpy()
+    if out_perm is not None:
+        w = permute_outputs(site.call.op.name, w, out_perm)
     rows = _gemm_rows(site.call, w)
     # pairs: the magnitude 2:4 keeps is the pair's summed one (the permutation searched on it)
     channels = w.shape[0] if site.call.op.name == CONV2D else rows.shape[0]
@@ -443,7 +449,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     from ...errors import RecipeError
     from ...targets import load_target, runnable_here
     from ...backends import get_backend
-    from ...backends.sparse_lower import gemm_shape
+    from ...backends.sparse_lower import gemm_shape, graph_users
     from ...build import blocks_allowed
     from ..layout import fold_const_moves
     from ..quantize.int8 import weight_qmax
@@ -468,6 +474,16 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     pick = get_backend(spec).sparse_pick  # the kernel variant, timed where layers are measured
     timing = _timing(func, config.timing) if measure else None
     in_blocks = _in_block_kernels(mod, sites, spec) if measure and blocks_allowed(mod) else set()
+    # planned last layer first: a layer's input permutation is folded into the layer that
+    # computes its input where it can (``perm_fold``), which must know it before its own plan
+    planned = [s for s in sites if s.reason is None and s.name not in in_blocks]
+    var2val, users = relax.analysis.get_var2val(func), graph_users(func)
+    plans, out_perms, folds = {}, {}, {}  # site var -> _Layer; producer var -> perm; consumer var -> Fold
+    for site in reversed(planned):
+        plans[site.var] = _plan_layer(site, config.permute, config.int8, config.pairs, out_perms.get(site.var))
+        fold = None if plans[site.var].perm is None or config.int8 else fold_of(var2val, users, site.call.args[0])
+        if fold is not None and fold.producer not in out_perms:
+            out_perms[fold.producer], folds[site.var] = plans[site.var].perm, fold
     chosen, records = {}, []
     # per GEMM shape / (shape, variant) / layer kind: layers alike are measured and sized once
     picked, sizes, timed = {}, {}, {}
@@ -478,8 +494,11 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
         if site.name in in_blocks:  # measured decisions only: decide="all" makes it sparse
             records.append({"layer": site.name, "sparse": False, "reason": IN_BLOCK})
             continue
-        layer = _plan_layer(site, config.permute, config.int8, config.pairs)
+        layer = plans[site.var]
+        take = layer.perm is not None and site.var not in folds  # the layer reads its input through a take
         record = layer.record
+        if site.var in folds:
+            record["permutation"] = f"computed by the layer that makes its input ({var2val[folds[site.var].producer].op.name.split('.')[-1]})"
         gemm = tuple(gemm_shape(site.call))
         kernel = None
         if measure and pick is not None and not config.int8:
@@ -496,7 +515,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
             sizes[size_key] = stored
         record["weight_bytes_sparse"] = sizes[size_key]
         if measure:
-            key = _layer_key(site, layer.perm is not None, kernel)
+            key = _layer_key(site, take, kernel)
             if key in timed:  # the same kernels as an earlier layer's: its timings
                 t, record["timed_as"] = timed[key]
             else:
@@ -504,7 +523,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
                 qmax = weight_qmax(spec) if config.int8 else None
                 modules = {
                     "dense": _layer_module(site, original, None, False, qmax),
-                    "sparse": _layer_module(site, layer.weight, layer.perm, True, qmax, kernel),
+                    "sparse": _layer_module(site, layer.weight, layer.perm if take else None, True, qmax, kernel),
                 }
                 t = _time_layers(modules, spec, flush_bytes=timing["flush_bytes"])
                 timed[key] = (t, site.name)
@@ -543,17 +562,34 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     if not chosen:
         return mod.with_attr(REPORT_ATTR, json.dumps(report))
 
+    bias_perms = {f.bias: out_perms[f.producer] for f in folds.values() if f.bias is not None}
+    in_perms = {var: plans[var].perm for var in folds}
+
     def emit(bb):
         def call(var, _orig, value):
             layer = chosen.get(var)
-            if layer is None:
-                return bb.emit(value, name_hint=var.name)
-            return _emit_layer(bb, value, value.args[0], layer.weight, layer.perm, var.name)
+            if layer is not None:
+                return _emit_layer(bb, value, value.args[0], layer.weight, None if var in folds else layer.perm, var.name)
+            if var in out_perms or var in in_perms:  # dense, its channels in the folded orders
+                w = value.args[1].value.numpy()
+                w = w if var not in out_perms else permute_outputs(value.op.name, w, out_perms[var])
+                w = w if var not in in_perms else permute_inputs(value.op.name, w, in_perms[var])
+                value = relax.Call(value.op, [value.args[0], relax.const(w, str(w.dtype)), *value.args[2:]], value.attrs)
+            elif var in bias_perms:
+                args = [relax.const(permute_bias(a.value.numpy(), bias_perms[var])) if _is_const(a) else a for a in value.args]
+                value = relax.Call(value.op, args, value.attrs)
+            return bb.emit(value, name_hint=var.name)
 
         return emit_main(bb, func, func.params, call)[0]
 
     out = module_with_main(mod, func, emit, isinstance(func.body.body, relax.Tuple))
     return out.with_attr(REPORT_ATTR, json.dumps(report))
+
+
+def _is_const(expr) -> bool:
+    import tvm
+
+    return isinstance(expr, tvm.ir.expr.GenericConst)
 
 
 def sparsity_report(mod) -> dict | None:
