@@ -3,8 +3,12 @@
 Each chosen conv / matmul keeps the 2 largest-magnitude of every 4 consecutive weights along
 its reduction axis (a conv's input channels at each tap, a matmul's ``K``). With ``permute``
 the reduction axis is first reordered (``mask24.permutation_search``) so that more magnitude
-survives; the graph then reads its input through a ``take`` by that order, and the weight's
-reduction axis is permuted the same way, so the result is unchanged before masking.
+survives, and the layer's input comes in that order: from the layer that computes it, whose
+output channels (and bias) are permuted the same way, where nothing but a bias add and ReLU /
+clip lies between them (``perm_fold``; the layers are planned last first for that), else
+through a ``take`` (which ``backends.sparse_lower`` folds into the sparse kernel's copy of its
+input). The weight's reduction axis is permuted the same way, so the result is unchanged
+before masking.
 
 The graph after this pass is an ordinary dense Relax graph with 2:4 weights; the backends
 lower such weights to their sparse kernels (``backends.sparse_lower``: compressed values plus
