@@ -44,7 +44,7 @@ from ..analysis import static_shape
 
 from ..passes.sparsity.mask24 import conv_rows, is_2to4
 
-__all__ = ["Epilogue", "gemm_shape", "sparse_legalize"]
+__all__ = ["Epilogue", "Tail", "const_value", "fuse_epilogues", "gemm_shape", "graph_users", "sparse_legalize", "tail_of"]
 
 KERNEL_NAME = "sparse24_gemm"
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque
@@ -224,7 +224,7 @@ class Tail:
     hi: float | None = None
 
     def bias_vector(self) -> np.ndarray | None:
-        return None if self.bias is None else _const_value(self.bias).reshape(-1)
+        return None if self.bias is None else const_value(self.bias).reshape(-1)
 
 
 def graph_users(func) -> dict:
@@ -257,7 +257,7 @@ def tail_of(var, call, users: dict, residual: bool = True) -> Tail:
 
     step = next_op("relax.add")
     if step is not None:
-        bias = _const_value(other_of(step[1]))
+        bias = const_value(other_of(step[1]))
         if bias is not None and bias.size == n and bias.shape[-1:] == (n,) and str(bias.dtype) == "float32":
             tail.bias, tail.last = other_of(step[1]), step[0]
             step = next_op("relax.add")
@@ -265,7 +265,7 @@ def tail_of(var, call, users: dict, residual: bool = True) -> Tail:
         if not residual:
             return tail  # the add (another layer's residual) and what follows it stay outside
         other = other_of(step[1])
-        if other is not None and _const_value(other) is None and static_shape(other.ty) == out and str(other.ty.dtype) == "float32":
+        if other is not None and const_value(other) is None and static_shape(other.ty) == out and str(other.ty.dtype) == "float32":
             tail.residual, tail.last = other, step[0]
             tail.residual_add = tail.last
     step = next_op("relax.nn.relu", "relax.clip")
@@ -295,7 +295,8 @@ class _Chain:
         return Epilogue(self.perm is not None and into_kernel, t.bias is not None, t.residual is not None, t.lo, t.hi)
 
 
-def _const_value(expr) -> np.ndarray | None:
+def const_value(expr) -> np.ndarray | None:
+    """The value of a Relax constant, None for anything else."""
     import tvm
 
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
@@ -303,7 +304,7 @@ def _const_value(expr) -> np.ndarray | None:
 
 def _permutation(take, channels: int) -> np.ndarray | None:
     """The index of ``take(x, const, axis=last)`` when it is a permutation of ``channels``."""
-    idx = _const_value(take.args[1])
+    idx = const_value(take.args[1])
     axis = int(take.attrs.axis) % len(take.args[0].ty.shape)
     if idx is None or idx.ndim != 1 or axis != len(take.args[0].ty.shape) - 1 or idx.size != channels:
         return None

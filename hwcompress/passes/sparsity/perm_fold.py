@@ -39,16 +39,12 @@ def _op(value) -> str | None:
     return getattr(getattr(value, "op", None), "name", None)
 
 
-def _const(expr) -> np.ndarray | None:
-    import tvm
-
-    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
-
-
 def _permutable(call) -> bool:
     """A conv (NHWC / OHWI, one group) or matmul by a constant weight: its output channels
     can be reordered by reordering its weight."""
-    if _op(call) not in (CONV2D, MATMUL) or _const(call.args[1]) is None:
+    from ...backends.sparse_lower import const_value  # (imported late: it imports this package)
+
+    if _op(call) not in (CONV2D, MATMUL) or const_value(call.args[1]) is None:
         return False
     if _op(call) == MATMUL:
         return call.args[1].ty.ndim == 2
@@ -63,6 +59,8 @@ def fold_of(var2val: dict, users: dict, x) -> Fold | None:
     one; scalar constants added are fine) and ReLU / clip, every var on the way read once."""
     from tvm import relax
 
+    from ...backends.sparse_lower import const_value
+
     bias, cur = None, x
     while isinstance(cur, relax.Var) and len(users.get(cur, [])) == 1:
         value = var2val.get(cur)
@@ -70,7 +68,7 @@ def fold_of(var2val: dict, users: dict, x) -> Fold | None:
         if op in ELEMENTWISE:
             cur = value.args[0]
         elif op == "relax.add":
-            consts = [(i, _const(a)) for i, a in enumerate(value.args) if _const(a) is not None]
+            consts = [(i, const_value(a)) for i, a in enumerate(value.args) if const_value(a) is not None]
             if len(consts) != 1:
                 return None
             i, c = consts[0]

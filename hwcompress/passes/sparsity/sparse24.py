@@ -453,7 +453,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     from ...errors import RecipeError
     from ...targets import load_target, runnable_here
     from ...backends import get_backend
-    from ...backends.sparse_lower import gemm_shape, graph_users
+    from ...backends.sparse_lower import const_value, gemm_shape, graph_users
     from ...build import blocks_allowed
     from ..layout import fold_const_moves
     from ..quantize.int8 import weight_qmax
@@ -580,7 +580,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
                 w = w if var not in in_perms else permute_inputs(value.op.name, w, in_perms[var])
                 value = relax.Call(value.op, [value.args[0], relax.const(w, str(w.dtype)), *value.args[2:]], value.attrs)
             elif var in bias_perms:
-                args = [relax.const(permute_bias(a.value.numpy(), bias_perms[var])) if _is_const(a) else a for a in value.args]
+                args = [a if const_value(a) is None else relax.const(permute_bias(const_value(a), bias_perms[var])) for a in value.args]
                 value = relax.Call(value.op, args, value.attrs)
             return bb.emit(value, name_hint=var.name)
 
@@ -588,12 +588,6 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
 
     out = module_with_main(mod, func, emit, isinstance(func.body.body, relax.Tuple))
     return out.with_attr(REPORT_ATTR, json.dumps(report))
-
-
-def _is_const(expr) -> bool:
-    import tvm
-
-    return isinstance(expr, tvm.ir.expr.GenericConst)
 
 
 def sparsity_report(mod) -> dict | None:
