@@ -59,10 +59,11 @@ def legalize(mod, spec: TargetSpec, fuse: bool = True, blocks: bool = True):
 
     target = spec.tvm_target()
     sparse = has_sparsity(mod)
-    lmap = backend_legalize_map(spec, sparse=sparse, winograd=winograd_allowed(mod), variants=sparse_variants(mod))
+    variants = sparse_variants(mod)
+    lmap = backend_legalize_map(spec, sparse=sparse, winograd=winograd_allowed(mod), variants=variants)
     backend = get_backend(spec)
     graph = backend.fusion_passes(target, sparse=sparse) if fuse and blocks and backend.fusion_passes else []
-    epilogues = [sparse_epilogue_pass(spec, sparse_variants(mod))] if sparse and fuse and backend.sparse_epilogue else []
+    epilogues = [sparse_epilogue_pass(spec, variants)] if sparse and fuse and backend.sparse_epilogue else []
     return _run_stage("legalize", tvm.transform.Sequential([*graph, *legalize_passes(fuse, lmap, epilogues)]), mod, target)
 
 

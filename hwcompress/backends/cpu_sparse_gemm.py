@@ -237,7 +237,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
         within chunk ``c``) into ``xg``: a scalar load and store each, no register held."""
         r0 = pair_rows(t, b, p)[0]
         for u in range(count):
-            src = ops["xl"][kpos(meta, r0, c, ql + u, False)] if ep is not None and ep.perm else x[m - 1, kpos(meta, r0, c, ql + u, False)]
+            src = ops["xl"][kpos(meta, r0, c, ql + u, False)] if perm else x[m - 1, kpos(meta, r0, c, ql + u, False)]
             T.buffer_store(xg, src, [t, p, ql + u])
 
     def tail_dot(acc, xg, values, y, t, b, p, c):
@@ -286,7 +286,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
     def x_in(x, mb, i8, kk, at=None):
         """Rows of x for the 8 m of vector i8 of block mb, from k = kk, transposed into xt
         (``by_m``: into task ``at[0]``'s chunk buffer at row ``at[1]``)."""
-        gather = at is not None and ep is not None and ep.perm and not permuted  # by_m, one chunk: from x
+        gather = at is not None and perm and not permuted  # by_m, one chunk: from x
         src = ops["xp"] if at is not None and permuted else x
 
         def row(r):
@@ -325,6 +325,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
         y_store8(y, yt, n0, mb * W + 8 * v8, start(mb) + 8 * v8, lambda c: owns(mb, 8 * v8 + c))
 
     ep = epilogue
+    perm = ep is not None and ep.perm  # x read through the layer's input permutation (pidx)
     ops = {}  # the epilogue's buffers, for the helpers (filled as the script is parsed)
 
     def finish(value, row, col, lanes_: int = 1):
@@ -345,14 +346,14 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
         return value
 
     def xk(kk):  # the xt row of x's column kk (its place in the permuted order)
-        return ops["pidx"][1, kk] if ep is not None and ep.perm else kk
+        return ops["pidx"][1, kk] if perm else kk
 
     # by_m with a permutation and several chunks: x permuted row by row first (each row's reads
     # stay in the row); a chunk's permuted columns gathered straight from x read a new line per
     # element (2.1x the kernel's time at 196x256x1024, one thread). With one chunk (all of
     # k) the gather reads whole rows anyway and costs less than the extra pass (3136x64x64:
     # 1.17x against 1.36x the kernel without a permutation)
-    permuted = by_m and ep is not None and ep.perm and chunks > 1
+    permuted = by_m and perm and chunks > 1
     xt_ref = []  # the xt buffer, for x_in (T.buffer_store needs the buffer object)
 
     @T.prim_func
@@ -372,9 +373,9 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
         xt_ref.append(xt)
         xg = T.alloc_buffer((tasks, R // 2, kept) if tail_row else (1, 1, 1), "float32")  # the tail's gathered x
         # the tail row of x in the permuted order, once (its gather then reads it as it reads x)
-        xl = T.alloc_buffer((k if tail_row and ep is not None and ep.perm else 1,), "float32")
+        xl = T.alloc_buffer((k if tail_row and perm else 1,), "float32")
         ops.update(xl=xl)
-        if tail_row and ep is not None and ep.perm:
+        if tail_row and perm:
             for j in range(k):
                 xl[j] = x[m - 1, pidx[0, j]]
         xp = T.alloc_buffer((m, k) if permuted else (1, 1), "float32")
@@ -449,7 +450,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
                 for i in range(mm):
                     y[i, 8 * n8 + nn] = finish(yt[8 * n8 + nn, block_of(i) * W + i - start(block_of(i))], i, 8 * n8 + nn)
 
-    used = {"pidx": ep is not None and ep.perm, "bias": ep is not None and ep.bias, "res": ep is not None and ep.residual}
+    used = {"pidx": perm, "bias": ep is not None and ep.bias, "res": ep is not None and ep.residual}
     return without_params(kernel, [name for name, use in used.items() if not use])
 
 

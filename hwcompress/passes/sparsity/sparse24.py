@@ -149,13 +149,13 @@ class _Site:
     tail: object = None
 
 
-def _sites(func, spec, int8: bool = False) -> list[_Site]:
+def _sites(func, spec, users: dict, int8: bool = False) -> list[_Site]:
+    """The conv / matmul layers of ``func`` (``users``: ``sparse_lower.graph_users(func)``)."""
     from tvm import relax
 
     from ...backends import get_backend
-    from ...backends.sparse_lower import graph_users, tail_of
+    from ...backends.sparse_lower import tail_of
 
-    users = graph_users(func)
     sites, counts = [], {CONV2D: 0, MATMUL: 0}
     for block in func.body.blocks:
         for binding in block.bindings:
@@ -462,7 +462,8 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     spec = spec if spec is not None else load_target("host")
     mod = fold_const_moves(mod)  # Gemm's permute_dims(W): targets without a layout step keep it
     func = mod["main"]
-    sites = _sites(func, spec, config.int8)
+    users = graph_users(func)
+    sites = _sites(func, spec, users, config.int8)
     names = {s.name for s in sites}
     if config.layers is not None:
         unknown = sorted(set(config.layers) - names)
@@ -481,7 +482,7 @@ def sparsify(mod, config: Sparse24 = Sparse24(), spec=None):
     # planned last layer first: a layer's input permutation is folded into the layer that
     # computes its input where it can (``perm_fold``), which must know it before its own plan
     planned = [s for s in sites if s.reason is None and s.name not in in_blocks]
-    var2val, users = relax.analysis.get_var2val(func), graph_users(func)
+    var2val = relax.analysis.get_var2val(func)
     plans, out_perms, folds = {}, {}, {}  # site var -> _Layer; producer var -> perm; consumer var -> Fold
     for site in reversed(planned):
         plans[site.var] = _plan_layer(site, config.permute, config.int8, config.pairs, out_perms.get(site.var))
