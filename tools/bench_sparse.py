@@ -17,7 +17,10 @@ MetaSchedule-tuned (``tuning.tune_module``, N trials) and the faster of default 
 Sparse: ``cpu_sparse.sparse24_kernel`` with the variant ``pick_variant`` measures fastest,
 called with ``relax.call_tir`` on its constant weights (``kernel_operands``) and built the same way.
 Both run through the Relax VM, timed with ``time_evaluator`` in alternating rounds (median of
-the rounds' medians). ``--each-variant``: every candidate of ``cpu_sparse.variants`` for the
+the rounds' medians). Also given: the ratio of the two fastest rounds (noise only ever adds
+time), the 10th-90th percentiles of the per-round ratio, and the share of each kernel's rounds
+slower than 1.2x its fastest: on the shared VMs this was measured on, the sparse kernels have
+slow phases that dense barely feels (many ``--rounds`` show them). ``--each-variant``: every candidate of ``cpu_sparse.variants`` for the
 shape is timed in the same rounds too (a second table: dense over each); every kernel's output
 must match dense.
 
@@ -193,13 +196,22 @@ def bench_shape(m, n, k, spec, args) -> dict:
             rounds[name].append(fn(x).median / copies)
     ms = {name: statistics.median(ts) * 1e3 for name, ts in rounds.items()}
     dense_best = min((v, name) for name, v in ms.items() if name.startswith("dense"))
+    dense_rounds, sparse_rounds = np.array(rounds[dense_best[1]]), np.array(rounds["sparse"])
+    per_round = dense_rounds / sparse_rounds  # the two timed back to back in each round
     return {
         "shape": f"{m}x{n}x{k}", "m": m, "n": n, "k": k, "variant": variant.name if variant else int8_kind(spec, k, qmax), "copies": copies,
         "dense_ms": dense_best[0], "dense_kind": dense_best[1].removeprefix("dense_"),
         "sparse_ms": ms["sparse"], "ratio": dense_best[0] / ms["sparse"], "rel_err": err, "all_ms": ms,
+        # the fastest round of each (noise only adds time), the spread of the per-round ratio and
+        # the share of rounds over 1.2x a kernel's fastest (this VM's slow phases: section Noise)
+        "ratio_best": dense_rounds.min() / sparse_rounds.min(), "ratio_p10_p90": [float(v) for v in np.percentile(per_round, [10, 90])],
+        "slow_rounds": {"dense": float((dense_rounds > SLOW * dense_rounds.min()).mean()), "sparse": float((sparse_rounds > SLOW * sparse_rounds.min()).mean())},
         "variants": {name.removeprefix("variant "): dense_best[0] / t for name, t in ms.items() if name.startswith("variant ")},
     }  # fmt: skip
 
+
+# A round slower than this times the kernel's fastest round counts as slow (``slow_rounds``)
+SLOW = 1.2
 
 # Bytes the C copies' outputs may take (one VM function returns them all): 3136x64x256's
 # ~1,950 copies (0.8 MB of output each) were killed for memory
@@ -256,12 +268,15 @@ def run_threads(threads: int, args) -> list[dict]:
 def table(rows: list[dict], trials: int, cold: bool = False) -> str:
     dense = f"dense (best of default / tuned {trials} trials)" if trials else "dense (hwc default schedule)"
     regime = "cold: per layer of C copies" if cold else "warm"
-    lines = [f"| shape MxNxK | threads | {dense} ms ({regime}) | 2:4 sparse ms | dense / sparse | sparse variant | C | rel. err |",
-             "|---|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
+    lines = [f"| shape MxNxK | threads | {dense} ms ({regime}) | 2:4 sparse ms | dense / sparse | fastest rounds | per round p10-p90 "
+             "| slow rounds dense / sparse | sparse variant | C | rel. err |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
     for r in rows:
         kind = f" ({r['dense_kind']})" if trials else ""
-        lines.append(f"| {r['shape']} | {r['threads']} | {r['dense_ms']:.4f}{kind} | {r['sparse_ms']:.4f} | "
-                     f"{r['ratio']:.2f}x | {r['variant']} | {r['copies']} | {r['rel_err']:.1e} |")  # fmt: skip
+        lo, hi = r["ratio_p10_p90"]
+        slow = f"{r['slow_rounds']['dense']:.0%} / {r['slow_rounds']['sparse']:.0%}"
+        lines.append(f"| {r['shape']} | {r['threads']} | {r['dense_ms']:.4f}{kind} | {r['sparse_ms']:.4f} | {r['ratio']:.2f}x | "
+                     f"{r['ratio_best']:.2f}x | {lo:.2f}-{hi:.2f}x | {slow} | {r['variant']} | {r['copies']} | {r['rel_err']:.1e} |")  # fmt: skip
     if any(r.get("variants") for r in rows):  # --each-variant
         lines += ["", "| shape MxNxK | threads | candidate variant | dense / it |", "|---|---:|---|---:|"]
         lines += [f"| {r['shape']} | {r['threads']} | {name} | {ratio:.2f}x |" for r in rows for name, ratio in r["variants"].items()]

@@ -12,7 +12,8 @@ measured per-layer decision: a layer goes sparse where its sparse kernel timed >
 timed cold when the model's weights exceed the last-level cache, or as ``--timings`` says:
 one build each, e.g. ``--timings auto,warm``); and every eligible layer 2:4
 (``decide="all"``, what a decision-free tool would do). Printed: per build the latency
-(median of the rounds), dense over it, and for measured builds the layers made sparse and
+(median of the rounds), dense over it (medians, and the fastest rounds: noise only adds
+time), and for measured builds the layers made sparse and
 how they were timed. The sparse builds compute a pruned model: their outputs are not the dense one's.
 
 ``mlp``: a batch-1 MLP 2048-2048-2048-1024-1000 with ReLUs (random weights, 46 MB: the layer
@@ -103,7 +104,7 @@ def builds(path: Path, shapes: dict, timings: list[str], pairs: bool = False) ->
 def bench(name: str, shapes: dict, timings: list[str], rounds: int, reps: int, tmp: Path, pairs: bool = False) -> dict:
     import tvm
 
-    from benchlib import interleaved
+    from benchlib import interleaved_times
 
     path, default_shapes = model_path(name, tmp)
     shapes = shapes or default_shapes
@@ -111,22 +112,23 @@ def bench(name: str, shapes: dict, timings: list[str], rounds: int, reps: int, t
         raise SystemExit(f"{name}: give its one input's shape, --input-shape NAME=D1,D2,...")
     vms, reports = builds(path, shapes, timings, pairs)
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(next(iter(shapes.values()))).astype(np.float32))
-    t = interleaved({k: (lambda vm=vm: vm["main"](x)) for k, vm in vms.items()}, rounds, reps)
+    t = interleaved_times({k: (lambda vm=vm: vm["main"](x)) for k, vm in vms.items()}, rounds, reps)
     chosen = {
         k: {"sparse": [r["layer"] for r in rep["layers"] if r.get("sparse")], "measured": sum("dense_ms" in r for r in rep["layers"]),
             "regime": (rep.get("timing") or {}).get("regime", "-")}
         for k, rep in reports.items()
     }  # fmt: skip
-    return {"model": name, "ms": {k: v * 1e3 for k, v in t.items()}, "chosen": chosen}
+    return {"model": name, "ms": {k: float(np.median(v)) * 1e3 for k, v in t.items()}, "best_ms": {k: min(v) * 1e3 for k, v in t.items()}, "chosen": chosen}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | build | ms | dense / build | layers sparse | timed |", "|---|---|---:|---:|---|---|"]
+    lines = ["| model | build | ms | dense / build | fastest rounds | layers sparse | timed |", "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         for build, ms in r["ms"].items():
             c = r["chosen"].get(build)
             layers = f"{len(c['sparse'])} of {c['measured']} measured ({', '.join(c['sparse']) or 'none'})" if c else ("all eligible" if build.endswith(" all") else "")
-            lines.append(f"| {r['model']} | {build} | {ms:.3f} | {r['ms']['dense'] / ms:.2f}x | {layers} | {c['regime'] if c else ''} |")
+            best = r["best_ms"]["dense"] / r["best_ms"][build]
+            lines.append(f"| {r['model']} | {build} | {ms:.3f} | {r['ms']['dense'] / ms:.2f}x | {best:.2f}x | {layers} | {c['regime'] if c else ''} |")
     return "\n".join(lines)
 
 

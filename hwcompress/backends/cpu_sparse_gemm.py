@@ -48,12 +48,12 @@ in L1: no ``xt`` of all of ``x`` written to and read back from memory), sweeps e
 it, and at the end transposes its columns of ``yt`` into its rows of ``y``. Rows reuse each
 chunk ``n / rows`` times instead of ``per`` times, which is what the narrowing 1x1 convs (128
 or 64 outputs, a large map) lacked: with tasks over rows every task streamed all of ``xt``
-(784x512: 1.6 MB, more than L2) for 8 row pairs. With fewer m-blocks than the split wants
-tasks, each block's rows are split into ranges of whole 8-row groups (each range transposes
-the same chunks: 49x512x2048, one block, 2 threads: 1.56x against 1.66x, so ``variants``
-offers it only from 2 blocks and puts it first from ``cpu_sparse.BY_M_FIRST``). Measured (Zen
-1, through the VM, pairs, 1 / 2 threads): 784x128x512 1.55x / 1.66x over dense where tasks
-over rows gave 1.31x / 1.04x; 3136x64x256 1.44x / 1.37x against 1.08x / 1.00x.
+(784x512: 1.6 MB, more than L2) for 8 row pairs. Each thread takes an equal share of whole
+blocks and a row range of each block left over (``by_m_tasks``; a cut block's ranges each
+transpose the same chunks: 49x512x2048, one block, 2 threads: 1.56x against 1.66x, so
+``variants`` offers it only from 2 blocks and puts it first from ``cpu_sparse.BY_M_FIRST``).
+Measured (Zen 1, through the VM, pairs, 1 / 2 threads): 784x128x512 1.55x / 1.66x over dense
+where tasks over rows gave 1.31x / 1.04x; 3136x64x256 1.44x / 1.37x against 1.08x / 1.00x.
 
 The weights are chunk-major (``pack_chunks``, ``cpu_sparse.kernel_operands``): chunk ``c``'s
 kept values and positions of every row contiguous, ``[chunks, n, kb/2]`` and ``[chunks, n,
@@ -135,10 +135,25 @@ def pack_chunks(values, meta, k: int, v):
     )
 
 
-def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
+def by_m_tasks(mblk: int, nblk: int, threads: int, step8: int) -> tuple[int, int, int]:
+    """How a ``by_m`` kernel shares ``mblk`` m-blocks of ``nblk`` row blocks among ``threads``:
+    ``(whole, split, piece)``. TVM's parallel loop gives each thread one contiguous, equal
+    range of the tasks (``codegen_cpu``: static, no stealing), so the tasks are laid out thread
+    by thread: each thread takes ``whole = mblk // threads`` whole m-blocks, then its piece of
+    each of the ``split = mblk % threads`` blocks left over, cut into ``threads`` row ranges of
+    ``piece`` row blocks (whole 8-row groups: a task writes its own rows of ``y``). Only the
+    cut blocks' ``x`` chunks are transposed by more than one task (by every thread); 196 rows
+    (5 blocks) on 2 threads: 6 tasks, one block cut, where cutting all 5 in two made 10."""
+    whole, split = divmod(mblk, threads)
+    piece = nblk if not split else math.ceil(math.ceil(nblk / threads) / step8) * step8
+    return whole, split, piece
+
+
+def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None, threads: int = 1):
     """PrimFunc ``(x, values, meta, [pidx], [bias], [res], y)`` of the ``BROADCAST`` variant
     ``v`` (any ``k % 4 == 0``); ``split(blocks) -> (tasks, per)`` shares the n-blocks among
-    parallel tasks; ``epilogue`` (``sparse_lower.Epilogue``): what the kernel does besides
+    parallel tasks (``by_m``: ``by_m_tasks`` shares the m-blocks among ``threads``, the
+    target's cores); ``epilogue`` (``sparse_lower.Epilogue``): what the kernel does besides
     the product, each operand only where it asks for it:
 
     * ``perm``: ``x`` is read through an input-channel permutation, ``pidx`` int32 ``[2, k]``
@@ -173,18 +188,15 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
     full, tail = divmod(kept, U)
     nblk = math.ceil(n / R)
     # by_m: the tasks are the m-blocks (each task transposes its block's x chunk by chunk into
-    # a buffer of its own, L1, instead of all of x into xt first), each split over ``tn`` ranges
-    # of rows when there are fewer m-blocks than the split wants tasks (whole 8-row groups per
-    # range: a task writes its own rows of y)
+    # a buffer of its own, L1, instead of all of x into xt first), the blocks left over after
+    # an equal share of whole blocks per thread cut into row ranges (by_m_tasks)
     by_m = v.by_m
-    tn, per = split(nblk)
     if by_m:
-        tn = math.ceil(tn / mblk)
-        step8 = 8 // math.gcd(8, R)  # blocks per 8 rows
-        per = nblk if tn == 1 else math.ceil(math.ceil(nblk / tn) / step8) * step8
-        tn = math.ceil(nblk / per)
-    tasks = tn * mblk if by_m else tn
-    rows_per = per * R
+        whole, cut, piece = by_m_tasks(mblk, nblk, threads, 8 // math.gcd(8, R))
+        slots = whole + cut  # tasks per thread
+        tasks, per = threads * slots, nblk if whole else piece  # per: the most row blocks of a task
+    else:
+        tasks, per = split(nblk)
     vt = f"float32x{lanes}"
     k8, n8 = k // 8, n // 8  # 8x8 register transposes in and out; element loops past them
 
@@ -221,13 +233,29 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
     kv, kr = divmod(kept, lanes)  # the tail dot: vectors and leftover kept values per chunk
 
     def row_of(t, b, r):  # row r of task t's block b (past n: the last row, computed twice)
-        return T.min((n_task(t) * per + b) * R + r, n - 1)
+        return T.min((n_lo(t) + b) * R + r, n - 1)
 
-    def n_task(t):  # which range of rows task t computes
-        return (t % tn if tn > 1 else 0) if by_m else t
+    def is_whole(t):  # by_m: task t computes all rows of its m-block
+        return t % slots < whole
 
-    def m_task(t):  # by_m: which m-block task t computes
-        return t // tn
+    def n_lo(t):  # task t's first row block
+        if not by_m:
+            return t * per
+        if not cut:
+            return 0
+        return T.if_then_else(is_whole(t), 0, t // slots * piece)
+
+    def n_hi(t):  # past task t's last row block
+        if not by_m:
+            return T.min((t + 1) * per, nblk)
+        if not cut:
+            return nblk
+        return T.if_then_else(is_whole(t), nblk, T.min((t // slots + 1) * piece, nblk))
+
+    def m_task(t):  # by_m: which m-block task t computes (thread t // slots: its whole blocks, then its piece of each cut one)
+        if not cut:
+            return t // slots * whole + t % slots
+        return T.if_then_else(is_whole(t), t // slots * whole + t % slots, threads * whole + t % slots - whole)
 
     def pair_rows(t, b, p):
         return row_of(t, b, 2 * p), row_of(t, b, 2 * p + 1)
@@ -399,7 +427,7 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
                     if b == 0:  # the block's x of this chunk, transposed into the task's buffer
                         for i8, k8c in T.grid(MV, kb // 8):
                             x_in(x, mb, i8, c * kb + 8 * k8c, (t, 8 * k8c))
-                if n_task(t) * per + b < nblk:
+                if n_lo(t) + b < n_hi(t):
                     for r in T.unroll(R):
                         for j in T.unroll(MVv):
                             if chunks == 1:
@@ -432,10 +460,10 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None):
                         for p in T.unroll(R // 2):  # y's last row holds its partial sums between chunks
                             tail_dot(acc, xg, values, y, t, b, p, c)
             if by_m:  # the task's columns of yt (in L2 still) into its part of y
-                for q, v8 in T.grid(n8 if tn == 1 else rows_per // 8, MV):
-                    if n_task(t) * rows_per + 8 * q + 8 <= n:
-                        y_rows(y, yt, m_task(t), n_task(t) * rows_per + 8 * q, v8)
-                if n_task(t) == tn - 1:  # the rows past the last 8 (in the last range)
+                for q, v8 in T.grid(n8, MV):
+                    if n_lo(t) * R + 8 * q + 8 <= T.min(n_hi(t) * R, n):
+                        y_rows(y, yt, m_task(t), n_lo(t) * R + 8 * q, v8)
+                if n_hi(t) == nblk and n_lo(t) < nblk:  # the rows past the last 8 (in the last range)
                     for nn, i in T.grid(n - 8 * n8, W):
                         if owns(m_task(t), i):
                             y[start(m_task(t)) + i, 8 * n8 + nn] = finish(yt[8 * n8 + nn, m_task(t) * W + i], start(m_task(t)) + i, 8 * n8 + nn)

@@ -25,12 +25,12 @@ needs_avx2 = pytest.mark.skipif(not S.has_avx2(HOST), reason="the x86 sparse ker
 RTOL = 1e-5  # relative to sum_k |x| |w|: float32 rounding of a different summation order
 
 
-def _check(m, n, k, variant, seed=0, pairs=False):
+def _check(m, n, k, variant, seed=0, pairs=False, target=HOST):
     x, c, y = S.random_operands(m, n, k, seed, pairs)
     assert mask24.pairs_share_positions(c.meta) or not pairs
     dense = mask24.decompress(c)
     args = [tvm.runtime.tensor(a) for a in (x, *S.kernel_operands(variant, c), y)]
-    S.build(S.sparse24_kernel(m, n, k, HOST, variant), HOST)["main"](*args)
+    S.build(S.sparse24_kernel(m, n, k, target, variant), target)["main"](*args)
     scale = np.abs(x).astype(np.float64) @ np.abs(dense).T.astype(np.float64)
     err = np.abs(args[-1].numpy() - x.astype(np.float64) @ dense.T.astype(np.float64))
     assert (err <= RTOL * scale + 1e-30).all(), f"{variant.name} {m}x{n}x{k}: max rel err {(err / scale).max():.2e}"
@@ -280,6 +280,29 @@ def test_by_m_kernels_match_numpy(m, n, k, variant):
     """Tasks over m-blocks (each transposing its own x chunks, writing its own rows of y),
     split over ranges of whole 8-row groups when there are fewer blocks than tasks wanted."""
     _check(m, n, k, variant, pairs=variant.shared)
+
+
+@needs_avx2
+@pytest.mark.parametrize("cores", [1, 2, 3, 4])
+@pytest.mark.parametrize("m,n,k,variant", [
+    (196, 40, 256, S.Variant(S.Gather.BROADCAST, 2, 4, 5, k_block=128, shared=True, by_m=True)),  # 5 blocks: 1-2 cut
+    (200, 21, 64, S.Variant(S.Gather.BROADCAST, 2, 4, 4, by_m=True)),  # 7 blocks, n % 8 = 5: empty pieces at 4 cores
+    (57, 20, 256, S.Variant(S.Gather.BROADCAST, 2, 2, 2, k_block=64, shared=True, tail=True, by_m=True)),  # 4 blocks + tail row
+])  # fmt: skip
+def test_by_m_tasks_for_any_core_count(m, n, k, variant, cores):
+    """The m-blocks shared among the target's cores: whole blocks per thread, the rest cut into
+    row ranges (``by_m_tasks``), for core counts that divide the blocks and that do not."""
+    target = tvm.target.Target({**HOST.export(), "num-cores": cores})
+    _check(m, n, k, variant, pairs=variant.shared, target=target)
+
+
+def test_by_m_task_layout():
+    from hwcompress.backends.cpu_sparse_gemm import by_m_tasks
+
+    assert by_m_tasks(5, 128, 2, 4) == (2, 1, 64)  # 196 rows, 2 threads: 2 whole blocks each, the 5th halved
+    assert by_m_tasks(20, 64, 2, 4) == (10, 0, 64)  # 784 rows: 10 whole blocks each, none cut
+    assert by_m_tasks(1, 256, 2, 4) == (0, 1, 128)  # one block: halved
+    assert by_m_tasks(5, 10, 4, 4) == (1, 1, 4)  # 10 row blocks in 8-row groups (4 blocks): 4 + 4 + 2 + nothing
 
 
 def test_by_m_variants_validation_naming_and_order():
