@@ -445,7 +445,7 @@ def schedule_packed_conv(sch, facts) -> bool:
         # one pixel tile (a GEMV, a small feature map): each weight panel is read once, from
         # memory when the weights exceed the caches; prefetch it ahead of the reads
         weight = sch.get(conv).reads[-1].source
-        annotate_prefetch(sch, sch.get_loops(conv)[depth + 2], conv, weight, nvec * lanes * weight.dtype.bits // 8)
+        annotate_prefetch(sch, sch.get_loops(conv)[depth + 2], conv, weight, nvec * lanes * weight.dtype.bits // 8, facts.prefetch_bytes)
 
     cropped = "conv2d_nhwc_crop" in names
     tail = write_back

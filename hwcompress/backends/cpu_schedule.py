@@ -47,6 +47,7 @@ class CpuFacts:
     num_cores: int
     vector_bits: int
     int8_dot: DotIntrin | None = None  # the int8 kernels' dot instruction (cpu_int8); None: none
+    prefetch_bytes: int = 0  # how far ahead streamed weights are prefetched (cpu_prefetch.distance_for); 0: not
 
     def __post_init__(self):
         if self.num_cores < 1 or self.vector_bits < 64:
@@ -54,8 +55,10 @@ class CpuFacts:
 
     @classmethod
     def from_target(cls, target) -> "CpuFacts":
+        from .cpu_prefetch import distance_for
+
         cores = int(target.attrs.get("num-cores", 1) or 1)
-        return cls(num_cores=max(cores, 1), vector_bits=_vector_bits(target), int8_dot=dot_intrin_for(target))
+        return cls(num_cores=max(cores, 1), vector_bits=_vector_bits(target), int8_dot=dot_intrin_for(target), prefetch_bytes=distance_for(target))
 
     def lanes(self, dtype_bits: int) -> int:
         return max(self.vector_bits // dtype_bits, 1)

@@ -313,9 +313,9 @@ def sparse24_kernel(m: int, n: int, k: int, target, variant: Variant | None = No
         raise ValueError(f"lanes needs an AVX2 target and m == 1 (m={m})")
     cores = CpuFacts.from_target(target).num_cores
     if variant.gather is Gather.LANES:
-        from .cpu_prefetch import DISTANCE, ENABLED
+        from .cpu_prefetch import distance_for
 
-        func = lane_kernel(n, k, variant.rows, variant.unroll, lambda b: _split(b, cores), DISTANCE if ENABLED else 0)
+        func = lane_kernel(n, k, variant.rows, variant.unroll, lambda b: _split(b, cores), distance_for(target))
     elif variant.gather is Gather.GENERIC:
         func = generic_kernel(m, n, k, cores)
     elif variant.gather is Gather.PAIRS:

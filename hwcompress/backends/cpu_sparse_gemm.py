@@ -137,16 +137,16 @@ def pack_chunks(values, meta, k: int, v):
 
 def by_m_tasks(mblk: int, nblk: int, threads: int, step8: int) -> tuple[int, int, int]:
     """How a ``by_m`` kernel shares ``mblk`` m-blocks of ``nblk`` row blocks among ``threads``:
-    ``(whole, split, piece)``. TVM's parallel loop gives each thread one contiguous, equal
+    ``(whole, cut, piece)``. TVM's parallel loop gives each thread one contiguous, equal
     range of the tasks (``codegen_cpu``: static, no stealing), so the tasks are laid out thread
     by thread: each thread takes ``whole = mblk // threads`` whole m-blocks, then its piece of
-    each of the ``split = mblk % threads`` blocks left over, cut into ``threads`` row ranges of
+    each of the ``cut = mblk % threads`` blocks left over, cut into ``threads`` row ranges of
     ``piece`` row blocks (whole 8-row groups: a task writes its own rows of ``y``). Only the
     cut blocks' ``x`` chunks are transposed by more than one task (by every thread); 196 rows
     (5 blocks) on 2 threads: 6 tasks, one block cut, where cutting all 5 in two made 10."""
-    whole, split = divmod(mblk, threads)
-    piece = nblk if not split else math.ceil(math.ceil(nblk / threads) / step8) * step8
-    return whole, split, piece
+    whole, cut = divmod(mblk, threads)
+    piece = nblk if not cut else math.ceil(math.ceil(nblk / threads) / step8) * step8
+    return whole, cut, piece
 
 
 def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None, threads: int = 1):

@@ -9,7 +9,8 @@ low mantissa bits (``mask24.embed_positions``), which are exactly the bits an in
 ``vpermilps`` reads from its control: ``vpermilps(X, v)`` is the ``x`` under each value, no
 metadata load, shift or mask. Per 8 kept values: one load, one permute, one FMA; the stream is
 50% of the dense weight (not 53%: no ``meta``), read in order and prefetched
-``cpu_prefetch.DISTANCE`` bytes ahead, and the accumulators need no horizontal sum. Weights
+``cpu_prefetch.distance_for(target)`` bytes ahead (none on Zen 4, whose hardware prefetchers
+keep up: with it 1.3x slower), and the accumulators need no horizontal sum. Weights
 packed by ``pack_lanes``: ``[N / 8R, K / 4, R, 2, 8]`` (``R`` row vectors per block, rows past
 ``N`` zero). A variable ``vpermilps`` / ``vpermps`` issues once per ~4 cycles on this Zen 1
 host (an FMA once per cycle; measured in a loop of independent ops), so the kernel is for

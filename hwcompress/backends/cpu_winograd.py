@@ -44,7 +44,7 @@ def schedule_winograd(sch, facts) -> bool:
     _vectorize_tail(sch, pad_loops[-1], lanes)
 
     _schedule_transform(sch, stages["data_pack"], stages["data_pack_rows"], lanes)
-    _schedule_bgemm(sch, stages["bgemm"], lanes)
+    _schedule_bgemm(sch, stages["bgemm"], lanes, facts.prefetch_bytes)
     _schedule_transform(sch, stages["inverse"], stages["inverse_rows"], lanes)
 
     # output gather + inlined epilogue
@@ -64,9 +64,10 @@ def schedule_winograd(sch, facts) -> bool:
     return True
 
 
-def _schedule_bgemm(sch, bgemm, lanes: int) -> None:
+def _schedule_bgemm(sch, bgemm, lanes: int, prefetch_bytes: int) -> None:
     """Batched GEMM (eps, nu, p, o, k): ``u x (nv * lanes)`` register tile, parallel over the
-    GEMMs (and the column blocks when a weight slice is too large to stay in L2)."""
+    GEMMs (and the column blocks when a weight slice is too large to stay in L2); weights
+    prefetched ``prefetch_bytes`` ahead (0: not)."""
     eps, nu, p, o, k = sch.get_loops(bgemm)
     n_p, n_o, n_k = _extent(sch, p), _extent(sch, o), _extent(sch, k)
     nv = 2 if n_o % (2 * lanes) == 0 else 1
@@ -99,7 +100,7 @@ def _schedule_bgemm(sch, bgemm, lanes: int) -> None:
         # the weights come from memory once (a column block at a time, or all of them for
         # the only row block): prefetch them ahead of the reads
         weight = sch.get(bgemm).reads[-1].source
-        annotate_prefetch(sch, sch.get_loops(bgemm)[depth], bgemm, weight, v * weight.dtype.bits // 8)
+        annotate_prefetch(sch, sch.get_loops(bgemm)[depth], bgemm, weight, v * weight.dtype.bits // 8, prefetch_bytes)
     for block in (init, write_back):
         loops = sch.get_loops(block)[depth:]
         for loop in loops[:-1]:

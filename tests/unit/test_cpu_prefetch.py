@@ -13,6 +13,17 @@ from tool_modules import load_tool
 
 x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86 assembly")
 
+from hwcompress.backends import cpu_prefetch  # noqa: E402
+
+NO_PREFETCH_CPUS = cpu_prefetch.NO_PREFETCH_CPUS
+
+
+@pytest.fixture(autouse=True)
+def _host_prefetches(monkeypatch):
+    """The prefetch as a target that has it builds it, on any host (Zen 4 hosts have none:
+    ``NO_PREFETCH_CPUS``)."""
+    monkeypatch.setattr(cpu_prefetch, "NO_PREFETCH_CPUS", frozenset())
+
 
 def _winograd_scheduled(channels: int, hw: int):
     """``(host spec, ONNX model, scheduled module)`` of a 3x3 conv + ReLU as Winograd F(4,3)."""
@@ -146,3 +157,22 @@ def test_tuning_candidates_are_built_with_the_prefetch():
     (func,) = [f for gv, f in scheduled.functions.items() if "winograd" in gv.name_hint]
     lib = build_candidate(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), spec.tvm_target(), None)
     assert "prefetcht0" in lib.inspect_source("asm")
+
+
+@x86_only
+def test_cpus_whose_hardware_prefetchers_keep_up_get_none(monkeypatch):
+    """Zen 4: the software prefetch cost the GEMVs 10-30% (``cpu_prefetch.NO_PREFETCH_CPUS``):
+    its targets' kernels issue none; other CPUs keep it."""
+    import tvm
+
+    from hwcompress.backends import cpu_sparse as S
+    from hwcompress.backends.cpu_schedule import CpuFacts
+
+    monkeypatch.setattr(cpu_prefetch, "NO_PREFETCH_CPUS", NO_PREFETCH_CPUS)
+    base = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "num-cores": 2}
+    zen4, zen1 = (tvm.target.Target({**base, "mcpu": cpu}) for cpu in ("znver4", "znver1"))
+    assert cpu_prefetch.distance_for(zen4) == 0 and CpuFacts.from_target(zen4).prefetch_bytes == 0
+    assert cpu_prefetch.distance_for(zen1) == cpu_prefetch.DISTANCE == CpuFacts.from_target(zen1).prefetch_bytes
+    lanes = S.Variant(S.Gather.LANES, 2, 2)
+    asm = {t: S.build(S.sparse24_kernel(1, 256, 512, t, lanes), t).inspect_source("asm") for t in (zen4, zen1)}
+    assert "prefetcht0" not in asm[zen4] and "prefetcht0" in asm[zen1]

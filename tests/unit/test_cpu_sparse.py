@@ -162,7 +162,8 @@ def test_lane_kernel_matches_numpy(n, k, rows, unroll):
 
 
 @needs_avx2
-def test_lane_kernel_assembly_gathers_with_the_values_and_prefetches():
+def test_lane_kernel_assembly_gathers_with_the_values_and_prefetches(monkeypatch):
+    monkeypatch.setattr("hwcompress.backends.cpu_prefetch.NO_PREFETCH_CPUS", frozenset())  # as on a CPU that prefetches
     asm = S.build(S.sparse24_kernel(1, 256, 512, HOST, S.Variant(S.Gather.LANES, 2, 2)), HOST).inspect_source("asm")
     # the in-lane permute takes the loaded values as its control; the group's x one 128-bit broadcast
     assert re.search(r"vpermilps\s+%ymm\d+, %ymm\d+, %ymm\d+", asm) and "vbroadcastf128" in asm
