@@ -20,9 +20,9 @@ Both run through the Relax VM, timed with ``time_evaluator`` in alternating roun
 the rounds' medians). Also given: the ratio of the two fastest rounds (noise only ever adds
 time), the 10th-90th percentiles of the per-round ratio, and the share of each kernel's rounds
 slower than 1.2x its fastest: on the shared VMs this was measured on, the sparse kernels have
-slow phases that dense barely feels (many ``--rounds`` show them). ``--each-variant``: every candidate of ``cpu_sparse.variants`` for the
-shape is timed in the same rounds too (a second table: dense over each); every kernel's output
-must match dense.
+slow phases that dense barely feels (many ``--rounds`` show them). ``--each-variant``: every
+candidate of ``cpu_sparse.variants`` for the shape is timed in the same rounds too (a second
+table: dense over each); every kernel's output must match dense.
 
 ``--int8``: ``x`` uint8, ``W`` int8 in the range the quantizer makes for this host (``[-63,
 63]`` with ``int8 = "avx2"``, else ``[-127, 127]``) 2:4-masked, int32 out; dense is the uint8 x int8 ``R.matmul`` on hwc's INT8 kernel,
@@ -171,7 +171,7 @@ def bench_shape(m, n, k, spec, args) -> dict:
         raw = [rng.standard_normal((n, k)).astype(np.float32) for _ in range(copies)]
         ws = [decompress(compress(w * shared_mask_2to4(w, n) if args.pairs else w)) for w in raw]  # masked
         x = tvm.runtime.tensor(rng.standard_normal((m, k)).astype(np.float32))
-        variant, _ = pick_variant(m, n, k, spec.tvm_target(), number=args.number, repeat=3, pairs=args.pairs)
+        variant, _ = pick_variant(m, n, k, spec.tvm_target(), number=args.number, repeat=5, pairs=args.pairs)
         vms = {f"dense_{name}": vm for name, vm in dense_vm(ws, m, spec, args.trials, args.work_dir).items()}
         vms["sparse"] = sparse_vm(ws, m, spec, variant)
         if args.each_variant:
@@ -203,7 +203,7 @@ def bench_shape(m, n, k, spec, args) -> dict:
         "dense_ms": dense_best[0], "dense_kind": dense_best[1].removeprefix("dense_"),
         "sparse_ms": ms["sparse"], "ratio": dense_best[0] / ms["sparse"], "rel_err": err, "all_ms": ms,
         # the fastest round of each (noise only adds time), the spread of the per-round ratio and
-        # the share of rounds over 1.2x a kernel's fastest (this VM's slow phases: section Noise)
+        # the share of rounds over 1.2x a kernel's fastest (slow phases: docs/platform-findings.md)
         "ratio_best": dense_rounds.min() / sparse_rounds.min(), "ratio_p10_p90": [float(v) for v in np.percentile(per_round, [10, 90])],
         "slow_rounds": {"dense": float((dense_rounds > SLOW * dense_rounds.min()).mean()), "sparse": float((sparse_rounds > SLOW * sparse_rounds.min()).mean())},
         "variants": {name.removeprefix("variant "): dense_best[0] / t for name, t in ms.items() if name.startswith("variant ")},

@@ -458,7 +458,7 @@ def pick_variant(
     # the repeats interleaved (every candidate once per round), so that a slow minute of a
     # shared machine hits all alike: timed one after another, a 1.25x kernel once beat a 1.62x
     # one (Zen 4, 49x2048x512, pairs); the fastest round of each, as the layer decision does
-    # (``sparse24._time_layers``: noise only adds time)
+    # (``layer_timing.time_layers``: noise only adds time)
     samples = {var: [] for var in candidates}
     for _ in range(repeat):
         for var, (fn, args) in runs.items():

@@ -297,13 +297,13 @@ def test_a_model_larger_than_the_last_level_cache_is_timed_cold(monkeypatch, cho
     from hwcompress.passes.sparsity import sparse24
 
     monkeypatch.setattr("hwcompress.targets.host_llc_bytes", lambda: 4096)  # the model: ~58 KB
-    flushes, real = [], sparse24._time_layers
+    flushes, real = [], sparse24.time_layers
 
     def spy(modules, spec, rounds=3, flush_bytes=0):
         flushes.append(flush_bytes)
         return real(modules, spec, rounds, flush_bytes)
 
-    monkeypatch.setattr(sparse24, "_time_layers", spy)
+    monkeypatch.setattr(sparse24, "time_layers", spy)
     report = sparsity_report(sparsify(_model(), Sparse24(layers=("matmul[0]",), permute=False, timing=choice), HOST))
     assert report["timing"]["regime"] == regime and report["timing"]["chosen"] == choice
     assert report["timing"]["llc_bytes"] == 4096 and report["timing"]["model_weight_bytes"] > 4096
