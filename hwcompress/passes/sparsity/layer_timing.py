@@ -3,6 +3,7 @@ dense and 2:4, with what follows it in the model (``sparse_lower.Tail``: bias, r
 which both kernels do as they write their output), built for the target and run here, warm or
 cold (``timing_of``: as the layer runs in its model), alternated round by round, each side's
 fastest round kept (``time_layers``); layers alike share one timing (``layer_key``).
+``emit_layer`` emits a layer as both the timed module and ``sparsify``'s rewritten graph do.
 """
 
 from __future__ import annotations
