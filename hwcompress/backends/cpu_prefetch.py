@@ -1,11 +1,12 @@
 """Software prefetch for CPU kernels that stream a large operand from memory.
 
 A schedule marks a reduction loop with ``annotate_prefetch(sch, loop, block, buffer,
-step_bytes)``: the loop's body reads ``step_bytes`` of ``buffer`` (a weight read once)
+step_bytes, distance)``: the loop's body reads ``step_bytes`` of ``buffer`` (a weight read once)
 contiguously along the buffer's last axis, one step of the loop after the other.
 ``inject_prefetch`` (a PrimFunc pass in the CPU backend's finalize pipeline, after the
 schedules) then starts every iteration with ``llvm.prefetch`` of each cache line that the
-iteration ``DISTANCE`` bytes ahead will read. The hardware prefetchers alone ramp up per
+iteration ``distance`` bytes ahead will read (``distance_for(target)``: ``DISTANCE``, or none
+on CPUs whose hardware prefetchers keep up). The hardware prefetchers alone ramp up per
 stream and stop at page boundaries; a batch-1 layer whose weights exceed the last-level
 cache (ResNet-18's 512-channel Winograd weights: 37.7 MB) was paced by them.
 
@@ -16,8 +17,8 @@ x86 ``prefetcht0`` and AArch64 ``prfm`` never fault.
 from __future__ import annotations
 
 ATTR = "hwc.prefetch"
-# The one switch of every schedule's prefetch (False: ``annotate_prefetch`` marks nothing; for
-# A/B measurements in one process).
+# The one switch of every schedule's prefetch (False: ``distance_for`` gives 0 for every target;
+# for A/B measurements in one process).
 ENABLED = True
 # How far ahead weights are prefetched. ResNet-18's 512-channel 7x7 layer as Winograd F(4,3),
 # one Zen 1 core, speedup over the direct conv: no prefetch 1.64x, 512 B 1.83x, 1 KB 1.86x,
@@ -39,11 +40,11 @@ def distance_for(target) -> int:
     return 0 if str(target.attrs.get("mcpu", "")) in NO_PREFETCH_CPUS else DISTANCE
 
 
-def annotate_prefetch(sch, loop, block, buffer, step_bytes: int, distance: int = DISTANCE) -> None:
+def annotate_prefetch(sch, loop, block, buffer, step_bytes: int, distance: int) -> None:
     """Mark ``loop`` (an ancestor of ``block``, which reads ``buffer``, ``step_bytes`` of it per
     iteration along its last axis): each iteration prefetches what the iteration ``distance``
     bytes ahead reads (0: nothing marked; ``distance_for`` gives a target's)."""
-    if not ENABLED or distance <= 0:
+    if distance <= 0:
         return
     ahead = max(1, distance // step_bytes)
     elems = LINE * 8 // buffer.dtype.bits  # elements per cache line

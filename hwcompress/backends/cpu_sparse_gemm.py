@@ -253,8 +253,8 @@ def broadcast_kernel(m: int, n: int, k: int, v, split, epilogue=None, threads: i
         return T.if_then_else(is_whole(t), nblk, T.min((t // slots + 1) * piece, nblk))
 
     def m_task(t):  # by_m: which m-block task t computes (thread t // slots: its whole blocks, then its piece of each cut one)
-        if not cut:
-            return t // slots * whole + t % slots
+        if not cut:  # (slots == whole)
+            return t
         return T.if_then_else(is_whole(t), t // slots * whole + t % slots, threads * whole + t % slots - whole)
 
     def pair_rows(t, b, p):

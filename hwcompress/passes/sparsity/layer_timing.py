@@ -58,6 +58,8 @@ def layer_module(site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool
     import tvm
     from tvm import relax
 
+    from .sparse24 import REPORT_ATTR  # (sparse24 imports this module)
+
     data, tail = site.call.args[0], site.tail
     x = relax.Var("x", relax.TensorType([int(d) for d in data.ty.shape], "float32" if qmax is None else "uint8"))
     params = [x] + ([relax.Var("r", tail.residual.ty)] if tail is not None and tail.residual is not None else [])
@@ -69,8 +71,6 @@ def layer_module(site, weight: np.ndarray, perm: np.ndarray | None, sparse: bool
                 y = emit_tail(bb, y, tail, params[1:])
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    from .sparse24 import REPORT_ATTR  # (sparse24 imports this module)
-
     mod = tvm.IRModule({"main": bb.get()["main"]})
     layers = [{"sparse": True, **kernel}] if kernel else []
     return mod.with_attr(REPORT_ATTR, json.dumps({"layers": layers})) if sparse else mod
